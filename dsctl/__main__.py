@@ -1,0 +1,3 @@
+from dsctl.cli import app
+
+app(prog_name="dsctl")

@@ -1,0 +1,121 @@
+"""Versioned, atomically written checkpoints that load without unpickling code.
+
+A checkpoint is a plain dict of tensors and JSON-like values: ``format_version``, ``kind``,
+``model_name``, ``model_kwargs``, ``space``, ``state_dict`` and whatever the writer adds (optimizer,
+epoch, recipe, ...). Loading always uses ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsctl.errors import CheckpointError
+from dsctl.models.base import Supernet
+from dsctl.registry import build_model
+
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_pretrained",
+           "atomic_write_bytes", "find_checkpoint"]
+
+FORMAT_VERSION = 1
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (plus ``format_version``) to a temporary file, then rename it over ``path``."""
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    _atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the best (else last) checkpoint of a run folder."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt", "gate.pt", "supernet.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"{p}: no checkpoint (best.pt or last.pt) in this folder")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file or folder")
+    return p
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a dsctl checkpoint with ``weights_only=True``; CheckpointError on anything else."""
+    p = find_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"{p}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model_name" not in ckpt:
+        raise CheckpointError(f"{p}: not a dsctl checkpoint (no format_version/model_name)")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: format_version {ckpt['format_version']} is newer than this dsctl ({FORMAT_VERSION})")
+    ckpt["path"] = str(p)
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Supernet, dict[str, Any]]:
+    """Rebuild the supernet of a checkpoint and load its weights (EMA weights when stored)."""
+    ckpt = load_checkpoint(path, map_location)
+    model = build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
+    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt['path']}: weights do not match model {ckpt['model_name']!r}: {str(err)[:300]}") from None
+    return model, ckpt
+
+
+_DSCTL_ONLY = re.compile(r"(^gate\.)|(_c\d+$)")
+
+
+def load_pretrained(model: Supernet, path: str | Path) -> None:
+    """Load a plain full-width state dict (e.g. timm/torchvision ``resnet50``) into the supernet.
+
+    Keys that only dsctl has (the gate, per-width BN statistics of the narrower widths) may be missing;
+    any other missing, unexpected or mis-shaped key is an error listing them.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{p}: not a readable state dict ({type(err).__name__})") from None
+    for key in ("state_dict", "model", "ema_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{p}: expected a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in state and not _DSCTL_ONLY.search(k))
+    shapes = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if unexpected or missing or shapes:
+        parts = [f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for name, keys in (("unexpected", unexpected), ("missing", missing), ("shape mismatch", shapes)) if keys]
+        raise CheckpointError(f"{p}: does not match {model.model_name!r} at full width ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=False)

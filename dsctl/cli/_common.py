@@ -1,0 +1,75 @@
+"""Shared CLI plumbing: the console, one-line errors, resolving MODEL|CHECKPOINT arguments."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dsctl.errors import DsctlError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn DsctlError (and recipe validation errors) into one red line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DsctlError as err:
+            raise fail(str(err)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted (a resumable checkpoint is kept where one was written)") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int | None = None):
+    """A registered model name (built with random weights) or a checkpoint file / run folder.
+
+    Returns (model, source) where source is the checkpoint path or "random init".
+    """
+    from dsctl.checkpoint import model_from_checkpoint
+    from dsctl.registry import build_model, list_models
+
+    if target in list_models():
+        kwargs: dict[str, Any] = {}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if in_chans is not None:
+            kwargs["in_chans"] = in_chans
+        return build_model(target, **kwargs), "random init"
+    if Path(target).exists():
+        model, ckpt = model_from_checkpoint(target)
+        return model, ckpt["path"]
+    raise DsctlError(f"{target!r} is neither a registered model ({', '.join(list_models())}) nor an existing file")
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="right" if c not in ("model", "subnet", "stages", "method", "routed stages", "gate after") else "left")
+    for r in rows:
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    return t

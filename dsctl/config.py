@@ -1,0 +1,439 @@
+"""Recipe schema and loader: YAML file + dotted overrides -> a frozen, validated `Recipe`.
+
+A recipe is one YAML file whose nested sections mirror the classes below (`model`, `data`, `optim`,
+`supernet`, `gate`, `export`, `measure`). Every section is a frozen pydantic model that forbids unknown
+keys, so a typo such as `data.bogus` is an error naming its dotted path instead of a silently ignored
+setting. Library functions take only the sections they need, never the whole recipe.
+
+Example:
+    >>> from dsctl.config import load_recipe
+    >>> recipe = load_recipe("recipes/tiny.yaml", ["optim.lr=0.1", "gate.window=[0,3]"])  # doctest: +SKIP
+    >>> recipe.optim.lr  # doctest: +SKIP
+    0.1
+
+This module must stay importable without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+
+from dsctl.errors import RecipeError
+
+__all__ = [
+    "AugmentConfig", "DataConfig", "ExportConfig", "GateConfig", "MeasureConfig", "ModelConfig",
+    "OptimConfig", "Recipe", "SupernetConfig", "apply_overrides", "load_recipe", "recipe_from_dict",
+    "recipe_to_dict", "save_recipe",
+]
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(BaseModel):
+    """Which registered model to build, and how."""
+
+    model_config = _FROZEN
+
+    name: str
+    num_classes: int | None = Field(default=None, gt=0)  # None: take it from the data
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra builder keyword arguments
+    init_from: str | None = None
+
+
+class AugmentConfig(BaseModel):
+    """Training augmentation, passed to `timm.data.create_transform` (or the CIFAR-style pipeline)."""
+
+    model_config = _FROZEN
+
+    hflip: float = Field(default=0.5, ge=0.0, le=1.0)
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    auto_augment: str | None = None  # timm string, e.g. "rand-m9-mstd0.5"
+    re_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+    color_jitter: float | None = Field(default=None, ge=0.0)
+    crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
+    simple: bool = False  # True: pad-and-random-crop + hflip (CIFAR style) instead of RandomResizedCrop
+
+    @field_validator("scale")
+    @classmethod
+    def _check_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0.0 < v[0] <= v[1] <= 1.0):
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(v)}")
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _check_ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0.0 < v[0] <= v[1]):
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {list(v)}")
+        return v
+
+
+class DataConfig(BaseModel):
+    """Dataset source, location, loader sizes and augmentation."""
+
+    model_config = _FROZEN
+
+    source: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"] = "fashion_mnist"
+    root: str | None = None
+    input_size: int = Field(default=224, gt=0)
+    batch_size: int = Field(default=64, gt=0)
+    eval_batch_size: int | None = Field(default=None, gt=0)  # None: same as batch_size
+    workers: int = Field(default=2, ge=0)
+    train_subset: int | None = Field(default=None, gt=0)  # first N training samples
+    val_subset: int | None = Field(default=None, gt=0)  # first N validation samples
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    synthetic_classes: int = Field(default=10, gt=0)
+    synthetic_train_size: int = Field(default=256, gt=0)
+    synthetic_val_size: int = Field(default=64, gt=0)
+    synthetic_channels: int = Field(default=3, gt=0)
+
+
+class OptimConfig(BaseModel):
+    """Optimizer and LR schedule, named as in timm (`create_optimizer_v2`, `create_scheduler_v2`)."""
+
+    model_config = _FROZEN
+
+    opt: str = "sgd"  # timm name: "sgd" is Nesterov SGD, "momentum" is plain SGD with momentum
+    lr: float = Field(default=0.08, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    sched: str = "cosine"
+    epochs: int = Field(default=150, ge=0)
+    warmup_epochs: int = Field(default=5, ge=0)
+    warmup_lr: float = Field(default=1e-6, ge=0.0)
+    min_lr: float = Field(default=1e-6, ge=0.0)
+    cooldown_epochs: int = Field(default=0, ge=0)
+    grad_accum: int = Field(default=1, ge=1)
+    amp: bool = True
+    clip_grad: float | None = Field(default=None, gt=0.0)
+
+
+class SupernetConfig(BaseModel):
+    """Supernet training: sandwich sampling, distillation target, EMA, BN calibration."""
+
+    model_config = _FROZEN
+
+    num_random: int = Field(default=2, ge=0)
+    target: Literal["ib", "eib", "id", "none"] = "ib"
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    ema_decay: float = Field(default=0.997, ge=0.0, le=1.0)
+    mvco: bool = False
+    calib_batches: int = Field(default=20, ge=0)
+    eval_every: int = Field(default=1, ge=1)
+    sync_bn: bool = False
+
+
+class GateConfig(BaseModel):
+    """Gate training: which sub-networks the gate may choose and how its loss is weighted."""
+
+    model_config = _FROZEN
+
+    window: tuple[int, int] | None = None  # (first, last) sub-network index; None: all sub-networks
+    tau: float = Field(default=1.0, gt=0.0)
+    complexity: Literal["authors", "target", "none"] = "authors"
+    complexity_weight: float = Field(default=0.5, ge=0.0)
+    target_macs_m: float | None = Field(default=None, gt=0.0)
+    sgs_weight: float = Field(default=1.0, ge=0.0)
+    task_weight: float = Field(default=1.0, ge=0.0)
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 <= v[0] <= v[1]):
+            raise ValueError(f"window must be [a, b] with 0 <= a <= b, got {list(v)}")
+        return v
+
+
+class ExportConfig(BaseModel):
+    """Which width to export and in which file format."""
+
+    model_config = _FROZEN
+
+    width: str | None = None
+    format: Literal["torchscript", "pt2", "onnx"] = "torchscript"
+
+
+class MeasureConfig(BaseModel):
+    """Latency measurement settings."""
+
+    model_config = _FROZEN
+
+    batch_sizes: tuple[PositiveInt, ...] = (1, 32)
+    warmup: int = Field(default=10, ge=0)
+    min_run_time_s: float = Field(default=1.0, gt=0.0)
+    threads: int | None = Field(default=None, gt=0)
+
+
+class Recipe(BaseModel):
+    """A whole experiment recipe: one section per stage, plus a seed and a free-text description."""
+
+    model_config = _FROZEN
+
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    supernet: SupernetConfig = Field(default_factory=SupernetConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    seed: int = 0
+    description: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema walking
+
+
+def _section_class(model_cls: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The nested section class behind `key`, or None if the field is a leaf."""
+    annotation = model_cls.model_fields[key].annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _is_free_form(model_cls: type[BaseModel], key: str) -> bool:
+    """True for dict-valued fields (`model.kwargs`), whose keys the schema does not fix."""
+    annotation = model_cls.model_fields[key].annotation
+    return getattr(annotation, "__origin__", None) is dict
+
+
+def _allowed(model_cls: type[BaseModel]) -> str:
+    return ", ".join(model_cls.model_fields)
+
+
+def _class_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The section class at a location inside `Recipe`, or None if it is not a section."""
+    cls: type[BaseModel] = Recipe
+    for part in loc:
+        if not isinstance(part, str) or part not in cls.model_fields:
+            return None
+        sub = _section_class(cls, part)
+        if sub is None:
+            return None
+        cls = sub
+    return cls
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<top level>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _parse_override(override: str) -> tuple[list[str], Any]:
+    if "=" not in override:
+        raise RecipeError(
+            f"override {override!r} has no '='; write it as dotted.key=value, e.g. optim.lr=0.1"
+        )
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise RecipeError(f"override {override!r} has an empty key part; write it as dotted.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {override!r}: value {raw!r} is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def _check_override_path(parts: list[str], override: str) -> None:
+    """Reject a dotted path that does not exist in the schema (keys under `model.kwargs` are free)."""
+    cls: type[BaseModel] = Recipe
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i]) or "the top level"
+        if part not in cls.model_fields:
+            raise RecipeError(
+                f"override {override!r}: unknown key {'.'.join(parts[: i + 1])!r} "
+                f"(allowed under {here}: {_allowed(cls)})"
+            )
+        if _is_free_form(cls, part):
+            return
+        sub = _section_class(cls, part)
+        if sub is None:
+            if i != len(parts) - 1:
+                raise RecipeError(
+                    f"override {override!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section, "
+                    f"so it has no key {parts[i + 1]!r}"
+                )
+            return
+        cls = sub
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply dotted `key=value` overrides to a raw (not yet validated) recipe mapping.
+
+    Args:
+        raw: The recipe as loaded from YAML. It is not modified.
+        overrides: Strings such as `optim.lr=0.1`, `gate.window=[0,3]` or `model.kwargs.drop_rate=0.2`.
+            Each value is parsed with `yaml.safe_load`, so numbers, booleans, lists and `null` work.
+
+    Returns:
+        A new nested dict with the overrides applied.
+
+    Raises:
+        RecipeError: An override without `=`, with a value that is not YAML, with a key path that is not
+            in the schema (the message lists the valid keys at that level), or one that descends into a
+            recipe value that is not a mapping.
+    """
+    result = _deep_copy(raw)
+    for override in overrides:
+        parts, value = _parse_override(override)
+        _check_override_path(parts, override)
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise RecipeError(
+                    f"override {override!r}: recipe value at {'.'.join(parts[: i + 1])!r} is "
+                    f"{child!r}, not a mapping"
+                )
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and (de)serialization
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_error(err: Mapping[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    path = _dotted(loc)
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        parent = _class_at(loc[:-1])
+        allowed = f" (allowed: {_allowed(parent)})" if parent is not None else ""
+        return f"{path}: unknown key{allowed}"
+    msg = str(err.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind == "missing" or "input" not in err:
+        return f"{path}: {msg}"
+    return f"{path}: {msg} (got {_short_repr(err['input'])})"
+
+
+def recipe_from_dict(data: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
+    """Validate a plain nested mapping into a `Recipe`.
+
+    Args:
+        data: Nested mapping mirroring the schema (as read from YAML).
+        source: Name used at the start of each error line, usually the recipe file name.
+
+    Returns:
+        The validated, frozen recipe.
+
+    Raises:
+        RecipeError: One error listing every bad field by dotted path, e.g.
+            `recipe.yaml: optim.lr: Input should be a valid number (got 'abc')`.
+    """
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: the top level must be a mapping of sections, got {_short_repr(data)}")
+    try:
+        return Recipe.model_validate(dict(data))
+    except pydantic.ValidationError as exc:
+        lines = [f"{source}: {_format_error(e)}" for e in exc.errors()]
+        raise RecipeError("\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a YAML recipe, apply dotted overrides, and validate it.
+
+    Args:
+        path: The recipe file.
+        overrides: `dotted.key=value` strings applied after loading, e.g. `["optim.lr=0.1"]`.
+
+    Returns:
+        The validated, frozen recipe.
+
+    Raises:
+        RecipeError: The file is missing or unreadable, is not valid YAML (the message gives the line),
+            its top level is not a mapping, an override is malformed or names an unknown key, or a field
+            fails validation (every bad field is named by its dotted path).
+
+    Example:
+        >>> recipe = load_recipe("recipes/tiny.yaml", ["data.batch_size=32"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            f"{path}: the top level must be a mapping of sections "
+            f"({_allowed(Recipe)}), got {type(raw).__name__}"
+        )
+    raw = apply_overrides(raw, overrides)
+    return recipe_from_dict(raw, source=path.name)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain, JSON- and YAML-safe nested dict of a recipe (tuples become lists).
+
+    Args:
+        recipe: The recipe to convert.
+
+    Returns:
+        A dict that `recipe_from_dict` turns back into an equal recipe.
+    """
+    return recipe.model_dump(mode="json")
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write a recipe as YAML (the resolved recipe a run folder keeps).
+
+    Args:
+        recipe: The recipe to save.
+        path: Destination file; its parent folder must exist.
+
+    Raises:
+        RecipeError: The file cannot be written.
+    """
+    text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot write recipe to {path}: {exc}") from None

@@ -1,0 +1,199 @@
+"""Build train/val datasets and loaders from a `DataConfig`, plus the `DataInfo` a model builder needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from dsctl.config import DataConfig
+from dsctl.data.cifar import load_cifar
+from dsctl.data.datasets import ArrayImageDataset, SyntheticDataset, build_image_folders
+from dsctl.data.idx import load_idx_dataset
+from dsctl.data.transforms import build_eval_transform, build_train_transform
+from dsctl.errors import DataError
+
+__all__ = ["DATASET_STATS", "DataInfo", "build_datasets", "build_loaders"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: source -> (mean, std, native image size or None, num_classes or None)
+DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...], int | None, int | None]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,), 28, 10),
+    "mnist": ((0.1307,), (0.3081,), 28, 10),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, 10),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, 100),
+    "folder": (IMAGENET_MEAN, IMAGENET_STD, None, None),
+}
+
+_SYNTHETIC_SEED = 0  # synthetic data is fixed; the run seed only changes shuffling
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the rest of the pipeline needs to know about a dataset.
+
+    Attributes:
+        num_classes: Number of classes.
+        in_chans: Image channels (1 for MNIST / Fashion-MNIST).
+        mean: Normalization mean per channel.
+        std: Normalization std per channel.
+        name: The data source, e.g. "fashion_mnist".
+        train_size: Samples in the training set (after `train_subset`).
+        val_size: Samples in the validation set (after `val_subset`).
+        classes: Class names by label (may be empty).
+    """
+
+    num_classes: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+    train_size: int
+    val_size: int
+    classes: tuple[str, ...] = ()
+
+
+def _take_first(ds: Dataset, n: int | None, what: str, *, clamp: bool) -> Dataset:
+    """The first `n` samples of `ds` (deterministic, not stratified)."""
+    size = len(ds)  # type: ignore[arg-type]
+    if n is None or (clamp and n >= size):
+        return ds
+    if n > size:
+        raise DataError(f"data.{what}={n} is larger than the dataset ({size} samples); allowed: 1..{size}")
+    return Subset(ds, range(n))
+
+
+def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
+    """Build the training set (with augmentation) and the validation set (eval transform).
+
+    Sources: `fashion_mnist` and `mnist` (IDX files), `cifar10` / `cifar100` (python pickles),
+    `folder` (`root/train/<class>/...`, `root/val/<class>/...`) and `synthetic` (generated tensors,
+    already normalized, no augmentation). See `dsctl.data.idx.find_idx_dir` for where IDX files are
+    looked for. Samples are `(C x H x W float tensor, int label)`.
+
+    Args:
+        cfg: The data section of a recipe.
+
+    Returns:
+        `(train_dataset, val_dataset, info)`.
+
+    Raises:
+        DataError: Data not found or corrupt, `root` missing for `folder`, bad augmentation settings,
+            or `val_subset` larger than the validation set. A `train_subset` at least as large as the
+            training set uses all of it.
+
+    Example:
+        >>> from dsctl.config import DataConfig
+        >>> train, val, info = build_datasets(DataConfig(source="synthetic", input_size=32))
+        >>> info.num_classes, info.in_chans, tuple(train[0][0].shape)
+        (10, 3, (3, 32, 32))
+    """
+    source = cfg.source
+    train: Dataset
+    val: Dataset
+    if source == "synthetic":
+        common = dict(
+            num_classes=cfg.synthetic_classes, channels=cfg.synthetic_channels,
+            image_size=cfg.input_size, seed=_SYNTHETIC_SEED,
+        )
+        train = SyntheticDataset(cfg.synthetic_train_size, split="train", **common)  # type: ignore[arg-type]
+        val = SyntheticDataset(cfg.synthetic_val_size, split="val", **common)  # type: ignore[arg-type]
+        num_classes, in_chans = cfg.synthetic_classes, cfg.synthetic_channels
+        mean, std = (0.0,) * in_chans, (1.0,) * in_chans
+        classes: tuple[str, ...] = tuple(train.classes)
+    else:
+        if source not in DATASET_STATS:
+            allowed = ", ".join([*DATASET_STATS, "synthetic"])
+            raise DataError(f"unknown data source {source!r}; allowed: {allowed}")
+        mean, std, native, known_classes = DATASET_STATS[source]
+        train_tf = build_train_transform(cfg.augment, cfg.input_size, mean, std, native_size=native)
+        eval_tf = build_eval_transform(cfg.input_size, mean, std, native_size=native, crop_pct=cfg.augment.crop_pct)
+        if source == "folder":
+            if cfg.root is None:
+                raise DataError("data.source='folder' needs data.root (a folder with train/ and val/ inside)")
+            train, val, names = build_image_folders(cfg.root, train_tf, eval_tf)
+            num_classes, in_chans = len(names), 3
+        else:
+            if source in ("fashion_mnist", "mnist"):
+                (tr_x, tr_y), (va_x, va_y), names = load_idx_dataset(source, cfg.root)
+            else:
+                (tr_x, tr_y), (va_x, va_y), names = load_cifar(source, cfg.root)
+            train = ArrayImageDataset(tr_x, tr_y, train_tf, names)
+            val = ArrayImageDataset(va_x, va_y, eval_tf, names)
+            assert known_classes is not None
+            num_classes, in_chans = known_classes, len(mean)
+        classes = tuple(names)
+
+    train = _take_first(train, cfg.train_subset, "train_subset", clamp=True)
+    val = _take_first(val, cfg.val_subset, "val_subset", clamp=False)
+    info = DataInfo(
+        num_classes=num_classes, in_chans=in_chans, mean=tuple(mean), std=tuple(std), name=source,
+        train_size=len(train), val_size=len(val), classes=classes,  # type: ignore[arg-type]
+    )
+    return train, val, info
+
+
+def build_loaders(
+    cfg: DataConfig, *, distributed: bool = False, seed: int = 0
+) -> tuple[DataLoader, DataLoader, DataInfo]:
+    """Build the train and val loaders.
+
+    The train loader shuffles with a generator seeded from `seed` and drops the last incomplete batch.
+    With `distributed=True` (needs an initialized `torch.distributed` process group) the train loader
+    uses `DistributedSampler(shuffle=True, seed=seed, drop_last=True)` - call
+    `loader.sampler.set_epoch(epoch)` every epoch - and the val loader a non-shuffled
+    `DistributedSampler`, which pads the val set with repeated samples so every rank gets the same
+    count (metrics over it may count a few samples twice).
+
+    Args:
+        cfg: The data section of a recipe.
+        distributed: Shard both loaders across the process group.
+        seed: Seed for shuffling (and for loader worker seeds).
+
+    Returns:
+        `(train_loader, val_loader, info)`.
+
+    Raises:
+        DataError: As `build_datasets`; also when `batch_size` exceeds the training samples per
+            process (no full batch), or `distributed` is set without an initialized process group.
+
+    Example:
+        >>> from dsctl.config import DataConfig
+        >>> train, val, info = build_loaders(DataConfig(source="synthetic", input_size=16, batch_size=8, workers=0))
+        >>> images, labels = next(iter(train))
+        >>> tuple(images.shape), tuple(labels.shape)
+        ((8, 3, 16, 16), (8,))
+    """
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise DataError("build_loaders(distributed=True) needs an initialized torch.distributed process group")
+    train_ds, val_ds, info = build_datasets(cfg)
+    replicas = torch.distributed.get_world_size() if distributed else 1
+    per_replica = len(train_ds) // replicas  # type: ignore[arg-type]
+    if cfg.batch_size > per_replica:
+        raise DataError(
+            f"data.batch_size={cfg.batch_size} is larger than the {per_replica} training samples per process "
+            f"({len(train_ds)} in all, {replicas} process(es)); drop_last would give zero steps. "  # type: ignore[arg-type]
+            f"Allowed: 1..{per_replica}"
+        )
+    common = dict(
+        num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=False,
+    )
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    if distributed:
+        train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed, drop_last=True)
+        val_sampler = DistributedSampler(val_ds, shuffle=False)
+        train_loader = DataLoader(
+            train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True,
+            generator=torch.Generator().manual_seed(seed), **common,  # type: ignore[arg-type]
+        )
+        val_loader = DataLoader(val_ds, batch_size=eval_bs, sampler=val_sampler, **common)  # type: ignore[arg-type]
+    else:
+        train_loader = DataLoader(
+            train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            generator=torch.Generator().manual_seed(seed), **common,  # type: ignore[arg-type]
+        )
+        val_loader = DataLoader(val_ds, batch_size=eval_bs, shuffle=False, **common)  # type: ignore[arg-type]
+    return train_loader, val_loader, info

@@ -1,0 +1,150 @@
+"""Export a fixed-width sub-network as plain PyTorch, with a verified JSON sidecar.
+
+``export_subnet(model, spec)`` gives the static ``nn.Module``; ``export_to_file`` writes it as a
+``torch.export`` archive (``pt2``, default), TorchScript or ONNX, reloads what it wrote, compares it
+with the supernet at that width, and records the difference in ``<file>.json``. The written model needs
+no dsctl: ``torch.export.load(path).module()`` or ``torch.jit.load(path)``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsctl.errors import CheckpointError, DsctlError
+from dsctl.flops import count_macs, count_params
+from dsctl.models.base import Supernet
+from dsctl.spec import SliceSpec
+
+__all__ = ["ExportReport", "export_subnet", "export_to_file", "load_subnet", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
+
+EXPORT_FORMATS = ("pt2", "torchscript", "onnx")
+MAX_ABS_DIFF = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``export_to_file`` wrote and measured; also the content of the JSON sidecar."""
+
+    path: str
+    format: str
+    model: str
+    model_kwargs: dict
+    subnet: str
+    width: float | None
+    spec: list[int]
+    channels: dict[str, int]
+    source: str
+    input_size: int
+    in_chans: int
+    num_classes: int
+    macs: int
+    params: int
+    max_abs_diff: float
+    torch_version: str
+    created: str
+
+    @property
+    def sidecar(self) -> str:
+        return self.path + ".json"
+
+
+def export_subnet(model: Supernet, spec: SliceSpec) -> nn.Module:
+    """The sub-network ``spec`` as a plain-torch module in eval mode (weights and BN statistics copied)."""
+    return model.to_static(model.space.check(spec)).eval()
+
+
+def _save(static: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "pt2":
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            program = torch.export.export(static, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(path))
+        elif fmt == "torchscript":
+            torch.jit.save(torch.jit.trace(static, example), str(path))
+        elif fmt == "onnx":
+            try:
+                torch.onnx.export(static, (example,), str(path), input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+            except Exception as err:
+                if "onnx" in str(err).lower() and "not installed" in str(err).lower():
+                    raise DsctlError("ONNX export needs the onnx package: pip install onnx") from None
+                raise
+        else:
+            raise DsctlError(f"unknown export format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
+
+
+def load_subnet(path: str | Path) -> nn.Module:
+    """Load an exported ``pt2`` or TorchScript sub-network (plain torch; dsctl is not needed for this)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if p.suffix == ".pt2":
+                return torch.export.load(str(p)).module()
+            return torch.jit.load(str(p), map_location="cpu")
+        except Exception as err:
+            raise CheckpointError(f"{p}: not an exported sub-network ({type(err).__name__})") from None
+
+
+def _onnx_output(path: Path, x: torch.Tensor) -> torch.Tensor | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+
+
+def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str = "pt2", *,
+                   source: str = "random init", input_size: int | None = None, seed: int = 0) -> ExportReport:
+    """Export ``spec`` to ``out``, verify it against the supernet, and write ``out + '.json'``.
+
+    Raises:
+        SpecError: ``spec`` not in the space.
+        DsctlError: the reloaded export differs from the supernet by ``MAX_ABS_DIFF`` or more (the file is
+            removed).
+
+    Example:
+        >>> m = build_model("tiny_ds_resnet")
+        >>> report = export_to_file(m, m.space.resolve(0.5), "subnet.pt2")
+        >>> torch.export.load("subnet.pt2").module()(torch.randn(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise DsctlError(f"unknown export format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    input_size = input_size or model.default_input_size
+    model = model.eval().cpu()
+    static = export_subnet(model, spec)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, model.in_chans, input_size, input_size, generator=gen)
+    _save(static, x, out, fmt)
+    with torch.no_grad():
+        expected = model(x, spec)
+        got = _onnx_output(out, x) if fmt == "onnx" else load_subnet(out)(x)
+    diff = float("nan") if got is None else float((got - expected).abs().max())
+    if got is not None and not diff < MAX_ABS_DIFF:
+        out.unlink(missing_ok=True)
+        raise DsctlError(f"export check failed: max |exported - supernet| = {diff:.3g} >= {MAX_ABS_DIFF:g}")
+    label = model.space.label(spec)
+    report = ExportReport(
+        path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs), subnet=label,
+        width=None if spec not in model.space.subnets else model.space.ratio(spec), spec=list(spec.widths),
+        channels=model.static_channels(spec), source=source, input_size=input_size, in_chans=model.in_chans,
+        num_classes=model.num_classes, macs=count_macs(static, input_size, model.in_chans),
+        params=count_params(static), max_abs_diff=diff, torch_version=torch.__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    Path(report.sidecar).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report

@@ -1,0 +1,174 @@
+"""Width-sliceable layers.
+
+Every layer stores one dense weight at its largest width. A call slices the **first** channels: the
+input tensor says how many input channels are active, the caller says how many outputs to produce, and
+no width survives the call (DESIGN.md section 1). Each layer has ``to_static`` returning the plain
+``torch.nn`` layer that computes the same function at a fixed width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsctl.layers.static import SqueezeExcite
+
+__all__ = ["SlimConv2d", "SlimLinear", "SlimBatchNorm2d", "SlimSqueezeExcite"]
+
+
+class SlimConv2d(nn.Conv2d):
+    """Conv2d whose weight is sliced to ``[:out_channels, :in_channels]`` per call.
+
+    A depthwise conv (``groups == in_channels == out_channels``) is sliced to ``weight[:c]`` with
+    ``groups = c``, where ``c`` is the number of input channels; its output width always equals ``c``.
+    Only ``groups == 1`` and depthwise convs are supported.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
+        if self.groups != 1 and not self.depthwise:
+            raise ValueError(f"SlimConv2d supports groups=1 or depthwise, got groups={self.groups}")
+
+    def forward(self, x: Tensor, out_channels: int | None = None) -> Tensor:  # type: ignore[override]
+        in_c = x.shape[1]
+        if self.depthwise:
+            weight, out_c, groups = self.weight[:in_c], in_c, in_c
+        else:
+            out_c = self.out_channels if out_channels is None else out_channels
+            weight, groups = self.weight[:out_c, :in_c], 1
+        bias = None if self.bias is None else self.bias[:out_c]
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    @torch.no_grad()
+    def to_static(self, in_channels: int, out_channels: int | None = None) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding copies of the sliced weights."""
+        if self.depthwise:
+            out_channels, groups = in_channels, in_channels
+            weight = self.weight[:in_channels]
+        else:
+            out_channels = self.out_channels if out_channels is None else out_channels
+            groups = 1
+            weight = self.weight[:out_channels, :in_channels]
+        conv = nn.Conv2d(
+            in_channels, out_channels, self.kernel_size, self.stride, self.padding, self.dilation, groups,
+            bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype,
+        )
+        conv.weight.copy_(weight)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias[:out_channels])
+        return conv
+
+
+class SlimLinear(nn.Linear):
+    """Linear layer sliced to ``weight[:out_features, :x.shape[-1]]`` per call."""
+
+    def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:  # type: ignore[override]
+        out_f = self.out_features if out_features is None else out_features
+        bias = None if self.bias is None else self.bias[:out_f]
+        return F.linear(x, self.weight[:out_f, : x.shape[-1]], bias)
+
+    @torch.no_grad()
+    def to_static(self, in_features: int, out_features: int | None = None) -> nn.Linear:
+        out_features = self.out_features if out_features is None else out_features
+        lin = nn.Linear(in_features, out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight.copy_(self.weight[:out_features, :in_features])
+        if self.bias is not None:
+            lin.bias.copy_(self.bias[:out_features])
+        return lin
+
+
+class SlimBatchNorm2d(nn.Module):
+    """BatchNorm with private running statistics per width choice and one shared, sliced affine.
+
+    The statistics are picked from ``x.shape[1]``. The largest choice uses the standard buffer names
+    (``running_mean``, ``running_var``, ``num_batches_tracked``) so a full-width state dict of a plain
+    network loads into it; smaller choices use ``running_mean_c{c}`` and so on.
+
+    Setting ``momentum = None`` gives a cumulative average (used by BN recalibration).
+    """
+
+    def __init__(self, choices: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.choices = tuple(sorted(set(int(c) for c in choices)))
+        self.num_features = self.choices[-1]
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(self.num_features))
+        self.bias = nn.Parameter(torch.zeros(self.num_features))
+        for c in self.choices:
+            suffix = self._suffix(c)
+            self.register_buffer("running_mean" + suffix, torch.zeros(c))
+            self.register_buffer("running_var" + suffix, torch.ones(c))
+            self.register_buffer("num_batches_tracked" + suffix, torch.tensor(0, dtype=torch.long))
+
+    def _suffix(self, c: int) -> str:
+        return "" if c == self.num_features else f"_c{c}"
+
+    def stats(self, c: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(running_mean, running_var, num_batches_tracked) of width ``c``."""
+        if c not in self.choices:
+            raise ValueError(f"SlimBatchNorm2d got {c} channels (allowed: {list(self.choices)})")
+        s = self._suffix(c)
+        return getattr(self, "running_mean" + s), getattr(self, "running_var" + s), getattr(self, "num_batches_tracked" + s)
+
+    @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        for c in self.choices:
+            mean, var, n = self.stats(c)
+            mean.zero_()
+            var.fill_(1.0)
+            n.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        mean, var, n = self.stats(c)
+        factor = 0.0
+        if self.training:
+            n.add_(1)
+            factor = 1.0 / float(n) if self.momentum is None else self.momentum
+        return F.batch_norm(x, mean, var, self.weight[:c], self.bias[:c], self.training, factor, self.eps)
+
+    @torch.no_grad()
+    def to_static(self, channels: int) -> nn.BatchNorm2d:
+        mean, var, n = self.stats(channels)
+        bn = nn.BatchNorm2d(channels, eps=self.eps, device=self.weight.device, dtype=self.weight.dtype)
+        bn.weight.copy_(self.weight[:channels])
+        bn.bias.copy_(self.bias[:channels])
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.num_batches_tracked.copy_(n)
+        return bn
+
+    def extra_repr(self) -> str:
+        return f"choices={list(self.choices)}, eps={self.eps}, momentum={self.momentum}"
+
+
+class SlimSqueezeExcite(nn.Module):
+    """Squeeze-and-excitation over a sliced input: pool -> 1x1 reduce -> ReLU -> 1x1 expand -> sigmoid.
+
+    The reduce width is fixed (DESIGN.md: round(0.25 x the block's maximum input channels)); the reduce
+    conv reads the active input channels and the expand conv produces exactly that many gates.
+    """
+
+    def __init__(self, channels: int, reduce_channels: int) -> None:
+        super().__init__()
+        self.reduce = SlimConv2d(channels, reduce_channels, 1, bias=True)
+        self.expand = SlimConv2d(reduce_channels, channels, 1, bias=True)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Shared encoder e = ReLU(W_r pool(x) + b_r), shape (N, reduce, 1, 1)."""
+        return F.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+
+    def excite(self, x: Tensor, e: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.expand(e, x.shape[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.excite(x, self.encode(x))
+
+    def to_static(self, channels: int) -> nn.Module:
+        return SqueezeExcite(self.reduce.to_static(channels), self.expand.to_static(self.reduce.out_channels, channels))

@@ -1,0 +1,71 @@
+"""The ``Supernet`` contract every model family implements.
+
+A supernet runs in two halves around its gate: ``forward_pre`` (stem up to the gate, returns the
+features and the gate's shared encoding) and ``forward_post`` (the routed stages and the head). Both
+take the active :class:`~dsctl.spec.SliceSpec`; nothing about the width is stored on modules.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from dsctl.layers.gate import SlimGate
+from dsctl.spec import SearchSpace, SliceSpec
+
+__all__ = ["Supernet", "GatePoint", "BoundSubnet", "bind"]
+
+
+class GatePoint(NamedTuple):
+    """Features at the gate position (after the attention head) and the gate's shared encoding."""
+
+    features: Tensor
+    encoding: Tensor
+
+
+class Supernet(nn.Module):
+    """Base class: subclasses set ``self.space`` and ``self.gate`` and implement the three methods."""
+
+    space: SearchSpace
+    gate: SlimGate
+    model_name: str = ""
+    model_kwargs: dict
+    num_classes: int
+    in_chans: int
+    default_input_size: int
+
+    def forward(self, x: Tensor, spec: SliceSpec | None = None) -> Tensor:
+        """Logits of the sub-network ``spec`` (default: the full-width network)."""
+        spec = self.space.full if spec is None else spec
+        return self.forward_post(self.forward_pre(x, spec).features, spec)
+
+    def forward_pre(self, x: Tensor, spec: SliceSpec) -> GatePoint:
+        raise NotImplementedError
+
+    def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
+        raise NotImplementedError
+
+    def to_static(self, spec: SliceSpec) -> nn.Module:
+        """A plain-torch module computing ``self(x, spec)`` in eval mode (weights copied)."""
+        raise NotImplementedError
+
+    def static_channels(self, spec: SliceSpec) -> dict[str, int]:
+        """Per-stage output channels of ``spec`` (for export sidecars)."""
+        return self.space.stage_widths(spec)
+
+
+class BoundSubnet(nn.Module):
+    """``model`` with its spec fixed at build time, so tracers and timers can call it with a tensor."""
+
+    def __init__(self, model: Supernet, spec: SliceSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = model.space.check(spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, self.spec)
+
+
+def bind(model: Supernet, spec: SliceSpec) -> BoundSubnet:
+    return BoundSubnet(model, spec)

@@ -1,0 +1,155 @@
+"""DS-MobileNetV1: the dynamic slimmable MobileNetV1 supernet (DESIGN.md section 3).
+
+Block = depthwise 3x3 (stride) -> BN -> Swish -> SE -> pointwise 1x1 -> BN -> Swish, no residuals.
+The gate is the SE of the first block of the first routed stage: it reads that block's depthwise output
+(the previous stage's width) and decides the width of the block's pointwise conv and everything after.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsctl.layers.gate import SlimGate
+from dsctl.layers.slim import SlimBatchNorm2d, SlimConv2d, SlimLinear, SlimSqueezeExcite
+from dsctl.layers.static import ClassifierHead, SqueezeExcite
+from dsctl.models.base import GatePoint, Supernet
+from dsctl.models.common import StageConfig, build_space, init_weights
+from dsctl.registry import register_model
+from dsctl.spec import SliceSpec
+
+__all__ = ["DSMobileNetV1", "SlimDSBlock", "ds_mobilenetv1", "tiny_ds_mobilenetv1"]
+
+IMAGENET_STAGES = (
+    StageConfig("stem", 1, 2, (16, 24)),
+    StageConfig("s1", 1, 1, (32, 88)),
+    StageConfig("s2", 2, 2, (48, 168)),
+    StageConfig("s3", 2, 2, (96, 264)),
+    StageConfig("s4", 6, 2, tuple(range(224, 641, 32)), routed=True),
+    StageConfig("s5", 2, 2, tuple(range(736, 1153, 32)), routed=True),
+)
+
+# 28-32 px inputs: stride-1 stem, 3x3 -> 28 -> 14 -> 7 -> 7 -> 4 for a 28 px image.
+TINY_STAGES = (
+    StageConfig("stem", 1, 1, (8, 16)),
+    StageConfig("s1", 1, 1, (16, 32)),
+    StageConfig("s2", 1, 2, (24, 48)),
+    StageConfig("s3", 2, 2, (32, 64)),
+    StageConfig("s4", 2, 1, (48, 64, 80, 96, 112, 128), routed=True),
+    StageConfig("s5", 1, 2, (96, 128, 160, 192, 224, 256), routed=True),
+)
+
+
+class SlimDSBlock(nn.Module):
+    """Depthwise-separable block with SE; ``se=False`` leaves the SE to a gate placed by the model."""
+
+    def __init__(self, in_choices: tuple[int, ...], out_choices: tuple[int, ...], stride: int, se: bool = True) -> None:
+        super().__init__()
+        c_in, c_out = in_choices[-1], out_choices[-1]
+        self.dw = SlimConv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False)
+        self.bn1 = SlimBatchNorm2d(in_choices)
+        self.se = SlimSqueezeExcite(c_in, round(0.25 * c_in)) if se else None
+        self.pw = SlimConv2d(c_in, c_out, 1, bias=False)
+        self.bn2 = SlimBatchNorm2d(out_choices)
+
+    def forward_dw(self, x: Tensor) -> Tensor:
+        x = F.silu(self.bn1(self.dw(x)))
+        return x if self.se is None else self.se(x)
+
+    def forward_pw(self, x: Tensor, out_channels: int) -> Tensor:
+        return F.silu(self.bn2(self.pw(x, out_channels)))
+
+    def forward(self, x: Tensor, out_channels: int) -> Tensor:
+        return self.forward_pw(self.forward_dw(x), out_channels)
+
+    def to_static(self, in_channels: int, out_channels: int, se: nn.Module | None = None) -> nn.Sequential:
+        se = se if se is not None else (self.se.to_static(in_channels) if self.se is not None else nn.Identity())
+        return nn.Sequential(
+            self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(), se,
+            self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU(),
+        )
+
+
+class DSMobileNetV1(Supernet):
+    """Dynamic slimmable MobileNetV1 over ``stages`` (the first stage is the stem conv)."""
+
+    def __init__(self, stages: tuple[StageConfig, ...], num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.2, default_input_size: int = 224) -> None:
+        super().__init__()
+        self.stage_cfgs = stages
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.default_input_size = default_input_size
+        self.gate_stage = next(i for i, s in enumerate(stages) if s.routed)
+        self.space = build_space(stages, gate_after=f"{stages[self.gate_stage].name}.b0.dw")
+        stem = stages[0]
+        self.stem = SlimConv2d(in_chans, stem.choices[-1], 3, stem.stride, 1, bias=False)
+        self.stem_bn = SlimBatchNorm2d(stem.choices)
+        self.stages = nn.ModuleList()
+        prev = stem.choices
+        for i, cfg in enumerate(stages[1:], start=1):
+            blocks = nn.ModuleList()
+            for b in range(cfg.repeats):
+                in_choices = prev if b == 0 else cfg.choices
+                is_gate = i == self.gate_stage and b == 0
+                blocks.append(SlimDSBlock(in_choices, cfg.choices, cfg.stride if b == 0 else 1, se=not is_gate))
+            self.stages.append(blocks)
+            prev = cfg.choices
+        gate_in = stages[self.gate_stage - 1].choices[-1]
+        self.gate = SlimGate(gate_in, round(0.25 * gate_in), self.space.num_subnets, attention=True)
+        self.classifier = SlimLinear(prev[-1], num_classes)
+        init_weights(self)
+
+    def forward_pre(self, x: Tensor, spec: SliceSpec) -> GatePoint:
+        w = spec.widths
+        x = F.silu(self.stem_bn(self.stem(x, w[0])))
+        for i, blocks in enumerate(self.stages[: self.gate_stage - 1], start=1):
+            for block in blocks:
+                x = block(x, w[i])
+        x = self.stages[self.gate_stage - 1][0].forward_dw(x)
+        e = self.gate.encode(x)
+        return GatePoint(self.gate.attend(x, e), e)
+
+    def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
+        w = spec.widths
+        first = self.stages[self.gate_stage - 1]
+        h = first[0].forward_pw(h, w[self.gate_stage])
+        for block in first[1:]:
+            h = block(h, w[self.gate_stage])
+        for i, blocks in enumerate(self.stages[self.gate_stage:], start=self.gate_stage + 1):
+            for block in blocks:
+                h = block(h, w[i])
+        h = h.mean((2, 3))
+        if self.training and self.drop_rate > 0 and spec == self.space.full:
+            h = F.dropout(h, self.drop_rate, training=True)
+        return self.classifier(h)
+
+    def to_static(self, spec: SliceSpec) -> nn.Module:
+        w = self.space.check(spec).widths
+        layers: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]), nn.SiLU()]
+        prev = w[0]
+        for i, blocks in enumerate(self.stages, start=1):
+            for b, block in enumerate(blocks):
+                gate_se = None
+                if i == self.gate_stage and b == 0:
+                    gate_se = _gate_to_se(self.gate, prev)
+                layers.append(block.to_static(prev, w[i], se=gate_se))
+                prev = w[i]
+        layers.append(ClassifierHead(self.classifier.to_static(prev)))
+        return nn.Sequential(*layers).eval()
+
+
+def _gate_to_se(gate: SlimGate, channels: int) -> nn.Module:
+    assert gate.expand is not None
+    return SqueezeExcite(gate.reduce.to_static(channels), gate.expand.to_static(gate.reduce.out_channels, channels))
+
+
+@register_model
+def ds_mobilenetv1(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2) -> DSMobileNetV1:
+    """DS-MobileNetV1 as the authors' released supernet: 14 sub-networks, rho in [0.35:0.05:1.0], 224 px."""
+    return DSMobileNetV1(IMAGENET_STAGES, num_classes, in_chans, drop_rate, default_input_size=224)
+
+
+@register_model
+def tiny_ds_mobilenetv1(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0) -> DSMobileNetV1:
+    """CPU-sized DS-MobileNetV1 for 28-32 px inputs (stride-1 stem): 6 sub-networks, rho 0.375..1.0."""
+    return DSMobileNetV1(TINY_STAGES, num_classes, in_chans, drop_rate, default_input_size=28)

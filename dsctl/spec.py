@@ -1,0 +1,187 @@
+"""Sub-network specs and search spaces: plain Python, no torch.
+
+A :class:`SliceSpec` names the active channel count of every slimmable stage of a supernet (stem to
+head). A :class:`SearchSpace` holds the allowed choices per stage, the K indexed sub-networks the gate
+routes between, and the full-width "largest" network used by the sandwich rule.
+
+Example:
+    >>> space = SearchSpace(
+    ...     stages=(StageSpace("stem", (16, 24), routed=False), StageSpace("s1", (32, 64), routed=True)),
+    ...     subnets=(SliceSpec((16, 32)), SliceSpec((16, 64))),
+    ...     full=SliceSpec((24, 64)),
+    ...     gate_after="stem",
+    ... )
+    >>> space.ratios()
+    (0.5, 1.0)
+    >>> space.resolve("0.5")
+    SliceSpec(widths=(16, 32))
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from dsctl.errors import SpecError
+
+__all__ = ["SliceSpec", "StageSpace", "SearchSpace", "LARGEST"]
+
+LARGEST = "largest"
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """Active channels per slimmable stage, stem to head."""
+
+    widths: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+
+
+@dataclass(frozen=True)
+class StageSpace:
+    """The ascending channel choices of one slimmable stage; ``routed`` if the gate sets its width."""
+
+    name: str
+    choices: tuple[int, ...]
+    routed: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(int(c) for c in self.choices))
+        if not self.choices or list(self.choices) != sorted(set(self.choices)):
+            raise ValueError(f"stage {self.name!r}: choices must be ascending and unique, got {self.choices}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """All widths a supernet can run at.
+
+    Attributes:
+        stages: choices per slimmable stage.
+        subnets: the K indexed sub-networks (k = 0..K-1, ascending cost); the gate routes between them.
+        full: the full-width network (every stage at its largest choice); may lie outside ``subnets``.
+        gate_after: human-readable gate position (e.g. ``"s4.b0.se"``).
+    """
+
+    stages: tuple[StageSpace, ...]
+    subnets: tuple[SliceSpec, ...]
+    full: SliceSpec
+    gate_after: str
+
+    def __post_init__(self) -> None:
+        if not any(s.routed for s in self.stages):
+            raise ValueError("a search space needs at least one routed stage")
+        for spec in (*self.subnets, self.full):
+            self._validate(spec)
+        if self.full.widths != tuple(s.choices[-1] for s in self.stages):
+            raise ValueError("full must set every stage to its largest choice")
+
+    # -- sandwich-rule members -------------------------------------------------------------------
+    def largest(self) -> SliceSpec:
+        """The full-width network (sandwich rule's largest member)."""
+        return self.full
+
+    def smallest(self) -> SliceSpec:
+        """Sub-network 0."""
+        return self.subnets[0]
+
+    def sample(self, rng: random.Random) -> SliceSpec:
+        """A uniformly random indexed sub-network; the caller owns ``rng``."""
+        return self.subnets[rng.randrange(len(self.subnets))]
+
+    # -- lookups -----------------------------------------------------------------------------------
+    @property
+    def num_subnets(self) -> int:
+        return len(self.subnets)
+
+    @property
+    def ratio_stage(self) -> int:
+        """Index of the first routed stage; its width / max defines a sub-network's slimming ratio."""
+        return next(i for i, s in enumerate(self.stages) if s.routed)
+
+    @property
+    def routed_stages(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if s.routed)
+
+    def ratio(self, spec: SliceSpec) -> float:
+        """Slimming ratio rho of ``spec``: channels of the first routed stage / that stage's maximum."""
+        i = self.ratio_stage
+        return round(spec.widths[i] / self.stages[i].choices[-1], 6)
+
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(self.ratio(s) for s in self.subnets)
+
+    def index(self, spec: SliceSpec) -> int:
+        """Index k of an indexed sub-network; SpecError if ``spec`` is not one of them."""
+        try:
+            return self.subnets.index(spec)
+        except ValueError:
+            raise SpecError(f"{spec.widths} is not an indexed sub-network of this space") from None
+
+    def check(self, spec: SliceSpec) -> SliceSpec:
+        """Return ``spec`` if every stage width is an allowed choice; else raise SpecError."""
+        self._validate(spec)
+        return spec
+
+    def resolve(self, width: str | float | int) -> SliceSpec:
+        """Turn a user width into a spec.
+
+        Accepts a slimming ratio (``0.5``), ``"largest"``/``"full"`` for the full-width network, or
+        ``"k=3"`` / ``"#3"`` for an indexed sub-network. No silent rounding: a ratio that is not in the
+        space raises SpecError listing the valid ratios.
+        """
+        text = str(width).strip().lower()
+        if text in (LARGEST, "full"):
+            return self.full
+        for prefix in ("k=", "#"):
+            if text.startswith(prefix):
+                try:
+                    k = int(text[len(prefix):])
+                except ValueError:
+                    break
+                if not 0 <= k < self.num_subnets:
+                    raise SpecError(f"sub-network index {k} out of range (allowed: 0..{self.num_subnets - 1})")
+                return self.subnets[k]
+        try:
+            rho = float(text)
+        except ValueError:
+            raise SpecError(f"width {width!r} is not a number (allowed: {self.describe_widths()})") from None
+        for spec in self.subnets:
+            if abs(self.ratio(spec) - rho) < 1e-6:
+                return spec
+        raise SpecError(f"width {width} is not in the search space (allowed: {self.describe_widths()})")
+
+    def describe_widths(self) -> str:
+        ratios = ", ".join(f"{r:g}" for r in self.ratios())
+        return f"{ratios}, or 'largest'"
+
+    def label(self, spec: SliceSpec) -> str:
+        """Short name of a spec: ``k3`` for indexed sub-networks, ``largest`` for the full network."""
+        if spec in self.subnets:
+            return f"k{self.subnets.index(spec)}"
+        if spec == self.full:
+            return LARGEST
+        return "custom"
+
+    def stage_widths(self, spec: SliceSpec) -> dict[str, int]:
+        return {s.name: w for s, w in zip(self.stages, spec.widths)}
+
+    def to_dict(self) -> dict:
+        """JSON-safe description (for checkpoints, sidecars and ``dsctl models --json``)."""
+        return {
+            "stages": [{"name": s.name, "choices": list(s.choices), "routed": s.routed} for s in self.stages],
+            "subnets": [list(s.widths) for s in self.subnets],
+            "full": list(self.full.widths),
+            "gate_after": self.gate_after,
+            "ratios": list(self.ratios()),
+        }
+
+    def _validate(self, spec: SliceSpec) -> None:
+        if not isinstance(spec, SliceSpec):
+            raise SpecError(f"expected a SliceSpec, got {type(spec).__name__}")
+        if len(spec.widths) != len(self.stages):
+            raise SpecError(f"spec has {len(spec.widths)} widths, the space has {len(self.stages)} stages")
+        for stage, w in zip(self.stages, spec.widths):
+            if w not in stage.choices:
+                raise SpecError(f"stage {stage.name!r}: width {w} not allowed (allowed: {list(stage.choices)})")
