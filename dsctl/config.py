@@ -64,14 +64,14 @@ class AugmentConfig(BaseModel):
     @classmethod
     def _check_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not (0.0 < v[0] <= v[1] <= 1.0):
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(v)}")
+            raise ValueError("scale must satisfy 0 < min <= max <= 1")
         return v
 
     @field_validator("ratio")
     @classmethod
     def _check_ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not (0.0 < v[0] <= v[1]):
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {list(v)}")
+            raise ValueError("ratio must satisfy 0 < min <= max")
         return v
 
 
@@ -147,7 +147,7 @@ class GateConfig(BaseModel):
     @classmethod
     def _check_window(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
         if v is not None and not (0 <= v[0] <= v[1]):
-            raise ValueError(f"window must be [a, b] with 0 <= a <= b, got {list(v)}")
+            raise ValueError("window must be [a, b] with 0 <= a <= b")
         return v
 
 

@@ -73,6 +73,7 @@ def count_macs(module: nn.Module, input_size: int, in_chans: int = 3) -> int:
         13824
     """
     from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
 
     module = module.eval()
     param = next(module.parameters(), None)
@@ -82,7 +83,9 @@ def count_macs(module: nn.Module, input_size: int, in_chans: int = 3) -> int:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore traces with torch.jit, which warns it is deprecated
         analysis = FlopCountAnalysis(module, x)
-        analysis.set_op_handle(*[a for op in _NOT_COUNTED for a in (op, None)])
+        # fvcore keeps a default handle even when told to ignore an op, so start from a clean handle set.
+        analysis.clear_op_handles()
+        analysis.set_op_handle(**{op: h for op, h in _DEFAULT_SUPPORTED_OPS.items() if op not in _NOT_COUNTED})
         analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return int(analysis.total())

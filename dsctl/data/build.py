@@ -171,11 +171,12 @@ def build_loaders(
         raise DataError("build_loaders(distributed=True) needs an initialized torch.distributed process group")
     train_ds, val_ds, info = build_datasets(cfg)
     replicas = torch.distributed.get_world_size() if distributed else 1
-    per_replica = len(train_ds) // replicas  # type: ignore[arg-type]
+    n_train = len(train_ds)  # type: ignore[arg-type]
+    per_replica = n_train // replicas
     if cfg.batch_size > per_replica:
         raise DataError(
             f"data.batch_size={cfg.batch_size} is larger than the {per_replica} training samples per process "
-            f"({len(train_ds)} in all, {replicas} process(es)); drop_last would give zero steps. "  # type: ignore[arg-type]
+            f"({n_train} in all, {replicas} process(es)); drop_last would give zero steps. "
             f"Allowed: 1..{per_replica}"
         )
     common = dict(

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dsctl.errors import DataError
 from dsctl.data.idx import cache_dir
+from dsctl.errors import DataError
 
 __all__ = ["CIFAR_LAYOUTS", "find_cifar_dir", "load_cifar", "load_pickle"]
 

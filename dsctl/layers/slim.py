@@ -142,7 +142,7 @@ class SlimBatchNorm2d(nn.Module):
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
         bn.num_batches_tracked.copy_(n)
-        return bn
+        return bn.train(self.training)
 
     def extra_repr(self) -> str:
         return f"choices={list(self.choices)}, eps={self.eps}, momentum={self.momentum}"

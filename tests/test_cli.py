@@ -1,0 +1,68 @@
+"""CLI: exit codes, one-line errors, options reaching the library."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dsctl.cli import app
+
+runner = CliRunner()
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    out = result.output.strip()
+    assert "Traceback" not in out
+    assert out.startswith("error:") and len(out.splitlines()) <= 2, out  # rich may wrap one long line
+    return out
+
+
+def test_help_lists_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("models", "flops", "export"):
+        assert cmd in result.output
+
+
+def test_models_json() -> None:
+    result = runner.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0
+    rows = {r["model"]: r for r in json.loads(result.output)}
+    assert rows["ds_mobilenetv1"]["subnets"] == 14 and rows["ds_resnet50"]["routed_stages"] == ["layer2", "layer3", "layer4"]
+
+
+def test_flops_csv(tmp_path) -> None:
+    out = tmp_path / "f.csv"
+    result = runner.invoke(app, ["flops", "tiny_ds_resnet", "--all", "--csv", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert {"model", "subnet", "width", "macs", "params", "input_size"} <= set(rows[0])
+    assert len(rows) == 7 and rows[0]["subnet"] == "k0" and int(rows[0]["macs"]) < int(rows[-1]["macs"])
+
+
+def test_export_model_width(tmp_path) -> None:
+    out = tmp_path / "m.pt2"
+    result = runner.invoke(app, ["export", "--model", "tiny_ds_mobilenetv1", "--width", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m.pt2.json").read_text())["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["flops", "resnet9000"], "neither a registered model"),
+    (["flops", "tiny_ds_resnet", "--width", "0.3"], "width 0.3 is not in the search space"),
+    (["export", "--model", "tiny_ds_resnet", "--width", "0.33"], "allowed: 0.25"),
+    (["export", "/no/such/checkpoint.pt", "--width", "0.5"], "neither a registered model"),
+    (["export", "--model", "tiny_ds_resnet", "--format", "zip"], "unknown --format 'zip'"),
+])
+def test_bad_input_gives_one_line(args: list[str], needle: str) -> None:
+    assert needle in _one_line_error(runner.invoke(app, args))
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in _one_line_error(runner.invoke(app, ["flops", str(bad)]))

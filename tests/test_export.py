@@ -1,0 +1,50 @@
+"""Export writes a plain-torch model that loads without dsctl and matches the supernet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dsctl
+from dsctl.errors import SpecError
+from dsctl.export import export_to_file, load_subnet
+
+LOAD_WITHOUT_DSCTL = """
+import sys, json, torch
+sys.modules["dsctl"] = None  # any import of dsctl now fails
+path, fmt = sys.argv[1], sys.argv[2]
+m = torch.export.load(path).module() if fmt == "pt2" else torch.jit.load(path)
+x = torch.load(sys.argv[3], weights_only=True)
+torch.save(m(x).detach(), sys.argv[4])
+"""
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+@pytest.mark.parametrize("name", ["tiny_ds_resnet", "tiny_ds_mobilenetv1"])
+def test_export_loads_without_dsctl_and_matches(tmp_path, name: str, fmt: str) -> None:
+    model = dsctl.build_model(name).eval()
+    spec = model.space.resolve("0.5")
+    out = tmp_path / f"sub.{fmt}"
+    report = export_to_file(model, spec, out, fmt)
+    sidecar = json.loads((tmp_path / f"sub.{fmt}.json").read_text())
+    assert sidecar["width"] == 0.5 and sidecar["spec"] == list(spec.widths)
+    assert sidecar["source"] == "random init" and sidecar["max_abs_diff"] < 1e-4
+    assert sidecar["macs"] == report.macs > 0 and sidecar["channels"]["stem"] == spec.widths[0]
+    x = torch.randn(3, model.in_chans, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", LOAD_WITHOUT_DSCTL, str(out), fmt, str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, cwd=tmp_path)
+    y = torch.load(tmp_path / "y.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x, spec), atol=1e-5, rtol=1e-4)
+    assert load_subnet(out)(x).shape == (3, model.num_classes)
+
+
+def test_export_rejects_width_outside_space(tmp_path) -> None:
+    model = dsctl.build_model("tiny_ds_resnet")
+    with pytest.raises(SpecError, match="allowed: 0.25, 0.375"):
+        export_to_file(model, model.space.resolve("0.3"), tmp_path / "x.pt2")

@@ -1,0 +1,89 @@
+"""Slim layers at width w equal plain torch layers built from the sliced weights; no width state leaks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsctl.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+
+
+def test_conv_slices_input_and_output() -> None:
+    conv = SlimConv2d(16, 32, 3, stride=2, padding=1, bias=True)
+    x = torch.randn(2, 8, 9, 9)
+    ref = nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=True)
+    with torch.no_grad():
+        ref.weight.copy_(conv.weight[:12, :8])
+        ref.bias.copy_(conv.bias[:12])
+    torch.testing.assert_close(conv(x, 12), ref(x))
+    torch.testing.assert_close(conv.to_static(8, 12)(x), ref(x))
+
+
+def test_depthwise_conv_follows_input_width() -> None:
+    conv = SlimConv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    x = torch.randn(2, 6, 5, 5)
+    expected = F.conv2d(x, conv.weight[:6].detach(), None, 1, 1, 1, 6)
+    out = conv(x)
+    assert out.shape[1] == 6
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(conv.to_static(6)(x), expected)
+
+
+def test_linear_slices() -> None:
+    lin = SlimLinear(20, 10)
+    x = torch.randn(3, 7)
+    ref = nn.Linear(7, 4)
+    with torch.no_grad():
+        ref.weight.copy_(lin.weight[:4, :7])
+        ref.bias.copy_(lin.bias[:4])
+    torch.testing.assert_close(lin(x, 4), ref(x))
+    torch.testing.assert_close(lin.to_static(7, 4)(x), ref(x))
+
+
+def test_batchnorm_private_stats_shared_affine() -> None:
+    bn = SlimBatchNorm2d((4, 8))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    bn.train()
+    bn(torch.randn(16, 4, 3, 3) + 5.0)
+    mean4, _, n4 = bn.stats(4)
+    mean8, _, n8 = bn.stats(8)
+    assert int(n4) == 1 and int(n8) == 0
+    assert mean4.mean() > 0.3 and torch.all(mean8 == 0)
+    bn.eval()
+    x = torch.randn(2, 4, 3, 3)
+    ref = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        ref.weight.copy_(bn.weight[:4])
+        ref.bias.copy_(bn.bias[:4])
+        ref.running_mean.copy_(mean4)
+        ref.running_var.copy_(bn.stats(4)[1])
+    torch.testing.assert_close(bn(x), ref(x))
+    torch.testing.assert_close(bn.to_static(4)(x), ref(x))
+
+
+def test_batchnorm_full_width_uses_standard_buffer_names() -> None:
+    keys = set(SlimBatchNorm2d((4, 8)).state_dict())
+    assert {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"} <= keys
+    assert {"running_mean_c4", "running_var_c4", "num_batches_tracked_c4"} <= keys
+
+
+def test_batchnorm_cumulative_average_when_momentum_none() -> None:
+    bn = SlimBatchNorm2d((3,), momentum=None).train()
+    batches = [torch.randn(8, 3, 2, 2) * (i + 1) + i for i in range(4)]
+    for b in batches:
+        bn(b)
+    expected = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected)
+
+
+def test_batchnorm_rejects_unknown_width() -> None:
+    bn = SlimBatchNorm2d((4, 8))
+    try:
+        bn(torch.randn(2, 5, 2, 2))
+    except ValueError as err:
+        assert "5" in str(err) and "[4, 8]" in str(err)
+    else:
+        raise AssertionError("expected ValueError")

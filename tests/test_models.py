@@ -1,0 +1,124 @@
+"""Contract tests over every registered model (timm-style), plus export equality for the tiny ones."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+import dsctl
+from dsctl.export import export_subnet
+from tests.conftest import TINY_MODELS, image_batch
+
+
+@pytest.mark.parametrize("name", dsctl.list_models())
+def test_forward_backward_smallest_and_largest(name: str) -> None:
+    model = dsctl.build_model(name).train()
+    size = model.default_input_size if name.startswith("tiny_") else 64  # reduced resolution on CPU
+    x = image_batch(model, 2, size)
+    for spec in (model.space.smallest(), model.space.largest()):
+        model.zero_grad()
+        out = model(x, spec)
+        assert out.shape == (2, model.num_classes)
+        out.logsumexp(1).sum().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_exported_equals_sliced_supernet_for_every_subnet(name: str) -> None:
+    model = dsctl.build_model(name)
+    model.train()
+    x = image_batch(model, 8)
+    with torch.no_grad():  # give every width non-trivial BN statistics
+        for spec in (*model.space.subnets, model.space.full):
+            model(x + 0.5, spec)
+    model.eval()
+    for spec in (*model.space.subnets, model.space.full):
+        static = export_subnet(model, spec)
+        assert not any(type(m).__module__.startswith("dsctl.layers.slim") for m in static.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(static(x), model(x, spec), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_interleaved_widths_are_independent(name: str) -> None:
+    """Running other widths in between changes neither outputs nor the BN statistics of a width."""
+    model = dsctl.build_model(name).train()
+    twin = copy.deepcopy(model)
+    x = image_batch(model, 4)
+    specs = list(model.space.subnets)
+    rng = random.Random(0)
+    a, b = specs[0], specs[-1]
+    with torch.no_grad():
+        ya_alone = twin(x, a)
+        for _ in range(3):
+            model(x, rng.choice(specs))
+        ya = model(x, a)
+    torch.testing.assert_close(ya, ya_alone)
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        model(x, b)
+        torch.testing.assert_close(model(x, a), model(x, a))
+        first = model(x, a)
+        model(x, specs[len(specs) // 2])
+        torch.testing.assert_close(model(x, a), first)
+
+
+def test_search_space_is_as_designed_for_ds_mobilenetv1() -> None:
+    space = dsctl.build_model("ds_mobilenetv1").space
+    assert space.num_subnets == 14
+    assert space.ratios() == tuple(round(0.35 + 0.05 * k, 6) for k in range(14))
+    assert space.subnets[0].widths == (16, 32, 48, 96, 224, 736)
+    assert space.subnets[13].widths == (16, 32, 48, 96, 640, 1152)
+    assert space.full.widths == (24, 88, 168, 264, 640, 1152)
+    assert space.routed_stages == ("s4", "s5")
+
+
+def test_ds_mobilenetv1_blocks_have_se_swish_no_residual() -> None:
+    model = dsctl.build_model("ds_mobilenetv1")
+    blocks = [b for stage in model.stages for b in stage]
+    assert [len(stage) for stage in model.stages] == [1, 2, 2, 6, 2]
+    # every block has an SE, except the gate block whose SE is the gate's attention head
+    assert sum(b.se is None for b in blocks) == 1 and model.stages[3][0].se is None
+    assert model.gate.expand is not None and model.gate.reduce.out_channels == round(0.25 * 264)
+    assert blocks[1].se.reduce.out_channels == round(0.25 * 88)
+
+
+def test_ds_resnet50_space_and_timm_names() -> None:
+    model = dsctl.build_model("ds_resnet50")
+    space = model.space
+    assert space.ratios() == (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    assert space.subnets[-1] == space.full
+    assert space.full.widths == (64, 256, 512, 1024, 2048)
+    keys = set(model.state_dict())
+    for key in ("conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer4.2.conv3.weight",
+                "layer3.5.bn2.weight", "fc.weight", "fc.bias"):
+        assert key in keys
+    assert model.state_dict()["layer4.0.conv2.weight"].shape == (512, 512, 3, 3)
+
+
+def test_resnet50_state_dict_loads_through_init_from(tmp_path) -> None:
+    import torchvision
+
+    from dsctl.checkpoint import load_pretrained
+
+    ref = torchvision.models.resnet50()
+    ref.eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(ref.state_dict(), path)
+    model = dsctl.build_model("ds_resnet50").eval()
+    load_pretrained(model, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, model.space.full), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_model_and_bad_option_are_clear() -> None:
+    with pytest.raises(dsctl.DsctlError, match="known models: .*tiny_ds_resnet"):
+        dsctl.build_model("resnet9000")
+    with pytest.raises(dsctl.DsctlError, match="no option depth"):
+        dsctl.build_model("tiny_ds_resnet", depth=3)
