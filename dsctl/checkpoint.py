@@ -51,10 +51,10 @@ def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or the best (else last) checkpoint of a run folder."""
     p = Path(path)
     if p.is_dir():
-        for name in ("best.pt", "last.pt", "gate.pt", "supernet.pt"):
+        for name in ("final.pt", "best.pt", "last.pt"):
             if (p / name).is_file():
                 return p / name
-        raise CheckpointError(f"{p}: no checkpoint (best.pt or last.pt) in this folder")
+        raise CheckpointError(f"{p}: no checkpoint (final.pt, best.pt or last.pt) in this folder")
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file or folder")
     return p
@@ -84,6 +84,9 @@ def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt['path']}: weights do not match model {ckpt['model_name']!r}: {str(err)[:300]}") from None
+    size = (ckpt.get("recipe") or {}).get("data", {}).get("input_size")
+    if size:  # MACs and export checks default to the resolution the model was trained at
+        model.default_input_size = int(size)
     return model, ckpt
 
 

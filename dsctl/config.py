@@ -128,6 +128,7 @@ class SupernetConfig(BaseModel):
     calib_batches: int = Field(default=20, ge=0)
     eval_every: int = Field(default=1, ge=1)
     sync_bn: bool = False
+    checkpoint_every: int = Field(default=0, ge=0)  # also save last.pt every N optimizer steps (0: per epoch)
 
 
 class GateConfig(BaseModel):

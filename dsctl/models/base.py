@@ -18,10 +18,13 @@ __all__ = ["Supernet", "GatePoint", "BoundSubnet", "bind"]
 
 
 class GatePoint(NamedTuple):
-    """Features at the gate position (after the attention head) and the gate's shared encoding."""
+    """Features at the gate position (after the attention head) and the gate's shared encoding.
+
+    ``encoding`` is None when it was not asked for and the attention head did not need it.
+    """
 
     features: Tensor
-    encoding: Tensor
+    encoding: Tensor | None
 
 
 class Supernet(nn.Module):
@@ -40,7 +43,8 @@ class Supernet(nn.Module):
         spec = self.space.full if spec is None else spec
         return self.forward_post(self.forward_pre(x, spec).features, spec)
 
-    def forward_pre(self, x: Tensor, spec: SliceSpec) -> GatePoint:
+    def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
+        """Stem up to the gate position; ``encode`` asks for the gate encoding (for routing)."""
         raise NotImplementedError
 
     def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
@@ -49,6 +53,16 @@ class Supernet(nn.Module):
     def to_static(self, spec: SliceSpec) -> nn.Module:
         """A plain-torch module computing ``self(x, spec)`` in eval mode (weights copied)."""
         raise NotImplementedError
+
+    def routing_parameters(self) -> list[nn.Parameter]:
+        """Gate parameters that only routing uses (stage II trains these; stage I freezes them).
+
+        The slimming head always; the shared encoder too when there is no attention head to share it.
+        """
+        params = list(self.gate.head.parameters())
+        if self.gate.expand is None:
+            params += list(self.gate.reduce.parameters())
+        return params
 
     def static_channels(self, spec: SliceSpec) -> dict[str, int]:
         """Per-stage output channels of ``spec`` (for export sidecars)."""

@@ -99,7 +99,7 @@ class DSMobileNetV1(Supernet):
         self.classifier = SlimLinear(prev[-1], num_classes)
         init_weights(self)
 
-    def forward_pre(self, x: Tensor, spec: SliceSpec) -> GatePoint:
+    def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
         w = spec.widths
         x = F.silu(self.stem_bn(self.stem(x, w[0])))
         for i, blocks in enumerate(self.stages[: self.gate_stage - 1], start=1):

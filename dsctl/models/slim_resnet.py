@@ -119,12 +119,14 @@ class DSResNet(Supernet):
         x = F.relu(self.bn1(self.conv1(x, width)))
         return F.max_pool2d(x, 3, 2, 1) if self.imagenet_stem else x
 
-    def forward_pre(self, x: Tensor, spec: SliceSpec) -> GatePoint:
+    def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
         w = spec.widths
         x = self._stem(x, w[0])
         for i, blocks in enumerate(self.layers()[: self.gate_stage - 1], start=1):
             for block in blocks:
                 x = block(x, w[i])
+        if not encode:  # no attention head here: the encoder only serves routing
+            return GatePoint(x, None)
         e = self.gate.encode(x)
         return GatePoint(self.gate.attend(x, e), e)
 

@@ -1,0 +1,105 @@
+"""Training commands: ``train-supernet``, ``calibrate-bn``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsctl.cli._common import console, handle_errors, setup_logging, table
+
+app = typer.Typer()
+
+RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML (optional with --resume).")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="SOURCE[:ROOT], e.g. fashion_mnist, cifar10:/data, folder:/imagenet.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set optim.lr=0.1 (repeatable).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")]
+
+
+def data_overrides(data: str | None, seed: int | None) -> list[str]:
+    from dsctl.train.data import parse_data_spec
+
+    out = []
+    if data is not None:
+        d = parse_data_spec(data)
+        out.append(f"data.source={d['source']}")
+        if d["root"] is not None:
+            out.append(f"data.root={d['root']}")
+    if seed is not None:
+        out.append(f"seed={seed}")
+    return out
+
+
+def make_progress(quiet: bool):
+    setup_logging(quiet)
+    if quiet:
+        from dsctl.train.progress import LogProgress
+
+        return LogProgress()
+    from dsctl.cli._progress import RichProgress
+
+    return RichProgress()
+
+
+def print_subnets(title: str, rows: list[dict]) -> None:
+    console.print(table(title, ["subnet", "width", "MACs (M)", "params (M)", "top1", "top5", "loss"], [
+        [r["subnet"], r["width"], f"{r['macs'] / 1e6:.2f}", f"{r['params'] / 1e6:.3f}", f"{r['top1']:.2f}",
+         f"{r['top5']:.2f}", f"{r['loss']:.4f}"] for r in rows]))
+
+
+def interrupted(err) -> typer.Exit:
+    console.print(f"[yellow]{err}[/]")
+    return typer.Exit(130)
+
+
+@app.command("train-supernet")
+@handle_errors
+def train_supernet_cmd(
+    recipe: RecipeArg = None,
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<recipe name>).")] = None,
+    set_: SetOpt = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder where it stopped.")] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage I: train a supernet with the sandwich rule and in-place bootstrapping; ends with BN recalibration."""
+    from dsctl.train.launch import launch_supernet, resolve_recipe
+    from dsctl.train.run import TrainingInterrupted
+
+    cfg = resolve_recipe(recipe, [*(set_ or []), *data_overrides(data, seed)], resume)
+    run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "supernet")
+    progress = make_progress(quiet)
+    try:
+        result = launch_supernet(cfg, run_dir, device=device, resume=resume is not None, progress=progress)
+    except TrainingInterrupted as err:
+        raise interrupted(err) from None
+    finally:
+        progress.close()
+    print_subnets(f"{cfg.model.name}: sub-networks after BN recalibration ({result.run_dir})", result.subnets)
+
+
+@app.command("calibrate-bn")
+@handle_errors
+def calibrate_bn_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Supernet checkpoint or run folder.")],
+    data: DataOpt = None,
+    batches: Annotated[int | None, typer.Option(min=1, help="Batches per sub-network (default: the recipe's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write here (default: overwrite the checkpoint).")] = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Recalibrate BatchNorm statistics of every sub-network, then evaluate each one."""
+    from dsctl.train.calibrate import recalibrate_checkpoint
+
+    progress = make_progress(quiet)
+    try:
+        path, rows = recalibrate_checkpoint(checkpoint, overrides=[*(set_ or []), *data_overrides(data, None)],
+                                            batches=batches, out=out, device=device, progress=progress)
+    finally:
+        progress.close()
+    print_subnets(f"recalibrated {path}", rows)

@@ -1,0 +1,1 @@
+"""Trainers: stage I (supernet), stage II (gate), static baselines, and their shared machinery."""

@@ -1,0 +1,86 @@
+"""From a recipe to a running trainer: process group, data, model, run folder (shared by the commands).
+
+``prepare_run`` resolves everything a trainer needs; ``launch_supernet`` is the five-line Python
+equivalent of ``dsctl train-supernet``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsctl.checkpoint import load_pretrained
+from dsctl.config import Recipe, load_recipe, recipe_to_dict, save_recipe
+from dsctl.errors import DsctlError
+from dsctl.models.base import Supernet
+from dsctl.registry import build_model
+from dsctl.train.common import Dist, setup_dist
+from dsctl.train.data import TrainData, build_train_data
+from dsctl.train.progress import Progress
+from dsctl.train.run import RunDir, StopFlag
+
+__all__ = ["PreparedRun", "prepare_run", "resolve_recipe", "build_supernet_for", "launch_supernet"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRun:
+    recipe: Recipe
+    run: RunDir
+    data: TrainData
+    device: torch.device
+    dist: Dist
+    resume: bool
+
+
+def resolve_recipe(recipe_path: str | Path | None, overrides: list[str], resume_dir: str | Path | None) -> Recipe:
+    """The recipe file with overrides, or (when resuming without a recipe) the run folder's saved recipe."""
+    if resume_dir is not None:
+        saved = Path(resume_dir) / "recipe.yaml"
+        if not saved.is_file():
+            raise DsctlError(f"--resume {resume_dir}: no recipe.yaml there (not a dsctl run folder)")
+        if recipe_path is None:
+            return load_recipe(saved, overrides)
+    if recipe_path is None:
+        raise DsctlError("give a RECIPE file (or --resume RUN_DIR)")
+    return load_recipe(recipe_path, overrides)
+
+
+def build_supernet_for(recipe: Recipe, data: TrainData) -> Supernet:
+    """The recipe's model, with classes and input channels taken from the data unless the recipe sets them."""
+    kwargs = dict(recipe.model.kwargs)
+    kwargs.setdefault("num_classes", recipe.model.num_classes or data.info.num_classes)
+    kwargs.setdefault("in_chans", data.info.in_chans)
+    model = build_model(recipe.model.name, **kwargs)
+    if recipe.model.init_from:
+        load_pretrained(model, recipe.model.init_from)
+    return model
+
+
+def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False) -> PreparedRun:
+    """Join torchrun's process group if any, build the data, create (or reopen) the run folder."""
+    dist, dev = setup_dist(device)
+    run = RunDir(out, main=dist.main)
+    if not resume and run.last.is_file():
+        raise DsctlError(f"{out} already holds a run (last.pt); use --resume {out} or another --out")
+    torch.manual_seed(recipe.seed)
+    data = build_train_data(recipe.data, dist)
+    if dist.main:
+        save_recipe(recipe, run / "recipe.yaml")
+    return PreparedRun(recipe, run, data, dev, dist, resume)
+
+
+def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
+                    progress: Progress | None = None, stop: StopFlag | None = None):
+    """Stage I end to end. Example: ``launch_supernet(load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml"), "runs/r")``."""
+    from dsctl.train.supernet import train_supernet
+
+    prep = prepare_run(recipe, out, device=device, resume=resume)
+    model = build_supernet_for(recipe, prep.data)
+    return train_supernet(model, prep.data, recipe.supernet, recipe.optim, prep.run, device=prep.device,
+                          dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), resume=resume,
+                          progress=progress, stop=stop)

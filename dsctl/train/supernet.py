@@ -1,0 +1,294 @@
+"""Stage I: supernet training with the sandwich rule and in-place bootstrapping (DESIGN.md section 5).
+
+Per optimizer step, on one mini-batch: the largest network on the labels (label smoothing), ``n`` random
+indexed sub-networks and the smallest on soft targets (``ib``: the EMA teacher's largest; ``eib``: the
+smallest gets the mean of the teacher's largest and random predictions; ``id``: the online largest;
+``none``: labels), backward after each member, then one optimizer step and one EMA update.
+
+Example:
+    >>> recipe = load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml")
+    >>> model = build_model(recipe.model.name, num_classes=10, in_chans=1)
+    >>> data = build_train_data(recipe.data)
+    >>> result = train_supernet(model, data, recipe.supernet, recipe.optim, RunDir("runs/x"))
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsctl.checkpoint import load_checkpoint, save_checkpoint
+from dsctl.config import OptimConfig, SupernetConfig
+from dsctl.data.resumable import TwoViews
+from dsctl.errors import DataError
+from dsctl.models.base import Supernet
+from dsctl.spec import SliceSpec
+from dsctl.train.common import (
+    Dist, autocast, build_optimizer, build_scheduler, calibrate_bn, evaluate, soft_cross_entropy, unwrap,
+)
+from dsctl.train.data import TrainData
+from dsctl.train.progress import LogProgress, Progress
+from dsctl.train.run import RunDir, StopFlag, TrainingInterrupted, catch_signals, environment
+
+__all__ = ["SupernetResult", "train_supernet", "sandwich_step", "finalize_supernet", "subnet_table"]
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_EPOCH = 1_000_000  # a data-order seed distinct from every training epoch
+
+
+@dataclass
+class SupernetResult:
+    run_dir: str
+    epochs: int
+    subnets: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple[Tensor, Tensor], y: Tensor,
+                  specs: list[SliceSpec], cfg: SupernetConfig, *, device: torch.device, amp: bool,
+                  loss_scale: float = 1.0, sync_last: bool = True) -> dict[str, float]:
+    """Forward and backward every sandwich member on one batch; returns each member's loss.
+
+    ``specs`` is ``[largest, random..., smallest]``. With multi-view consistency ``x`` is a pair of views:
+    students see the first, the teacher the second. ``sync_last=False`` keeps DDP from reducing gradients
+    (gradient accumulation). Gradients are accumulated into ``.grad``; the caller steps the optimizer.
+    """
+    x_student, x_teacher = (x if isinstance(x, tuple | list) else (x, x))
+    largest, *randoms, smallest = specs
+    targets: dict[str, Tensor] = {}
+    if cfg.target in ("ib", "eib") and teacher is not None:
+        with torch.no_grad(), autocast(device, amp):
+            targets["largest"] = F.softmax(teacher(x_teacher, largest).float(), -1)
+            if cfg.target == "eib":
+                preds = [targets["largest"]] + [F.softmax(teacher(x_teacher, s).float(), -1) for s in randoms]
+                targets["ensemble"] = torch.stack(preds).mean(0)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    losses: dict[str, float] = {}
+    members = [("largest", largest)] + [(f"random{i}", s) for i, s in enumerate(randoms)] + [("smallest", smallest)]
+    for i, (name, spec) in enumerate(members):
+        last = i == len(members) - 1
+        ctx = model.no_sync() if ddp and not (last and sync_last) else nullcontext()
+        with ctx:
+            with autocast(device, amp):
+                logits = model(x_student, spec).float()
+            if name == "largest":
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if cfg.target == "id":
+                    targets["largest"] = F.softmax(logits.detach(), -1)
+            elif cfg.target == "none" or "largest" not in targets:
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            elif name == "smallest" and cfg.target == "eib":
+                loss = soft_cross_entropy(logits, targets["ensemble"])
+            else:
+                loss = soft_cross_entropy(logits, targets["largest"])
+            (loss * loss_scale).backward()
+        losses[name] = float(loss.detach())
+    return losses
+
+
+def _members(space, rng: random.Random, num_random: int) -> list[SliceSpec]:
+    return [space.largest(), *(space.sample(rng) for _ in range(num_random)), space.smallest()]
+
+
+def _rng_state(rng: random.Random) -> dict[str, Any]:
+    state: dict[str, Any] = {"python": rng.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(rng: random.Random, state: dict[str, Any]) -> None:
+    py = state["python"]
+    rng.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim: OptimConfig, run: RunDir, *,
+                   device: torch.device = torch.device("cpu"), dist: Dist = Dist(), seed: int = 0,
+                   recipe: dict[str, Any] | None = None, resume: bool = False, progress: Progress | None = None,
+                   stop: StopFlag | None = None) -> SupernetResult:
+    """Train ``model`` in ``run``; resumable at any optimizer step; ends with BN recalibration and a table.
+
+    Raises:
+        TrainingInterrupted: ``stop`` was set (SIGINT/SIGTERM); ``run/last.pt`` holds the exact resume point.
+    """
+    progress = progress or LogProgress()
+    stop = stop if stop is not None else StopFlag()
+    t0 = time.monotonic()
+    model.to(device)
+    for p in model.routing_parameters():  # stage I never trains the slimming decision
+        p.requires_grad_(False)
+    optimizer = build_optimizer(model, optim)
+    steps = data.steps_per_epoch() // optim.grad_accum
+    if steps == 0:
+        raise DataError(f"no full optimizer step per epoch (batch {data.batch_size} x grad_accum {optim.grad_accum})")
+    scheduler, epochs = build_scheduler(optimizer, optim, steps)
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+        ema.module.eval()
+    rng = random.Random(seed)
+    epoch, start_batch, global_step, best = 0, 0, 0, float("-inf")
+    if resume and run.last.is_file():
+        ckpt = load_checkpoint(run.last, map_location=device)
+        model.load_state_dict(ckpt["state_dict"])
+        if ema is not None and "ema_state_dict" in ckpt:
+            ema.module.load_state_dict(ckpt["ema_state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(rng, ckpt["rng"])
+        pos = ckpt["position"]
+        epoch, start_batch, global_step, best = pos["epoch"], pos["batch"], pos["global_step"], ckpt.get("best_score", best)
+        logger.info("resuming %s at epoch %d, batch %d", run.path, epoch, start_batch)
+    train_model: nn.Module = model
+    if dist.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    train_set = TwoViews(data.train) if cfg.mvco else data.train
+    amp = optim.amp
+
+    def save(path, *, batch: int, ep: int, completed: bool = False) -> None:
+        if not dist.main:
+            return
+        payload = {
+            "kind": "supernet", "model_name": model.model_name, "model_kwargs": model.model_kwargs,
+            "space": model.space.to_dict(), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_state(rng), "recipe": recipe or {},
+            "position": {"epoch": ep, "batch": batch, "global_step": global_step}, "best_score": best,
+            "data_info": asdict(data.info), "completed": completed, "calibrated": False,
+        }
+        if ema is not None:
+            payload["ema_state_dict"] = ema.module.state_dict()
+        save_checkpoint(path, payload)
+
+    with catch_signals(stop):
+        while epoch < epochs:
+            model.train()
+            loader = data.loader(seed=seed, epoch=epoch, start_batch=start_batch, dataset=train_set)
+            batches_per_epoch = steps * optim.grad_accum
+            progress.start(f"epoch {epoch + 1}/{epochs}", steps, start_batch // optim.grad_accum)
+            batch_idx, running, seen, t_epoch = start_batch, {}, 0, time.monotonic()
+            specs: list[SliceSpec] = []
+            for x, y in loader:
+                if batch_idx >= batches_per_epoch:
+                    break
+                micro = batch_idx % optim.grad_accum
+                if micro == 0:
+                    specs = _members(model.space, rng, cfg.num_random)
+                x = tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, list | tuple) else x.to(device)
+                y = y.to(device, non_blocking=True)
+                last_micro = micro == optim.grad_accum - 1
+                losses = sandwich_step(train_model, ema.module if ema else None, x, y, specs, cfg, device=device,
+                                       amp=amp, loss_scale=1.0 / optim.grad_accum, sync_last=last_micro)
+                batch_idx += 1
+                seen += y.numel()
+                for k, v in losses.items():
+                    running[k] = 0.9 * running.get(k, v) + 0.1 * v
+                if not last_micro:
+                    continue
+                if optim.clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                scheduler.step_update(global_step)
+                if ema is not None:
+                    ema.update(model, step=global_step)
+                rate = seen * dist.world / max(time.monotonic() - t_epoch, 1e-9)
+                progress.advance(1, loss_largest=running["largest"], loss_smallest=running["smallest"],
+                                 img_s=rate, lr=optimizer.param_groups[0]["lr"])
+                if stop:
+                    save(run.last, batch=batch_idx, ep=epoch)
+                    progress.finish()
+                    raise TrainingInterrupted(
+                        f"interrupted at epoch {epoch + 1}, batch {batch_idx}; resume with --resume {run.path}")
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
+                    save(run.last, batch=batch_idx, ep=epoch)
+            rows = []
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+                for spec in (model.space.smallest(), model.space.largest()):
+                    r = evaluate(model, data.val, spec, device, amp=amp)
+                    rows.append({"epoch": epoch, "subnet": model.space.label(spec), "width": _width(model, spec),
+                                 "top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5),
+                                 "train_loss_largest": round(running.get("largest", float("nan")), 5),
+                                 "train_loss_smallest": round(running.get("smallest", float("nan")), 5),
+                                 "lr": optimizer.param_groups[0]["lr"], "epoch_s": round(time.monotonic() - t_epoch, 1)})
+            score = sum(r["top1"] for r in rows) / len(rows) if rows else float("-inf")
+            improved = score > best
+            best = max(best, score)
+            epoch, start_batch = epoch + 1, 0
+            save(run.last, batch=0, ep=epoch, completed=epoch == epochs)
+            if improved and rows:
+                save(run.best, batch=0, ep=epoch)
+            run.append_metrics(rows, keep_before_epoch=epoch - 1)
+            progress.finish(f"epoch {epoch}/{epochs}: " + ", ".join(f"{r['subnet']} top1 {r['top1']:.2f}" for r in rows))
+    final_model = ema.module if ema is not None else model
+    subnets = finalize_supernet(final_model, data, cfg, run, device=device, dist=dist, seed=seed, recipe=recipe,
+                                amp=amp, progress=progress)
+    elapsed = time.monotonic() - t0
+    run.write_json("summary.json", {"kind": "supernet", "model": model.model_name, "epochs": epochs,
+                                    "steps_per_epoch": steps, "global_step": global_step, "elapsed_s": round(elapsed, 1),
+                                    "world_size": dist.world, "environment": environment(device),
+                                    "data": asdict(data.info), "final": subnets})
+    return SupernetResult(str(run.path), epochs, subnets, elapsed)
+
+
+def _width(model: Supernet, spec: SliceSpec) -> float | str:
+    return model.space.ratio(spec) if spec in model.space.subnets else "largest"
+
+
+def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp: bool = False,
+                 input_size: int | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Evaluate every indexed sub-network and the full network: subnet, width, macs, params, top1, top5, loss."""
+    from dsctl.flops import count_subnet
+
+    space = model.space
+    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    progress = progress or Progress()
+    progress.start("evaluating sub-networks", len(specs))
+    rows = []
+    for spec in specs:
+        r = evaluate(model, data.val, spec, device, amp=amp)
+        m = count_subnet(model, spec, input_size)
+        rows.append({"subnet": space.label(spec), "width": _width(model, spec), "macs": m.macs, "params": m.params,
+                     "top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5)})
+        progress.advance(1, top1=r.top1)
+    progress.finish()
+    return rows
+
+
+def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run: RunDir, *, device: torch.device,
+                      dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, amp: bool = False,
+                      progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Recalibrate BN per sub-network, evaluate every one, write final.pt and subnets.csv."""
+    progress = progress or Progress()
+    model = unwrap(model)
+    space = model.space
+    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
+    progress.start("recalibrating BN", 1)
+    used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
+    progress.advance(1)
+    progress.finish(f"BN recalibrated on {used} batches per sub-network")
+    rows = subnet_table(model, data, device, amp=amp, input_size=data.input_size, progress=progress)
+    if dist.main:
+        save_checkpoint(run.final, {
+            "kind": "supernet", "model_name": model.model_name, "model_kwargs": model.model_kwargs,
+            "space": space.to_dict(), "state_dict": model.state_dict(), "recipe": recipe or {},
+            "data_info": asdict(data.info), "calibrated": True, "calib_batches": used, "subnets": rows,
+        })
+        run.write_csv("subnets.csv", rows)
+    return rows
