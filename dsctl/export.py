@@ -148,3 +148,67 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
     )
     Path(report.sidecar).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def export_routed(model: Supernet, window: tuple[int, int]) -> nn.Module:
+    """The supernet + gate over ``window`` as one plain-torch module (see dsctl.layers.static.RoutedNet)."""
+    from dsctl.layers.static import RoutedNet, StaticGate
+
+    lo, hi = window
+    specs = model.space.subnets[lo : hi + 1]
+    pre, _ = model.to_static_parts(specs[0])
+    gate = model.gate
+    if gate.expand is not None:  # to_static_parts ends pre with the gate's attention; StaticGate applies it
+        pre = nn.Sequential(*list(pre)[:-1])
+    with torch.no_grad():
+        c = pre(torch.zeros(1, model.in_chans, model.default_input_size, model.default_input_size)).shape[1]
+        head = nn.Linear(gate.head.in_features, hi - lo + 1)
+        head.weight.copy_(gate.head.weight[lo : hi + 1])
+        head.bias.copy_(gate.head.bias[lo : hi + 1])
+    static_gate = StaticGate(gate.reduce.to_static(c), None if gate.expand is None else
+                             gate.expand.to_static(gate.reduce.out_channels, c), head)
+    tails = [model.to_static_parts(s)[1] for s in specs]
+    return RoutedNet(pre, static_gate, tails, model.num_classes, lo).eval()
+
+
+def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | Path, *, source: str,
+                           input_size: int | None = None, route_macs: list[int] | None = None,
+                           gate_macs: int | None = None, seed: int = 0) -> dict:
+    """Write the dynamic model as TorchScript (``torch.jit.load`` runs it without dsctl), verified against
+    dsctl's grouped inference on random input; sidecar ``<out>.json``.
+
+    TorchScript, not ``torch.export``: grouping samples by route gives data-dependent batch sizes, which
+    ``torch.export`` cannot capture without rewriting every tail with ``torch.cond``.
+    """
+    from dsctl.dynamic import dynamic_forward
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    input_size = input_size or model.default_input_size
+    model = model.eval().cpu()
+    routed = export_routed(model, window)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(routed), str(out))
+        loaded = torch.jit.load(str(out))
+    x = torch.randn(16, model.in_chans, input_size, input_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected, routes = dynamic_forward(model, x, window)
+        got = loaded(x)
+    diff = float((got - expected).abs().max())
+    if not diff < MAX_ABS_DIFF:
+        out.unlink(missing_ok=True)
+        raise DsctlError(f"dynamic export check failed: max |exported - supernet| = {diff:.3g} >= {MAX_ABS_DIFF:g}")
+    lo, hi = window
+    report = {
+        "path": str(out), "format": "torchscript", "model": model.model_name, "model_kwargs": dict(model.model_kwargs),
+        "kind": "dynamic", "window": [lo, hi], "routes": {f"k{k}": {"width": model.space.ratio(model.space.subnets[k]),
+                                                                     "channels": model.static_channels(model.space.subnets[k])}
+                                                          for k in range(lo, hi + 1)},
+        "source": source, "input_size": input_size, "in_chans": model.in_chans, "num_classes": model.num_classes,
+        "route_macs": route_macs[lo : hi + 1] if route_macs else None, "gate_macs": gate_macs,
+        "max_abs_diff": diff, "check_routes": torch.bincount(routes - lo, minlength=hi - lo + 1).tolist(),
+        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    Path(str(out) + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -42,7 +42,10 @@ def handle_errors(fn: F) -> F:
 
 
 def setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    """dsctl's INFO lines go to stderr (with --quiet they replace the progress bars)."""
+    fmt = "%(asctime)s %(message)s" if quiet else "%(message)s"
+    logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.getLogger("dsctl").setLevel(logging.INFO)
 
 
 def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int | None = None):

@@ -80,13 +80,19 @@ def export_cmd(
     out: Annotated[Path | None, typer.Option(help="Output file (default: <model>_w<width>.<format>).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export, default), torchscript or onnx.")] = "pt2",
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size of the check (default: the model's).")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Export supernet + gate (a train-gate checkpoint) as one "
+                                                            "TorchScript model with grouped routing.")] = False,
 ) -> None:
-    """Write a fixed-width static sub-network as plain PyTorch, verified against the supernet."""
+    """Write a fixed-width static sub-network (or, with --dynamic, the routed model) as plain PyTorch,
+    verified against the supernet."""
     from dsctl.errors import DsctlError
     from dsctl.export import EXPORT_FORMATS, export_to_file
 
     if (checkpoint is None) == (model_name is None):
         raise DsctlError("give either a CHECKPOINT or --model NAME")
+    if dynamic:
+        _export_dynamic(checkpoint, out, input_size)
+        return
     if fmt not in EXPORT_FORMATS:
         raise DsctlError(f"unknown --format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
     model, source = resolve_model(checkpoint or model_name)  # type: ignore[arg-type]
@@ -99,3 +105,23 @@ def export_cmd(
         [r.model, r.subnet, "-" if r.width is None else f"{r.width:g}", f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
          f"{r.max_abs_diff:.2e}"]]))
     console.print(f"sidecar: {r.sidecar}")
+
+
+def _export_dynamic(checkpoint: str | None, out: Path | None, input_size: int | None) -> None:
+    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from dsctl.errors import DsctlError
+    from dsctl.export import export_dynamic_to_file
+
+    if checkpoint is None:
+        raise DsctlError("--dynamic needs a gate CHECKPOINT (a train-gate run folder or final.pt)")
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("kind") != "gate":
+        raise DsctlError(f"{ckpt['path']}: --dynamic needs a gate checkpoint (from train-gate), not {ckpt.get('kind')!r}")
+    model, _ = model_from_checkpoint(ckpt["path"])
+    lo, hi = ckpt["window"]
+    out = out or Path(f"{model.model_name}_dynamic_{lo}-{hi}.ts.pt")
+    with console.status("exporting dynamic model..."):
+        r = export_dynamic_to_file(model, (lo, hi), out, source=ckpt["path"], input_size=input_size,
+                                   route_macs=ckpt.get("route_macs"), gate_macs=ckpt.get("gate_macs"))
+    console.print(table(f"exported {r['path']} (load with torch.jit.load)", ["model", "window", "max |diff|"],
+                        [[r["model"], f"{lo}:{hi}", f"{r['max_abs_diff']:.2e}"]]))

@@ -103,3 +103,59 @@ def calibrate_bn_cmd(
     finally:
         progress.close()
     print_subnets(f"recalibrated {path}", rows)
+
+
+def _window_override(window: str | None) -> list[str]:
+    from dsctl.errors import DsctlError
+
+    if window is None:
+        return []
+    a, sep, b = window.partition(":")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+        raise DsctlError(f"--window {window!r}: expected A:B, two sub-network indices (e.g. 0:3)")
+    return [f"gate.window=[{int(a)},{int(b)}]"]
+
+
+@app.command("train-gate")
+@handle_errors
+def train_gate_cmd(
+    recipe: RecipeArg = None,
+    supernet: Annotated[Path | None, typer.Option(help="Supernet run folder or checkpoint (required unless --resume).")] = None,
+    window: Annotated[str | None, typer.Option(help="Routing window A:B of sub-network indices (default: all).")] = None,
+    target_macs: Annotated[float | None, typer.Option(help="MACs target in millions: penalise average MACs above it.")] = None,
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<recipe name>).")] = None,
+    set_: SetOpt = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the gate run in this folder.")] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage II: train the gate's slimming head with the supernet frozen (SGS targets + complexity loss)."""
+    from dsctl.checkpoint import load_checkpoint
+    from dsctl.errors import DsctlError
+    from dsctl.train.launch import launch_gate, resolve_recipe
+    from dsctl.train.run import TrainingInterrupted
+
+    overrides = [*(set_ or []), *data_overrides(data, seed), *_window_override(window)]
+    if target_macs is not None:
+        overrides += ["gate.complexity=target", f"gate.target_macs_m={target_macs}"]
+    cfg = resolve_recipe(recipe, overrides, resume)
+    if supernet is None:
+        if resume is None:
+            raise DsctlError("give --supernet RUN_DIR|CHECKPOINT")
+        supernet = Path(load_checkpoint(resume / "last.pt")["supernet"])
+    run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "gate")
+    progress = make_progress(quiet)
+    try:
+        result = launch_gate(cfg, supernet, run_dir, device=device, resume=resume is not None, progress=progress)
+    except TrainingInterrupted as err:
+        raise interrupted(err) from None
+    finally:
+        progress.close()
+    f = result.final
+    lo, hi = f["window"]
+    console.print(table(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", "gate SGS acc",
+                                                            "routes"], [
+        [f"{lo}:{hi}", f"{f['top1']:.2f}", f"{f['top5']:.2f}", f"{f['avg_macs'] / 1e6:.3f}", f"{f['gate_sgs_acc']:.1f}",
+         " ".join(str(c) for c in f["histogram"][lo: hi + 1])]]))

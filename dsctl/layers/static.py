@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SqueezeExcite", "Bottleneck", "ClassifierHead"]
+__all__ = ["SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "RoutedNet"]
 
 
 class SqueezeExcite(nn.Module):
@@ -47,3 +47,48 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.drop(x.mean((2, 3))))
+
+
+class StaticGate(nn.Module):
+    """Shared encoder, optional attention head, slimming head restricted to a window; returns routes."""
+
+    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d | None, head: nn.Linear) -> None:
+        super().__init__()
+        self.reduce = reduce
+        self.expand = expand if expand is not None else nn.Identity()
+        self.attention = expand is not None
+        self.head = head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        e = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+        if self.attention:
+            x = x * torch.sigmoid(self.expand(e))
+        return x, self.head(e.flatten(1)).argmax(1)
+
+
+class RoutedNet(nn.Module):
+    """Deployable dynamic network: shared stem, gate, and one static sub-network tail per route.
+
+    Samples are grouped by the gate's choice and each group runs its own (narrower, dense) tail;
+    outputs come back in input order. ``first_route`` is the supernet index of ``tails[0]``.
+    """
+
+    def __init__(self, pre: nn.Module, gate: StaticGate, tails: list[nn.Module], num_classes: int,
+                 first_route: int) -> None:
+        super().__init__()
+        self.pre = pre
+        self.gate = gate
+        self.tails = nn.ModuleList(tails)
+        self.num_classes = num_classes
+        self.first_route = first_route
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, routes = self.gate(self.pre(x))
+        out = torch.zeros(x.shape[0], self.num_classes, dtype=h.dtype, device=h.device)
+        i = 0
+        for tail in self.tails:
+            idx = (routes == i).nonzero().squeeze(1)
+            if idx.numel() > 0:
+                out.index_copy_(0, idx, tail(h.index_select(0, idx)))
+            i += 1
+        return out

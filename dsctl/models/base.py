@@ -52,6 +52,11 @@ class Supernet(nn.Module):
 
     def to_static(self, spec: SliceSpec) -> nn.Module:
         """A plain-torch module computing ``self(x, spec)`` in eval mode (weights copied)."""
+        pre, post = self.to_static_parts(spec)
+        return nn.Sequential(*pre, *post).eval()
+
+    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
+        """Plain-torch halves around the gate: ``pre`` ends with the gate's attention head (if any)."""
         raise NotImplementedError
 
     def routing_parameters(self) -> list[nn.Parameter]:
@@ -63,6 +68,10 @@ class Supernet(nn.Module):
         if self.gate.expand is None:
             params += list(self.gate.reduce.parameters())
         return params
+
+    def routed_blocks(self) -> list[tuple[int, nn.Module]]:
+        """(stage index, block) for every block after the gate whose output width the gate sets."""
+        raise NotImplementedError
 
     def static_channels(self, spec: SliceSpec) -> dict[str, int]:
         """Per-stage output channels of ``spec`` (for export sidecars)."""

@@ -123,19 +123,25 @@ class DSMobileNetV1(Supernet):
             h = F.dropout(h, self.drop_rate, training=True)
         return self.classifier(h)
 
-    def to_static(self, spec: SliceSpec) -> nn.Module:
+    def routed_blocks(self) -> list[tuple[int, nn.Module]]:
+        return [(i, b) for i, blocks in enumerate(self.stages, start=1) if i >= self.gate_stage for b in blocks]
+
+    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         w = self.space.check(spec).widths
-        layers: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]), nn.SiLU()]
+        pre: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]), nn.SiLU()]
+        post: list[nn.Module] = []
         prev = w[0]
         for i, blocks in enumerate(self.stages, start=1):
             for b, block in enumerate(blocks):
-                gate_se = None
-                if i == self.gate_stage and b == 0:
-                    gate_se = _gate_to_se(self.gate, prev)
-                layers.append(block.to_static(prev, w[i], se=gate_se))
+                if i == self.gate_stage and b == 0:  # split the gate block after its SE (the gate's attention)
+                    layers = list(block.to_static(prev, w[i], se=_gate_to_se(self.gate, prev)))
+                    pre.extend(layers[:4])
+                    post.extend(layers[4:])
+                else:
+                    (pre if i < self.gate_stage else post).append(block.to_static(prev, w[i]))
                 prev = w[i]
-        layers.append(ClassifierHead(self.classifier.to_static(prev)))
-        return nn.Sequential(*layers).eval()
+        post.append(ClassifierHead(self.classifier.to_static(prev)))
+        return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
 
 
 def _gate_to_se(gate: SlimGate, channels: int) -> nn.Module:

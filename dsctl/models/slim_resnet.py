@@ -137,20 +137,21 @@ class DSResNet(Supernet):
                 h = block(h, w[i])
         return self.fc(h.mean((2, 3)))
 
-    def to_static(self, spec: SliceSpec) -> nn.Module:
+    def routed_blocks(self) -> list[tuple[int, nn.Module]]:
+        return [(i, b) for i, blocks in enumerate(self.layers(), start=1) if i >= self.gate_stage for b in blocks]
+
+    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         w = self.space.check(spec).widths
-        if self.imagenet_stem:
-            stem_pool: nn.Module = nn.MaxPool2d(3, 2, 1)
-        else:
-            stem_pool = nn.Identity()
-        layers: list[nn.Module] = [self.conv1.to_static(self.in_chans, w[0]), self.bn1.to_static(w[0]), nn.ReLU(), stem_pool]
+        stem_pool: nn.Module = nn.MaxPool2d(3, 2, 1) if self.imagenet_stem else nn.Identity()
+        pre: list[nn.Module] = [self.conv1.to_static(self.in_chans, w[0]), self.bn1.to_static(w[0]), nn.ReLU(), stem_pool]
+        post: list[nn.Module] = []
         prev = w[0]
         for i, blocks in enumerate(self.layers(), start=1):
             for block in blocks:
-                layers.append(block.to_static(prev, w[i]))
+                (pre if i < self.gate_stage else post).append(block.to_static(prev, w[i]))
                 prev = w[i]
-        layers.append(ClassifierHead(self.fc.to_static(prev)))
-        return nn.Sequential(*layers).eval()
+        post.append(ClassifierHead(self.fc.to_static(prev)))
+        return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
 
 
 @register_model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from dsctl.spec import SliceSpec
 
 __all__ = [
     "Dist", "setup_dist", "resolve_device", "build_optimizer", "build_scheduler", "soft_cross_entropy",
-    "EvalResult", "evaluate", "calibrate_bn", "autocast", "unwrap", "all_reduce_sum",
+    "EvalResult", "evaluate", "calibrate_bn", "autocast", "unwrap", "all_reduce_sum", "get_rng_state", "set_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -204,3 +205,19 @@ def calibrate_bn(model: nn.Module, loader: Iterable, specs: Sequence[SliceSpec],
                     dist.all_reduce(buf)
                     buf.div_(dist.get_world_size())
     return used
+
+
+def get_rng_state(rng: random.Random) -> dict:
+    """The trainer's spec-sampling RNG and torch's RNGs (everything a resumed run must continue)."""
+    state: dict = {"python": rng.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(rng: random.Random, state: dict) -> None:
+    py = state["python"]
+    rng.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

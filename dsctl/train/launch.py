@@ -22,7 +22,7 @@ from dsctl.train.data import TrainData, build_train_data
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag
 
-__all__ = ["PreparedRun", "prepare_run", "resolve_recipe", "build_supernet_for", "launch_supernet"]
+__all__ = ["PreparedRun", "prepare_run", "resolve_recipe", "build_supernet_for", "launch_supernet", "launch_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,3 +84,34 @@ def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", re
     return train_supernet(model, prep.data, recipe.supernet, recipe.optim, prep.run, device=prep.device,
                           dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), resume=resume,
                           progress=progress, stop=stop)
+
+
+def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device: str = "auto", resume: bool = False,
+                progress: Progress | None = None, stop: StopFlag | None = None):
+    """Stage II end to end: load (and if needed recalibrate) the supernet, then train the gate over the window."""
+    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from dsctl.dynamic import check_window
+    from dsctl.flops import gate_macs, macs_table
+    from dsctl.train.common import calibrate_bn
+    from dsctl.train.gate import train_gate
+    from dsctl.train.supernet import CALIBRATION_EPOCH
+
+    ckpt = load_checkpoint(supernet)
+    if ckpt.get("kind") != "supernet":
+        raise DsctlError(f"{ckpt['path']}: expected a supernet checkpoint, got kind {ckpt.get('kind')!r}")
+    if ckpt["model_name"] != recipe.model.name:
+        raise DsctlError(f"recipe model {recipe.model.name!r} does not match the supernet's {ckpt['model_name']!r}")
+    prep = prepare_run(recipe, out, device=device, resume=resume)
+    model, _ = model_from_checkpoint(ckpt["path"])
+    model.to(prep.device)
+    if not ckpt.get("calibrated"):
+        logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", ckpt["path"],
+                    recipe.supernet.calib_batches)
+        specs = list(model.space.subnets) + [model.space.full]
+        calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), list(dict.fromkeys(specs)),
+                     prep.device, num_batches=recipe.supernet.calib_batches)
+    window = check_window(model, recipe.gate.window)
+    route_macs = macs_table(model, prep.data.input_size)
+    return train_gate(model, prep.data, recipe.gate, recipe.optim, prep.run, window=window, route_macs=route_macs,
+                      gate_macs=gate_macs(model), device=prep.device, dist=prep.dist, seed=recipe.seed,
+                      recipe=recipe_to_dict(recipe), source=ckpt["path"], resume=resume, progress=progress, stop=stop)

@@ -32,11 +32,13 @@ from dsctl.errors import DataError
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 from dsctl.train.common import (
-    Dist, autocast, build_optimizer, build_scheduler, calibrate_bn, evaluate, soft_cross_entropy, unwrap,
+    Dist, autocast, build_optimizer, build_scheduler, calibrate_bn, evaluate, get_rng_state, set_rng_state,
+    soft_cross_entropy, unwrap,
 )
 from dsctl.train.data import TrainData
 from dsctl.train.progress import LogProgress, Progress
-from dsctl.train.run import RunDir, StopFlag, TrainingInterrupted, catch_signals, environment
+from dsctl.train.loop import Position, run_epochs
+from dsctl.train.run import RunDir, StopFlag, environment
 
 __all__ = ["SupernetResult", "train_supernet", "sandwich_step", "finalize_supernet", "subnet_table"]
 
@@ -99,21 +101,6 @@ def _members(space, rng: random.Random, num_random: int) -> list[SliceSpec]:
     return [space.largest(), *(space.sample(rng) for _ in range(num_random)), space.smallest()]
 
 
-def _rng_state(rng: random.Random) -> dict[str, Any]:
-    state: dict[str, Any] = {"python": rng.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(rng: random.Random, state: dict[str, Any]) -> None:
-    py = state["python"]
-    rng.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim: OptimConfig, run: RunDir, *,
                    device: torch.device = torch.device("cpu"), dist: Dist = Dist(), seed: int = 0,
                    recipe: dict[str, Any] | None = None, resume: bool = False, progress: Progress | None = None,
@@ -141,7 +128,7 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
         ema.module.eval()
     rng = random.Random(seed)
-    epoch, start_batch, global_step, best = 0, 0, 0, float("-inf")
+    pos = Position()
     if resume and run.last.is_file():
         ckpt = load_checkpoint(run.last, map_location=device)
         model.load_state_dict(ckpt["state_dict"])
@@ -149,98 +136,74 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
             ema.module.load_state_dict(ckpt["ema_state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(rng, ckpt["rng"])
-        pos = ckpt["position"]
-        epoch, start_batch, global_step, best = pos["epoch"], pos["batch"], pos["global_step"], ckpt.get("best_score", best)
-        logger.info("resuming %s at epoch %d, batch %d", run.path, epoch, start_batch)
+        set_rng_state(rng, ckpt["rng"])
+        pos = Position.from_checkpoint(ckpt)
+        logger.info("resuming %s at epoch %d, batch %d", run.path, pos.epoch + 1, pos.batch)
     train_model: nn.Module = model
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    train_set = TwoViews(data.train) if cfg.mvco else data.train
     amp = optim.amp
+    specs: list[SliceSpec] = []
+    running: dict[str, float] = {}
 
-    def save(path, *, batch: int, ep: int, completed: bool = False) -> None:
+    def step(batch_idx: int, x, y: Tensor) -> dict[str, float] | None:
+        nonlocal specs
+        micro = batch_idx % optim.grad_accum
+        if micro == 0:
+            model.train()
+            specs = _members(model.space, rng, cfg.num_random)
+        x = tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, list | tuple) else x.to(device)
+        last_micro = micro == optim.grad_accum - 1
+        losses = sandwich_step(train_model, ema.module if ema else None, x, y.to(device), specs, cfg, device=device,
+                               amp=amp, loss_scale=1.0 / optim.grad_accum, sync_last=last_micro)
+        for k, v in losses.items():
+            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        if not last_micro:
+            return None
+        if optim.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step_update(pos.global_step + 1)
+        if ema is not None:
+            ema.update(model, step=pos.global_step + 1)
+        return {"loss_largest": running["largest"], "loss_smallest": running["smallest"],
+                "lr": optimizer.param_groups[0]["lr"]}
+
+    def evaluate_epoch(epoch: int) -> list[dict[str, Any]]:
+        rows = []
+        for spec in (model.space.smallest(), model.space.largest()):
+            r = evaluate(model, data.val, spec, device, amp=amp)
+            rows.append({"subnet": model.space.label(spec), "width": _width(model, spec), "top1": round(r.top1, 3),
+                         "top5": round(r.top5, 3), "loss": round(r.loss, 5), "lr": optimizer.param_groups[0]["lr"]})
+        return rows
+
+    def save(path, p: Position, completed: bool) -> None:
         if not dist.main:
             return
         payload = {
             "kind": "supernet", "model_name": model.model_name, "model_kwargs": model.model_kwargs,
             "space": model.space.to_dict(), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _rng_state(rng), "recipe": recipe or {},
-            "position": {"epoch": ep, "batch": batch, "global_step": global_step}, "best_score": best,
-            "data_info": asdict(data.info), "completed": completed, "calibrated": False,
+            "scheduler": scheduler.state_dict(), "rng": get_rng_state(rng), "recipe": recipe or {},
+            "position": p.to_dict(), "best_score": p.best, "data_info": asdict(data.info), "completed": completed,
+            "calibrated": False,
         }
         if ema is not None:
             payload["ema_state_dict"] = ema.module.state_dict()
         save_checkpoint(path, payload)
 
-    with catch_signals(stop):
-        while epoch < epochs:
-            model.train()
-            loader = data.loader(seed=seed, epoch=epoch, start_batch=start_batch, dataset=train_set)
-            batches_per_epoch = steps * optim.grad_accum
-            progress.start(f"epoch {epoch + 1}/{epochs}", steps, start_batch // optim.grad_accum)
-            batch_idx, running, seen, t_epoch = start_batch, {}, 0, time.monotonic()
-            specs: list[SliceSpec] = []
-            for x, y in loader:
-                if batch_idx >= batches_per_epoch:
-                    break
-                micro = batch_idx % optim.grad_accum
-                if micro == 0:
-                    specs = _members(model.space, rng, cfg.num_random)
-                x = tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, list | tuple) else x.to(device)
-                y = y.to(device, non_blocking=True)
-                last_micro = micro == optim.grad_accum - 1
-                losses = sandwich_step(train_model, ema.module if ema else None, x, y, specs, cfg, device=device,
-                                       amp=amp, loss_scale=1.0 / optim.grad_accum, sync_last=last_micro)
-                batch_idx += 1
-                seen += y.numel()
-                for k, v in losses.items():
-                    running[k] = 0.9 * running.get(k, v) + 0.1 * v
-                if not last_micro:
-                    continue
-                if optim.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                scheduler.step_update(global_step)
-                if ema is not None:
-                    ema.update(model, step=global_step)
-                rate = seen * dist.world / max(time.monotonic() - t_epoch, 1e-9)
-                progress.advance(1, loss_largest=running["largest"], loss_smallest=running["smallest"],
-                                 img_s=rate, lr=optimizer.param_groups[0]["lr"])
-                if stop:
-                    save(run.last, batch=batch_idx, ep=epoch)
-                    progress.finish()
-                    raise TrainingInterrupted(
-                        f"interrupted at epoch {epoch + 1}, batch {batch_idx}; resume with --resume {run.path}")
-                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
-                    save(run.last, batch=batch_idx, ep=epoch)
-            rows = []
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
-                for spec in (model.space.smallest(), model.space.largest()):
-                    r = evaluate(model, data.val, spec, device, amp=amp)
-                    rows.append({"epoch": epoch, "subnet": model.space.label(spec), "width": _width(model, spec),
-                                 "top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5),
-                                 "train_loss_largest": round(running.get("largest", float("nan")), 5),
-                                 "train_loss_smallest": round(running.get("smallest", float("nan")), 5),
-                                 "lr": optimizer.param_groups[0]["lr"], "epoch_s": round(time.monotonic() - t_epoch, 1)})
-            score = sum(r["top1"] for r in rows) / len(rows) if rows else float("-inf")
-            improved = score > best
-            best = max(best, score)
-            epoch, start_batch = epoch + 1, 0
-            save(run.last, batch=0, ep=epoch, completed=epoch == epochs)
-            if improved and rows:
-                save(run.best, batch=0, ep=epoch)
-            run.append_metrics(rows, keep_before_epoch=epoch - 1)
-            progress.finish(f"epoch {epoch}/{epochs}: " + ", ".join(f"{r['subnet']} top1 {r['top1']:.2f}" for r in rows))
+    pos = run_epochs(data=data, run=run, pos=pos, epochs=epochs, steps_per_epoch=steps, grad_accum=optim.grad_accum,
+                     seed=seed, step=step, evaluate=evaluate_epoch, save=save,
+                     score=lambda rows: sum(r["top1"] for r in rows) / len(rows), progress=progress, stop=stop,
+                     eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                     dataset=TwoViews(data.train) if cfg.mvco else data.train)
     final_model = ema.module if ema is not None else model
     subnets = finalize_supernet(final_model, data, cfg, run, device=device, dist=dist, seed=seed, recipe=recipe,
                                 amp=amp, progress=progress)
     elapsed = time.monotonic() - t0
     run.write_json("summary.json", {"kind": "supernet", "model": model.model_name, "epochs": epochs,
-                                    "steps_per_epoch": steps, "global_step": global_step, "elapsed_s": round(elapsed, 1),
+                                    "steps_per_epoch": steps, "global_step": pos.global_step, "elapsed_s": round(elapsed, 1),
                                     "world_size": dist.world, "environment": environment(device),
                                     "data": asdict(data.info), "final": subnets})
     return SupernetResult(str(run.path), epochs, subnets, elapsed)

@@ -1,0 +1,160 @@
+"""Dynamic routing: the gate's choice per input, grouped sliced inference, expected and average MACs.
+
+Routing space: an inclusive window ``(lo, hi)`` of consecutive indexed sub-networks. A batch is run once
+up to the gate; the gate picks a sub-network per sample (argmax at evaluation, straight-through
+Gumbel-softmax in training); samples are grouped by choice and each group runs its **sliced** sub-network
+densely; outputs are scattered back in input order. Nothing is masked at inference.
+
+Example:
+    >>> net = DynamicNet(model, window=(0, 3)).eval()
+    >>> logits = net(images)            # grouped sliced inference
+    >>> routes = net.routes(images)     # chosen sub-network index per image
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsctl.errors import SpecError
+from dsctl.layers.gate import gumbel_one_hot
+from dsctl.models.base import Supernet
+
+__all__ = ["check_window", "gate_logits", "RoutedOutput", "forward_routed", "dynamic_forward", "DynamicNet",
+           "average_macs", "masked_forward"]
+
+
+def check_window(model: Supernet, window: tuple[int, int] | None) -> tuple[int, int]:
+    """Validate a routing window; ``None`` means every indexed sub-network."""
+    k = model.space.num_subnets
+    if window is None:
+        return 0, k - 1
+    lo, hi = (int(v) for v in window)
+    if not (0 <= lo < hi < k):
+        raise SpecError(f"routing window {lo}:{hi} is not valid for {model.model_name} "
+                        f"(allowed: A:B with 0 <= A < B <= {k - 1})")
+    return lo, hi
+
+
+def gate_logits(model: Supernet, encoding: Tensor, window: tuple[int, int]) -> Tensor:
+    """Slimming-head logits restricted to the window, shape (N, hi - lo + 1)."""
+    lo, hi = window
+    return model.gate.route_logits(encoding)[:, lo : hi + 1]
+
+
+class RoutedOutput(NamedTuple):
+    """What a routed training forward returns (losses read these, nothing is read off modules)."""
+
+    logits: Tensor          # (N, classes): the chosen sub-network's output, differentiable w.r.t. the gate
+    gate_logits: Tensor     # (N, W) slimming-head logits over the window
+    probs: Tensor           # (N, W) softmax of gate_logits
+    routes: Tensor          # (N,) chosen index within the window (0 = the window's smallest)
+    member_logits: Tensor   # (W, N, classes) every window member's output (no gradient)
+    expected_macs: Tensor   # () batch-mean expected MACs under probs (differentiable)
+
+
+def forward_routed(model: Supernet, x: Tensor, window: tuple[int, int], macs: Tensor, *, tau: float = 1.0,
+                   sample: bool = True) -> RoutedOutput:
+    """Gate-training forward with the supernet frozen.
+
+    Every window member runs (sliced, no gradient); the output is ``sum_k g_k * out_k`` with ``g`` the
+    straight-through Gumbel one-hot, so the forward value is exactly the chosen sub-network's output and
+    the gate gets the exact straight-through gradient ``<dL/dlogits, out_k>`` for every k.
+    ``sample=False`` uses the argmax instead of a Gumbel sample.
+    """
+    lo, hi = window
+    specs = model.space.subnets[lo : hi + 1]
+    with torch.no_grad():
+        h = model.forward_pre(x, specs[0]).features
+        members = torch.stack([model.forward_post(h, s).float() for s in specs])
+    e = model.gate.encode(h)  # gradient reaches the encoder when it is a routing parameter
+    g_logits = gate_logits(model, e, window).float()
+    probs = F.softmax(g_logits, -1)
+    if sample:
+        g = gumbel_one_hot(g_logits, tau)
+    else:
+        g = F.one_hot(g_logits.argmax(-1), g_logits.shape[-1]).to(g_logits) + probs - probs.detach()
+    logits = torch.einsum("nw,wnc->nc", g, members)
+    expected = (probs * macs.to(probs)).sum(-1).mean()
+    return RoutedOutput(logits, g_logits, probs, g.argmax(-1), members, expected)
+
+
+@torch.no_grad()
+def dynamic_forward(model: Supernet, x: Tensor, window: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Grouped sliced inference: returns (logits in input order, absolute sub-network index per sample)."""
+    lo, hi = window
+    specs = model.space.subnets
+    point = model.forward_pre(x, specs[lo], encode=True)
+    h, e = point.features, point.encoding
+    assert e is not None
+    routes = gate_logits(model, e, window).argmax(-1) + lo
+    out: Tensor | None = None
+    for k in torch.unique(routes).tolist():
+        idx = (routes == k).nonzero().squeeze(1)
+        y = model.forward_post(h.index_select(0, idx), specs[k])
+        if out is None:
+            out = y.new_empty(x.shape[0], y.shape[1])
+        out.index_copy_(0, idx, y)
+    assert out is not None
+    return out, routes
+
+
+@torch.no_grad()
+def masked_forward(model: Supernet, x: Tensor, window: tuple[int, int]) -> Tensor:
+    """The cost reference "masking at full width": every sample runs the window's widest sub-network and
+    each routed block's output is multiplied by a per-sample mask keeping the chosen width's channels.
+
+    This is how routing is often simulated; it costs the widest member's time whatever the gate picks,
+    which is what the benchmark compares grouped slicing against. Its outputs are not exactly those of the
+    sliced sub-networks (BatchNorm statistics and inner widths stay at the widest member's).
+    """
+    lo, hi = window
+    specs = model.space.subnets
+    point = model.forward_pre(x, specs[lo], encode=True)
+    assert point.encoding is not None
+    routes = gate_logits(model, point.encoding, window).argmax(-1) + lo
+    handles = []
+    for stage, block in model.routed_blocks():
+        widths = torch.tensor([s.widths[stage] for s in specs], device=x.device)[routes]  # (N,)
+
+        def hook(_m, _inp, out, widths=widths):
+            keep = torch.arange(out.shape[1], device=out.device)[None] < widths[:, None]
+            return out * keep[:, :, None, None].to(out.dtype)
+
+        handles.append(block.register_forward_hook(hook))
+    try:
+        return model.forward_post(point.features, specs[hi])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class DynamicNet(nn.Module):
+    """A supernet plus a routing window, callable with a tensor: ``DynamicNet(model, (0, 3))(x)``."""
+
+    def __init__(self, model: Supernet, window: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.window = check_window(model, window)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dynamic_forward(self.model, x, self.window)[0]
+
+    @torch.no_grad()
+    def routes(self, x: Tensor) -> Tensor:
+        lo = self.window[0]
+        point = self.model.forward_pre(x, self.model.space.subnets[lo], encode=True)
+        assert point.encoding is not None
+        return gate_logits(self.model, point.encoding, self.window).argmax(-1) + lo
+
+
+def average_macs(histogram: list[int] | Tensor, route_macs: list[int], gate_macs: int) -> float:
+    """Route histogram (counts per absolute index) x per-route MACs, plus the gate's own MACs."""
+    counts = torch.as_tensor(histogram, dtype=torch.float64)
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    return float((counts * torch.as_tensor(route_macs, dtype=torch.float64)).sum() / total) + gate_macs

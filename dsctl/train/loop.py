@@ -1,0 +1,88 @@
+"""The epoch loop every trainer shares: resumable data order, progress, interruption, checkpoints, metrics.
+
+Trainers supply three callables: ``step(batch_idx, x, y)`` (returns display metrics after an optimizer
+step, or None after a gradient-accumulation micro-batch), ``evaluate(epoch)`` (metric rows) and
+``save(path, position, completed)``. The loop owns where the run is (:class:`Position`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dsctl.train.data import TrainData
+from dsctl.train.progress import Progress
+from dsctl.train.run import RunDir, StopFlag, TrainingInterrupted, catch_signals
+
+__all__ = ["Position", "run_epochs"]
+
+
+@dataclass
+class Position:
+    """Where a run stands: ``epoch`` (0-based, current), ``batch`` (micro-batches done in it), optimizer steps."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    best: float = float("-inf")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> Position:
+        p = ckpt["position"]
+        return cls(p["epoch"], p["batch"], p["global_step"], ckpt.get("best_score", float("-inf")))
+
+
+def run_epochs(*, data: TrainData, run: RunDir, pos: Position, epochs: int, steps_per_epoch: int, grad_accum: int,
+               seed: int, step: Callable[[int, Tensor | tuple[Tensor, ...], Tensor], dict[str, float] | None],
+               evaluate: Callable[[int], list[dict[str, Any]]], save: Callable[[Path, Position, bool], None],
+               score: Callable[[list[dict[str, Any]]], float], progress: Progress, stop: StopFlag,
+               eval_every: int = 1, checkpoint_every: int = 0, dataset: Dataset | None = None) -> Position:
+    """Run epochs ``pos.epoch .. epochs-1``; raise TrainingInterrupted (after saving) when ``stop`` is set."""
+    batches_per_epoch = steps_per_epoch * grad_accum
+    with catch_signals(stop):
+        while pos.epoch < epochs:
+            loader = data.loader(seed=seed, epoch=pos.epoch, start_batch=pos.batch, dataset=dataset)
+            progress.start(f"epoch {pos.epoch + 1}/{epochs}", steps_per_epoch, pos.batch // grad_accum)
+            t_epoch, seen, last_metrics = time.monotonic(), 0, {}
+            for x, y in loader:
+                if pos.batch >= batches_per_epoch:
+                    break
+                metrics = step(pos.batch, x, y)
+                pos.batch += 1
+                seen += y.shape[0]
+                if metrics is None:
+                    continue
+                pos.global_step += 1
+                last_metrics = metrics
+                progress.advance(1, **metrics, img_s=seen * data.dist.world / max(time.monotonic() - t_epoch, 1e-9))
+                if stop:
+                    save(run.last, pos, False)
+                    progress.finish()
+                    raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {pos.batch}; "
+                                              f"resume with --resume {run.path}")
+                if checkpoint_every and pos.global_step % checkpoint_every == 0:
+                    save(run.last, pos, False)
+            rows: list[dict[str, Any]] = []
+            if (pos.epoch + 1) % eval_every == 0 or pos.epoch + 1 == epochs:
+                rows = [{"epoch": pos.epoch, **r, **{f"train_{k}": round(v, 5) for k, v in last_metrics.items()},
+                         "epoch_s": round(time.monotonic() - t_epoch, 1)} for r in evaluate(pos.epoch)]
+            s = score(rows) if rows else float("-inf")
+            improved = s > pos.best
+            pos.best = max(pos.best, s)
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            save(run.last, pos, pos.epoch == epochs)
+            if improved:
+                save(run.best, pos, pos.epoch == epochs)
+            run.append_metrics(rows, keep_before_epoch=pos.epoch - 1)
+            progress.finish(f"epoch {pos.epoch}/{epochs}: " + ", ".join(
+                f"{r.get('subnet', r.get('model', ''))} top1 {r['top1']:.2f}" for r in rows))
+    return pos

@@ -1,0 +1,144 @@
+"""Stage I: target modes, run folder contents, exact kill-and-resume, recalibration, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsctl
+from dsctl.checkpoint import load_checkpoint
+from dsctl.config import SupernetConfig, load_recipe, recipe_to_dict
+from dsctl.train.launch import build_supernet_for, launch_supernet
+from dsctl.train.progress import Progress
+from dsctl.train.run import StopFlag, TrainingInterrupted
+from dsctl.train.supernet import sandwich_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
+
+
+def _batch(model, n=8):
+    return torch.randn(n, model.in_chans, 16, 16), torch.randint(0, model.num_classes, (n,))
+
+
+@pytest.mark.parametrize("target", ["ib", "eib", "id", "none"])
+def test_sandwich_targets(target: str) -> None:
+    model = dsctl.build_model("tiny_ds_resnet").train()
+    teacher = dsctl.build_model("tiny_ds_resnet").eval()
+    x, y = _batch(model)
+    space = model.space
+    specs = [space.largest(), space.subnets[3], space.smallest()]
+    cfg = SupernetConfig(target=target, label_smoothing=0.0)
+    losses = sandwich_step(model, teacher, x, y, specs, cfg, device=torch.device("cpu"), amp=False)
+    assert set(losses) == {"largest", "random0", "smallest"}
+    assert all(p.grad is not None for p in model.layer4.parameters())
+    with torch.no_grad():  # train-mode outputs use batch statistics, so they are reproducible
+        small = model(x, space.smallest())
+        largest_online = F.softmax(model(x, space.largest()), -1)
+        t_largest = F.softmax(teacher(x, space.largest()), -1)
+        t_random = F.softmax(teacher(x, space.subnets[3]), -1)
+    expected_target = {
+        "ib": t_largest, "eib": (t_largest + t_random) / 2, "id": largest_online, "none": F.one_hot(y, 10).float(),
+    }[target]
+    expected = -(expected_target * F.log_softmax(small, -1)).sum(-1).mean()
+    assert losses["smallest"] == pytest.approx(float(expected), rel=1e-4)
+    assert losses["largest"] == pytest.approx(float(F.cross_entropy(model(x, space.largest()), y).detach()), rel=1e-4)
+
+
+def test_mvco_teacher_sees_the_other_view() -> None:
+    model = dsctl.build_model("tiny_ds_resnet").train()
+    teacher = dsctl.build_model("tiny_ds_resnet").eval()
+    (xa, y), (xb, _) = _batch(model), _batch(model)
+    specs = [model.space.largest(), model.space.smallest()]
+    cfg = SupernetConfig(target="ib", label_smoothing=0.0, num_random=0, mvco=True)
+    losses = sandwich_step(model, teacher, (xa, xb), y, specs, cfg, device=torch.device("cpu"), amp=False)
+    with torch.no_grad():
+        target = F.softmax(teacher(xb, model.space.largest()), -1)
+        expected = -(target * F.log_softmax(model(xa, model.space.smallest()), -1)).sum(-1).mean()
+    assert losses["smallest"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_run_folder_contents(tmp_path) -> None:
+    recipe = load_recipe(SMOKE)
+    result = launch_supernet(recipe, tmp_path / "run", device="cpu")
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "metrics.csv", "last.pt", "best.pt", "final.pt", "subnets.csv", "summary.json"):
+        assert (run / name).is_file(), name
+    assert load_recipe(run / "recipe.yaml") == recipe
+    metrics = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [(r["epoch"], r["subnet"]) for r in metrics] == [("0", "k0"), ("0", "k6"), ("1", "k0"), ("1", "k6")]
+    rows = list(csv.DictReader((run / "subnets.csv").open()))
+    assert {"subnet", "width", "macs", "params", "top1", "top5", "loss"} <= set(rows[0]) and len(rows) == 7
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    final = load_checkpoint(run / "final.pt")
+    assert final["calibrated"] and final["kind"] == "supernet" and len(result.subnets) == 7
+
+
+class _StopAt(Progress):
+    def __init__(self, flag: StopFlag, after: int) -> None:
+        self.flag, self.after, self.n = flag, after, 0
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        self.n += n
+        if self.n == self.after:
+            self.flag.set()
+
+
+def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path) -> None:
+    recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96"])  # 6 steps per epoch
+    launch_supernet(recipe, tmp_path / "a", device="cpu")
+    flag = StopFlag()
+    with pytest.raises(TrainingInterrupted, match="resume with --resume"):
+        launch_supernet(recipe, tmp_path / "b", device="cpu", progress=_StopAt(flag, 9), stop=flag)
+    pos = load_checkpoint(tmp_path / "b" / "last.pt")["position"]
+    assert pos == {"epoch": 1, "batch": 3, "global_step": 9}
+    launch_supernet(recipe, tmp_path / "b", device="cpu", resume=True)
+    a = load_checkpoint(tmp_path / "a" / "final.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "final.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = list(csv.DictReader((tmp_path / "a" / "metrics.csv").open()))
+    mb = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
+    assert [r["top1"] for r in ma] == [r["top1"] for r in mb]
+
+
+def test_existing_run_needs_resume(tmp_path) -> None:
+    recipe = load_recipe(SMOKE, ["optim.epochs=1"])
+    launch_supernet(recipe, tmp_path / "r", device="cpu")
+    with pytest.raises(dsctl.DsctlError, match="already holds a run"):
+        launch_supernet(recipe, tmp_path / "r", device="cpu")
+
+
+def test_build_supernet_takes_classes_and_channels_from_data() -> None:
+    from dsctl.train.data import build_train_data
+
+    recipe = load_recipe(SMOKE, ["data.synthetic_classes=7", "data.synthetic_channels=3"])
+    model = build_supernet_for(recipe, build_train_data(recipe.data))
+    assert model.num_classes == 7 and model.in_chans == 3
+
+
+def test_recipe_dict_roundtrip_keeps_checkpoint_loadable(tmp_path) -> None:
+    recipe = load_recipe(SMOKE)
+    torch.save({"r": recipe_to_dict(recipe)}, tmp_path / "x.pt")
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["r"]["model"]["name"] == "tiny_ds_resnet"
+
+
+def test_torchrun_two_processes_gloo(tmp_path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsctl",
+           "train-supernet", str(SMOKE), "--out", str(tmp_path / "ddp"), "--device", "cpu", "--quiet",
+           "--set", "optim.epochs=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert (tmp_path / "ddp" / "final.pt").is_file()
