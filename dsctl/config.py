@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from dsctl.errors import RecipeError
 
 __all__ = [
-    "AugmentConfig", "DataConfig", "ExportConfig", "GateConfig", "MeasureConfig", "ModelConfig",
+    "AugmentConfig", "BaselineConfig", "DataConfig", "ExportConfig", "GateConfig", "MeasureConfig", "ModelConfig",
     "OptimConfig", "Recipe", "SupernetConfig", "apply_overrides", "load_recipe", "recipe_from_dict",
     "recipe_to_dict", "save_recipe",
 ]
@@ -152,6 +152,20 @@ class GateConfig(BaseModel):
         return v
 
 
+class BaselineConfig(BaseModel):
+    """Static baselines: width multiplier (uniform), L1-norm filter pruning (l1), network slimming."""
+
+    model_config = _FROZEN
+
+    method: Literal["uniform", "l1", "slimming"] = "uniform"
+    width: str | None = None  # a slimming ratio of the supernet's space; l1/slimming prune to its MACs
+    target_macs_m: float | None = Field(default=None, gt=0.0)
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    finetune_epochs: int = Field(default=2, ge=0)
+    finetune_lr: float | None = Field(default=None, gt=0.0)  # None: optim.lr / 10
+    slimming_lambda: float = Field(default=1e-4, ge=0.0)  # L1 on BN scales during slimming's training
+
+
 class ExportConfig(BaseModel):
     """Which width to export and in which file format."""
 
@@ -182,6 +196,7 @@ class Recipe(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     supernet: SupernetConfig = Field(default_factory=SupernetConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     seed: int = 0

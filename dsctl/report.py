@@ -1,14 +1,27 @@
-"""CSV rows and comparison reports."""
+"""Comparison reports: supernet sub-networks, dynamic models and static baselines in one table and two plots.
+
+``build_report(run_dirs, ...)`` reads finished run folders (the ``final.pt`` of each), refuses runs that
+were not trained and evaluated on the same data at the same input size, times every model side by side
+(exported static sub-networks, grouped dynamic inference on real validation images, baseline networks),
+and returns :class:`ReportRow` rows; ``write_report`` writes ``report.csv``, the PNG plots and a README
+saying how the numbers were produced.
+"""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_csv"]
+import torch
+
+from dsctl.errors import DsctlError
+
+__all__ = ["write_csv", "ReportRow", "build_report", "write_report", "plot_report"]
+
+METHODS = ("supernet", "dynamic", "uniform", "l1", "slimming")
 
 
 def write_csv(path: str | Path, rows: Sequence[Any]) -> None:
@@ -20,3 +33,209 @@ def write_csv(path: str | Path, rows: Sequence[Any]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(dict_rows[0]) if dict_rows else [])
         writer.writeheader()
         writer.writerows(dict_rows)
+
+
+@dataclass
+class ReportRow:
+    """One model in a comparison. MACs: fused multiply-adds (fvcore), BatchNorm/element-wise not counted;
+    for dynamic models the average over the validation set (route histogram x route MACs + gate)."""
+
+    method: str
+    model: str
+    variant: str
+    width: str
+    macs: int
+    params: int
+    top1: float
+    top5: float
+    latency_ms_b1: float = float("nan")
+    latency_ms_bN: float = float("nan")
+    batch_n: int = 0
+    throughput: float = float("nan")  # images/s at batch_n
+    device: str = ""
+    threads: int = 0
+    data: str = ""
+    input_size: int = 0
+    run: str = ""
+    commit: str = ""
+    torch_version: str = ""
+
+
+@dataclass
+class _Entry:
+    row: ReportRow
+    module: Any  # callable on a batch of images
+
+
+def _load_run(run_dir: Path) -> list[_Entry]:
+    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from dsctl.dynamic import DynamicNet
+    from dsctl.export import export_subnet
+    from dsctl.flops import count_params
+    from dsctl.train.static import rebuild_static
+
+    final = run_dir / "final.pt"
+    if not final.is_file():
+        raise DsctlError(f"{run_dir}: no final.pt (the run has not finished; resume it first)")
+    ckpt = load_checkpoint(final)
+    info = ckpt.get("data_info", {})
+    size = (ckpt.get("recipe") or {}).get("data", {}).get("input_size", 0)
+    base = dict(data=f"{info.get('name')}:{info.get('train_size')}/{info.get('val_size')}", input_size=size,
+                run=str(run_dir))
+    kind = ckpt.get("kind")
+    entries: list[_Entry] = []
+    if kind == "supernet":
+        model, _ = model_from_checkpoint(final)
+        model.eval()
+        for r in ckpt["subnets"]:
+            spec = model.space.resolve("largest" if r["width"] == "largest" else r["width"])
+            entries.append(_Entry(ReportRow("supernet", model.model_name, r["subnet"], str(r["width"]), r["macs"],
+                                            r["params"], r["top1"], r["top5"], **base), export_subnet(model, spec)))
+    elif kind == "gate":
+        model, _ = model_from_checkpoint(final)
+        f = ckpt["final"]
+        lo, hi = f["window"]
+        variant = f"[{lo}:{hi}]" + (f" target {f['target_macs_m']:g}M" if f.get("target_macs_m") else "")
+        params = count_params(model) - sum(p.numel() for p in model.gate.head.parameters())
+        entries.append(_Entry(ReportRow("dynamic", model.model_name, variant, "dynamic", int(f["avg_macs"]), params,
+                                        f["top1"], f["top5"], **base), DynamicNet(model.eval(), (lo, hi))))
+    elif kind == "static":
+        from dsctl.flops import count_macs
+
+        meta = ckpt["meta"]
+        net = rebuild_static(meta, ckpt["state_dict"])
+        chans = info.get("in_chans", 3)
+        entries.append(_Entry(ReportRow(meta["method"], meta["model_name"], meta.get("variant", ""),
+                                        str(meta.get("width") or "-"), count_macs(net, size, chans), count_params(net),
+                                        ckpt["final"]["top1"], ckpt["final"]["top5"], **base), net))
+    else:
+        raise DsctlError(f"{final}: unknown run kind {kind!r}")
+    return entries
+
+
+def _images(run_dir: Path, n: int) -> torch.Tensor:
+    from dsctl.checkpoint import load_checkpoint
+    from dsctl.config import recipe_from_dict
+    from dsctl.train.data import build_train_data
+
+    data = build_train_data(recipe_from_dict(load_checkpoint(run_dir / "final.pt")["recipe"]).data)
+    chunks, seen = [], 0
+    for x, _ in data.val:
+        chunks.append(x)
+        seen += x.shape[0]
+        if seen >= n:
+            break
+    return torch.cat(chunks)[:n]
+
+
+def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: str = "cpu", threads: int | None = None,
+                 min_run_time_s: float = 0.5, measure: bool = True) -> list[ReportRow]:
+    """Rows for every model in ``run_dirs``, latencies measured side by side at batch 1 and ``batch_n``."""
+    from dsctl.bench import _Cycle
+    from dsctl.latency import measure_latency
+    from dsctl.train.common import resolve_device
+    from dsctl.train.run import git_commit
+
+    if not run_dirs:
+        raise DsctlError("give at least one run folder")
+    entries: list[_Entry] = []
+    for d in run_dirs:
+        entries += _load_run(Path(d))
+    keys = {(e.row.data, e.row.input_size) for e in entries}
+    if len(keys) > 1:
+        listing = "; ".join(f"{e.row.run}: {e.row.data} @ {e.row.input_size}px" for e in entries if e.row.method != "supernet"
+                            or e.row.variant == "k0")
+        raise DsctlError(f"runs were trained on different data or input sizes and cannot be compared ({listing})")
+    dev = resolve_device(device)
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    commit = git_commit()
+    for e in entries:
+        e.row.device, e.row.threads, e.row.commit, e.row.torch_version = str(dev), threads, commit, torch.__version__
+        e.row.batch_n = batch_n
+    if measure:
+        images = _images(Path(run_dirs[0]), max(16 * batch_n, 256)).to(dev)
+        for e in entries:
+            if hasattr(e.module, "to"):
+                e.module.to(dev)
+        for b, attr in ((1, "latency_ms_b1"), (batch_n, "latency_ms_bN")):
+            n = max(1, min(16, images.shape[0] // b))
+            batches = [images[i * b : (i + 1) * b] for i in range(n)]
+            cands = {f"{i}": _Cycle(e.module, batches) for i, e in enumerate(entries)}
+            for r in measure_latency(cands, batches[0], warmup=5, min_run_time_s=min_run_time_s, threads=threads):
+                row = entries[int(r.name)].row
+                setattr(row, attr, round(r.latency_ms_p50, 4))
+                if b == batch_n:
+                    row.throughput = round(r.throughput, 1)
+    return [e.row for e in entries]
+
+
+def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "") -> list[Path]:
+    """accuracy_vs_macs.png and accuracy_vs_latency.png (batch 1 and batch N panels), one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    styles = {"supernet": ("tab:blue", "o-"), "dynamic": ("tab:red", "*"), "uniform": ("tab:green", "s--"),
+              "l1": ("tab:orange", "^--"), "slimming": ("tab:purple", "v--")}
+
+    def series(ax, x_of, xlabel):
+        for method in METHODS:
+            pts = sorted((x_of(r), r.top1, r.variant) for r in rows if r.method == method and x_of(r) == x_of(r))
+            if not pts:
+                continue
+            color, style = styles[method]
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if method == "dynamic":
+                ax.plot(xs, ys, style, color=color, markersize=14, linestyle="none", label=method)
+            else:
+                ax.plot(xs, ys, style, color=color, label=method, markersize=6)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    series(ax, lambda r: r.macs / 1e6, "MACs (millions; fused multiply-adds, fvcore)")
+    ax.set_title(f"{title}accuracy vs MACs")
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_macs.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    dev = rows[0].device if rows else ""
+    series(axes[0], lambda r: r.latency_ms_b1, f"latency, batch 1 (ms, median, {dev})")
+    series(axes[1], lambda r: r.latency_ms_bN, f"latency, batch {rows[0].batch_n if rows else 'N'} (ms, median, {dev})")
+    fig.suptitle(f"{title}accuracy vs latency")
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_latency.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str, machine: str,
+                 title: str = "") -> list[Path]:
+    """report.csv + plots + a README with the command, commit and machine that produced them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "report.csv", rows)
+    paths = [out / "report.csv", *plot_report(rows, out, title)]
+    header = [f.name for f in fields(ReportRow)][:10]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{getattr(r, h):.4g}" if isinstance(getattr(r, h), float) else str(getattr(r, h))
+                                       for h in header) + " |")
+    commit = rows[0].commit if rows else "unknown"
+    (out / "REPORT.md").write_text(
+        f"# {title or 'dsctl report'}\n\nProduced by `{command}` at commit `{commit}` on {machine}.\n"
+        f"Do not edit by hand: re-run the command above.\n\n"
+        "MACs are fused multiply-adds counted by fvcore on the exported static networks (BatchNorm and "
+        "element-wise ops not counted); dynamic MACs are the validation-set average including the gate. "
+        "Latencies are medians of interleaved torch.utils.benchmark measurements taken in one run.\n\n"
+        + "\n".join(lines) + "\n")
+    paths.append(out / "REPORT.md")
+    return paths

@@ -1,4 +1,4 @@
-"""Measurement commands: ``eval``."""
+"""Measurement commands: ``eval``, ``bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from dsctl.cli._common import console, handle_errors, table
@@ -40,3 +41,124 @@ def eval_cmd(
         cols.append("routes")
         row.append(" ".join(f"k{k}:{c}" for k, c in enumerate(result["histogram"]) if c))
     console.print(table(f"eval {checkpoint} on {result['data']} ({result['samples']} images)", cols, [row]))
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    from dsctl.errors import DsctlError
+
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise DsctlError(f"--batch {text!r}: expected comma-separated positive integers, e.g. 1,32") from None
+    if not values or min(values) < 1:
+        raise DsctlError(f"--batch {text!r}: expected comma-separated positive integers, e.g. 1,32")
+    return values
+
+
+@app.command("bench")
+@handle_errors
+def bench_cmd(
+    target: Annotated[str, typer.Argument(help="Model name, supernet/gate checkpoint or run folder, or an exported file.")],
+    widths: Annotated[str | None, typer.Option(help="Comma-separated widths (default: smallest, 0.5 if any, largest).")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Time gate routing on real validation images.")] = False,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,32",
+    device: DeviceOpt = "cpu",
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
+    input_size: Annotated[int | None, typer.Option(min=8, help="Input resolution (default: the model's).")] = None,
+    min_run_time: Annotated[float, typer.Option(min=0.05, help="Seconds of timing per candidate and batch size.")] = 1.0,
+    csv: Annotated[Path | None, typer.Option(help="Write the rows to this CSV file.")] = None,
+) -> None:
+    """Latency (median, p90) and throughput with torch.utils.benchmark, candidates timed side by side."""
+    from dsctl.bench import BenchSettings, bench_exported, bench_widths
+    from dsctl.report import write_csv
+
+    settings = BenchSettings(_batches(batch), device, threads, 10, min_run_time, input_size)
+    path = Path(target)
+    with console.status("benchmarking..."):
+        if path.is_file() and (path.suffix == ".pt2" or path.name.endswith(".ts.pt")):
+            rows = bench_exported(path, settings)
+        elif dynamic:
+            rows = _bench_gate(target, settings)
+        else:
+            from dsctl.cli._common import resolve_model
+
+            model, _ = resolve_model(target)
+            specs = _bench_specs(model, widths)
+            rows = bench_widths(model, specs, settings)
+    console.print(table(f"bench {target} ({rows[0].device}, {rows[0].threads} threads, {rows[0].dtype})",
+                        ["kind", "subnet", "width", "batch", "MACs (M)", "p50 ms", "p90 ms", "img/s", "ratio", "vs"], [
+        [r.kind, r.subnet, r.width, r.batch, f"{r.macs / 1e6:.2f}", f"{r.latency_ms_p50:.3f}", f"{r.latency_ms_p90:.3f}",
+         f"{r.throughput:.0f}", "-" if r.ratio is None else f"{r.ratio:.3f}", r.reference] for r in rows]))
+    if csv is not None:
+        write_csv(csv, rows)
+        console.print(f"wrote {csv}")
+
+
+def _bench_specs(model, widths: str | None):
+    space = model.space
+    if widths is None:
+        picks = [space.smallest()]
+        if 0.5 in space.ratios():
+            picks.append(space.resolve(0.5))
+        picks.append(space.full)
+        return list(dict.fromkeys(picks))
+    if widths == "all":
+        return list(dict.fromkeys([*space.subnets, space.full]))
+    return [space.resolve(w) for w in widths.split(",")]
+
+
+def _bench_gate(target: str, settings):
+    from dsctl.bench import bench_dynamic
+    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from dsctl.config import recipe_from_dict
+    from dsctl.errors import DsctlError
+    from dsctl.train.data import build_train_data
+
+    ckpt = load_checkpoint(target)
+    if ckpt.get("kind") != "gate":
+        raise DsctlError(f"{ckpt['path']}: --dynamic needs a gate checkpoint (from train-gate)")
+    model, _ = model_from_checkpoint(ckpt["path"])
+    data = build_train_data(recipe_from_dict(ckpt["recipe"]).data)
+    n = max(512, 16 * max(settings.batches))
+    images = torch.cat([x for x, _ in _take(data.val, n)])[:n]
+    return bench_dynamic(model, tuple(ckpt["window"]), images, settings, route_macs=ckpt.get("route_macs"))
+
+
+def _take(loader, n: int):
+    seen = 0
+    for x, y in loader:
+        yield x, y
+        seen += x.shape[0]
+        if seen >= n:
+            return
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Finished run folders: supernet, gate and baseline runs.")],
+    out: Annotated[Path, typer.Option(help="Output folder for report.csv, plots and REPORT.md.")] = Path("results/report"),
+    batch: Annotated[int, typer.Option(min=1, help="The larger batch size timed (besides batch 1).")] = 32,
+    device: DeviceOpt = "cpu",
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
+    min_run_time: Annotated[float, typer.Option(min=0.05, help="Seconds of timing per model and batch size.")] = 0.5,
+    title: Annotated[str, typer.Option(help="Title of the plots and REPORT.md.")] = "",
+) -> None:
+    """Accuracy / MACs / latency of supernet sub-networks, dynamic models and static baselines."""
+    import platform
+    import shlex
+    import sys
+
+    from dsctl.report import build_report, write_report
+
+    with console.status("loading runs and timing every model side by side..."):
+        rows = build_report(runs, batch_n=batch, device=device, threads=threads, min_run_time_s=min_run_time)
+    machine = f"{platform.machine()} {platform.processor() or ''} ({rows[0].device}, {rows[0].threads} threads), " \
+              f"torch {rows[0].torch_version}"
+    command = "dsctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    paths = write_report(rows, out, command=command, machine=machine, title=f"{title}: " if title else "")
+    console.print(table(f"report ({rows[0].device}, {rows[0].threads} threads; MACs = fused multiply-adds)",
+                        ["method", "variant", "width", "MACs (M)", "params (M)", "top1", "ms b1", f"ms b{batch}"], [
+        [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.params / 1e6:.3f}", f"{r.top1:.2f}",
+         f"{r.latency_ms_b1:.3f}", f"{r.latency_ms_bN:.3f}"] for r in rows]))
+    console.print("wrote " + ", ".join(str(p) for p in paths))

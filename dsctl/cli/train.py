@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -159,3 +160,52 @@ def train_gate_cmd(
                                                             "routes"], [
         [f"{lo}:{hi}", f"{f['top1']:.2f}", f"{f['top5']:.2f}", f"{f['avg_macs'] / 1e6:.3f}", f"{f['gate_sgs_acc']:.1f}",
          " ".join(str(c) for c in f["histogram"][lo: hi + 1])]]))
+
+
+class BaselineMethod(str, Enum):
+    uniform = "uniform"
+    l1 = "l1"
+    slimming = "slimming"
+
+
+@app.command("baseline")
+@handle_errors
+def baseline_cmd(
+    recipe: RecipeArg = None,
+    method: Annotated[BaselineMethod | None, typer.Option(help="uniform (width multiplier), l1 (L1 filter pruning) or "
+                                                               "slimming (network slimming).")] = None,
+    width: Annotated[str | None, typer.Option(help="Width of the uniform network, or the sub-network whose MACs "
+                                                   "l1/slimming prune to.")] = None,
+    target_macs: Annotated[float | None, typer.Option(help="MACs target in millions (l1/slimming).")] = None,
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<recipe>-<method>).")] = None,
+    set_: SetOpt = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the baseline run in this folder.")] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a static baseline with the same recipe: uniform width, L1-pruned, or network-slimmed."""
+    from dsctl.baselines import launch_baseline
+    from dsctl.train.launch import resolve_recipe
+    from dsctl.train.run import TrainingInterrupted
+
+    overrides = [*(set_ or []), *data_overrides(data, seed)]
+    if method is not None:
+        overrides.append(f"baseline.method={method.value}")
+    if width is not None:
+        overrides.append(f"baseline.width='{width}'")
+    if target_macs is not None:
+        overrides.append(f"baseline.target_macs_m={target_macs}")
+    cfg = resolve_recipe(recipe, overrides, resume)
+    run_dir = resume or out or Path("runs") / f"{recipe.stem if recipe else 'baseline'}-{cfg.baseline.method}"
+    progress = make_progress(quiet)
+    try:
+        s = launch_baseline(cfg, run_dir, device=device, resume=resume is not None, progress=progress)
+    except TrainingInterrupted as err:
+        raise interrupted(err) from None
+    finally:
+        progress.close()
+    console.print(table(f"baseline {run_dir}", ["method", "variant", "MACs (M)", "params (M)", "top1", "top5"], [
+        [s["method"], s["variant"], f"{s['macs'] / 1e6:.3f}", f"{s['params'] / 1e6:.3f}", f"{s['top1']:.2f}",
+         f"{s['top5']:.2f}"]]))

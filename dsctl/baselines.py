@@ -1,0 +1,159 @@
+"""Static baselines (DESIGN.md section 7): what dynamic slicing is compared against at equal cost.
+
+* ``uniform``: the same architecture at one fixed width, trained alone with the same recipe;
+* ``l1``: the full network trained, filters pruned by L1 norm to a MACs target, fine-tuned;
+* ``slimming``: the full network trained with an L1 penalty on BatchNorm scales, channels pruned by
+  BN scale to a MACs target, fine-tuned (network slimming).
+
+Pruning uses Torch-Pruning's dependency graph (residual and SE couplings included); the pruning ratio
+that meets the MACs target is found by bisection, counting MACs with fvcore like everything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dsctl.config import BaselineConfig, Recipe, recipe_to_dict
+from dsctl.errors import DsctlError
+from dsctl.flops import count_macs, count_params, count_subnet
+from dsctl.models.base import Supernet
+from dsctl.train.data import TrainData
+from dsctl.train.progress import Progress
+from dsctl.train.run import RunDir, StopFlag
+
+__all__ = ["prune_to_macs", "bn_l1_penalty", "launch_baseline", "resolve_target_macs"]
+
+logger = logging.getLogger(__name__)
+
+
+def _classifier(net: nn.Module) -> nn.Linear:
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1]
+
+
+def _pruner(net: nn.Module, example: Tensor, method: str, ratio: float):
+    import torch_pruning as tp
+
+    importance = tp.importance.BNScaleImportance() if method == "slimming" else tp.importance.MagnitudeImportance(p=1)
+    pruner_cls = tp.pruner.BNScalePruner if method == "slimming" else tp.pruner.MagnitudePruner
+    return pruner_cls(net, example, importance=importance, pruning_ratio=ratio, ignored_layers=[_classifier(net)],
+                      global_pruning=False)
+
+
+def prune_to_macs(net: nn.Module, target_macs: int, input_size: int, in_chans: int, method: str) -> tuple[nn.Module, float]:
+    """Prune a copy of ``net`` (L1 filter norm or BN scale) to at most ``target_macs``; returns it and the ratio."""
+    net = net.eval().cpu()
+    example = torch.zeros(1, in_chans, input_size, input_size)
+    full = count_macs(net, input_size, in_chans)
+    if target_macs >= full:
+        raise DsctlError(f"target {target_macs / 1e6:.3f} MMACs is not below the full network's {full / 1e6:.3f}")
+
+    def pruned(ratio: float) -> tuple[nn.Module, int]:
+        candidate = copy.deepcopy(net)
+        _pruner(candidate, example, method, ratio).step()
+        return candidate, count_macs(candidate, input_size, in_chans)
+
+    lo, hi = 0.0, 0.99
+    best: tuple[nn.Module, float] | None = None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        candidate, macs = pruned(mid)
+        if macs <= target_macs:
+            best, hi = (candidate, mid), mid
+        else:
+            lo = mid
+    if best is None:
+        raise DsctlError(f"could not prune to {target_macs / 1e6:.3f} MMACs (full: {full / 1e6:.3f})")
+    return best
+
+
+def bn_l1_penalty(weight: float):
+    """Network slimming's sparsity term: ``weight * sum |gamma|`` over BatchNorm scales."""
+
+    def penalty(net: nn.Module) -> Tensor:
+        return weight * sum(m.weight.abs().sum() for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+    return penalty
+
+
+def resolve_target_macs(supernet: Supernet, cfg: BaselineConfig, input_size: int) -> tuple[int, str]:
+    """MACs target and a variant label: from ``target_macs_m``, or the MACs of the sub-network at ``width``."""
+    if cfg.target_macs_m is not None:
+        return int(cfg.target_macs_m * 1e6), f"macs{cfg.target_macs_m:g}M"
+    if cfg.width is None:
+        raise DsctlError("a baseline needs --width W or --target-macs M")
+    spec = supernet.space.resolve(cfg.width)
+    return count_subnet(supernet, spec, input_size).macs, f"w{cfg.width}"
+
+
+def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
+                    progress: Progress | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+    """Run one static baseline end to end in ``out``; returns its summary (also written to summary.json)."""
+    from dsctl.train.launch import build_supernet_for, prepare_run
+    from dsctl.train.static import static_from_checkpoint, train_static
+
+    cfg = recipe.baseline
+    prep = prepare_run(recipe, out, device=device, resume=resume)
+    supernet = build_supernet_for(recipe, prep.data)
+    size, chans = prep.data.input_size, supernet.in_chans
+    meta = {"model_name": supernet.model_name, "model_kwargs": supernet.model_kwargs, "method": cfg.method}
+    common = dict(device=prep.device, dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe),
+                  progress=progress, stop=stop, label_smoothing=cfg.label_smoothing)
+    if cfg.method == "uniform":
+        if cfg.width is None:
+            raise DsctlError("--method uniform needs --width W (a slimming ratio of the supernet's space)")
+        spec = supernet.space.resolve(cfg.width)
+        meta.update(base_spec=list(spec.widths), width=cfg.width, variant=f"w{cfg.width}")
+        net, final = train_static(supernet.to_static(spec), prep.data, recipe.optim, prep.run, meta=meta,
+                                  resume=resume, **common)
+    else:
+        target, variant = resolve_target_macs(supernet, cfg, size)
+        full = supernet.space.full
+        meta.update(base_spec=list(full.widths), variant=variant, target_macs=target)
+        dense_run = RunDir(prep.run / "dense", main=prep.dist.main)
+        penalty = bn_l1_penalty(cfg.slimming_lambda) if cfg.method == "slimming" else None
+        if dense_run.final.is_file():
+            dense, _ = static_from_checkpoint(dense_run.final)
+        else:
+            dense, _ = train_static(supernet.to_static(full), prep.data, recipe.optim, dense_run, meta=dict(meta),
+                                    extra_loss=penalty, resume=resume and dense_run.last.is_file(), **common)
+        ft_run = RunDir(prep.run / "finetune", main=prep.dist.main)
+        pruned, ratio = prune_to_macs(dense, target, size, chans, cfg.method)
+        meta.update(pruning_ratio=round(ratio, 4))
+        ft_optim = recipe.optim.model_copy(update={"epochs": cfg.finetune_epochs, "warmup_epochs": 0,
+                                                   "lr": cfg.finetune_lr or recipe.optim.lr / 10})
+        if cfg.finetune_epochs > 0:
+            net, final = train_static(pruned, prep.data, ft_optim, ft_run, meta=meta,
+                                      resume=resume and ft_run.last.is_file(), **common)
+        else:
+            from dsctl.train.common import evaluate
+
+            net = pruned.to(prep.device)
+            r = evaluate(net, prep.data.val, None, prep.device)
+            final = {"top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5)}
+        if prep.dist.main:
+            import shutil
+
+            shutil.copyfile(ft_run.final if ft_run.final.is_file() else dense_run.final, prep.run.final)
+    net = net.cpu().eval()
+    summary = {"kind": "static", "method": cfg.method, "model": supernet.model_name, "variant": meta["variant"],
+               "width": cfg.width, "macs": count_macs(net, size, chans), "params": count_params(net), **final,
+               "meta": meta}
+    if cfg.method != "uniform" and prep.dist.main:
+        from dsctl.checkpoint import load_checkpoint, save_checkpoint
+
+        ckpt = load_checkpoint(prep.run.final)
+        ckpt.pop("path")
+        ckpt.pop("format_version")
+        ckpt["meta"] = meta
+        ckpt["state_dict"] = net.state_dict()
+        ckpt["final"] = final
+        save_checkpoint(prep.run.final, ckpt)
+    prep.run.write_json("summary.json", summary)
+    return summary

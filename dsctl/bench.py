@@ -1,0 +1,194 @@
+"""Benchmarks: sliced sub-networks against their exported static twins, dynamic routing against static
+networks, and exported files; one :class:`BenchRow` per (candidate, batch size).
+
+Every row records device, threads, dtype, batch, torch version and commit. Candidates compared with each
+other are timed in one interleaved run (see :func:`dsctl.latency.measure_latency`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dsctl.dynamic import DynamicNet, average_macs, masked_forward
+from dsctl.export import export_routed, export_subnet, load_subnet
+from dsctl.flops import count_macs, gate_macs, macs_table
+from dsctl.latency import measure_latency
+from dsctl.models.base import Supernet, bind
+from dsctl.spec import SliceSpec
+
+__all__ = ["BenchRow", "BenchSettings", "bench_widths", "bench_dynamic", "bench_module", "bench_exported"]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batches: tuple[int, ...] = (1, 32)
+    device: str = "cpu"
+    threads: int | None = None
+    warmup: int = 10
+    min_run_time_s: float = 1.0
+    input_size: int | None = None
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One timed candidate; ``ratio`` is its median latency over the reference's in the same run."""
+
+    model: str
+    kind: str
+    subnet: str
+    width: str
+    batch: int
+    macs: int
+    latency_ms_p50: float
+    latency_ms_p90: float
+    throughput: float
+    ratio: float | None
+    reference: str
+    device: str
+    threads: int
+    dtype: str
+    input_size: int
+    torch_version: str
+    commit: str
+
+
+def _env(settings: BenchSettings) -> tuple[torch.device, int, str]:
+    from dsctl.train.common import resolve_device
+    from dsctl.train.run import git_commit
+
+    device = resolve_device(settings.device)
+    threads = settings.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return device, threads, git_commit()
+
+
+class _Cycle:
+    """Calls ``fn`` on the next of several prepared batches each time (a realistic input mix)."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], batches: list[Tensor]) -> None:
+        self.fn, self.batches, self.i = fn, batches, 0
+
+    def __call__(self, _x: Tensor) -> Tensor:
+        x = self.batches[self.i]
+        self.i = (self.i + 1) % len(self.batches)
+        return self.fn(x)
+
+
+def _rows(model: str, reports, meta: dict[str, tuple[str, str, str, int]], reference: str, settings: BenchSettings,
+          device: torch.device, threads: int, commit: str, input_size: int) -> list[BenchRow]:
+    ref = next(r for r in reports if r.name == reference)
+    rows = []
+    for r in reports:
+        kind, subnet, width, macs = meta[r.name]
+        rows.append(BenchRow(model, kind, subnet, width, r.batch, macs, round(r.latency_ms_p50, 4),
+                             round(r.latency_ms_p90, 4), round(r.throughput, 2),
+                             round(r.latency_ms_p50 / ref.latency_ms_p50, 4), reference, str(device), threads,
+                             "float32", input_size, torch.__version__, commit))
+    return rows
+
+
+def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSettings) -> list[BenchRow]:
+    """Each sliced sub-network against its exported static twin (ratio = sliced / static)."""
+    device, threads, commit = _env(settings)
+    size = settings.input_size or model.default_input_size
+    model = model.eval().to(device)
+    rows: list[BenchRow] = []
+    for spec in specs:
+        label = model.space.label(spec)
+        width = f"{model.space.ratio(spec):g}" if spec in model.space.subnets else "largest"
+        static = export_subnet(model, spec).to(device)
+        macs = count_macs(static, size, model.in_chans)
+        meta = {"static": ("static", label, width, macs), "sliced": ("sliced", label, width, macs)}
+        for b in settings.batches:
+            x = torch.randn(b, model.in_chans, size, size, device=device)
+            reports = measure_latency({"static": static, "sliced": bind(model, spec)}, x, warmup=settings.warmup,
+                                      min_run_time_s=settings.min_run_time_s, threads=threads)
+            rows += _rows(model.model_name, reports, meta, "static", settings, device, threads, commit, size)
+    return rows
+
+
+def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, settings: BenchSettings, *,
+                  route_macs: list[int] | None = None, exported: Path | None = None) -> list[BenchRow]:
+    """Grouped dynamic inference on real images against: the window's widest static sub-network, masking
+    the same routes at full width, and the static sub-network closest to the dynamic average MACs.
+
+    ``images`` are real evaluation images (the gate's realistic route mix); each call takes the next
+    batch of them. Ratios are over the widest static sub-network.
+    """
+    device, threads, commit = _env(settings)
+    size = images.shape[-1]
+    model = model.eval().to(device)
+    route_macs = route_macs or macs_table(model, size)
+    lo, hi = window
+    dyn = DynamicNet(model, window)
+    with torch.no_grad():
+        routes = torch.cat([dyn.routes(c.to(device)) for c in images.split(256)]).cpu()
+    avg = average_macs(torch.bincount(routes, minlength=model.space.num_subnets), route_macs, gate_macs(model))
+    k_eq = min(range(model.space.num_subnets), key=lambda k: abs(route_macs[k] - avg))
+    specs = model.space.subnets
+    widest, equal = export_subnet(model, specs[hi]).to(device), export_subnet(model, specs[k_eq]).to(device)
+    candidates: dict[str, Callable[[Tensor], Tensor]] = {
+        "static_widest": widest, "dynamic": dyn, "masked": lambda x: masked_forward(model, x, window),
+        "static_equal_macs": equal,
+    }
+    r = lambda k: f"{model.space.ratio(specs[k]):g}"  # noqa: E731
+    meta = {"static_widest": ("static", f"k{hi}", r(hi), route_macs[hi]),
+            "dynamic": ("dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg)),
+            "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
+            "static_equal_macs": ("static", f"k{k_eq}", r(k_eq), route_macs[k_eq])}
+    if exported is not None:
+        candidates["exported_dynamic"] = load_subnet(exported).to(device)
+        meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
+    else:
+        candidates["exported_dynamic"] = torch.jit.script(export_routed(model, window).to(device))
+        meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
+    rows: list[BenchRow] = []
+    for b in settings.batches:
+        n = max(1, min(16, images.shape[0] // b))
+        batches = [images[i * b : (i + 1) * b].to(device) for i in range(n)]
+        cycled = {name: _Cycle(fn, batches) for name, fn in candidates.items()}
+        reports = measure_latency(cycled, batches[0], warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
+                                  threads=threads)
+        rows += _rows(model.model_name, reports, meta, "static_widest", settings, device, threads, commit, size)
+    return rows
+
+
+def bench_module(name: str, module: nn.Module, in_chans: int, input_size: int, settings: BenchSettings, *,
+                 kind: str = "static", subnet: str = "-", width: str = "-") -> list[BenchRow]:
+    """Latency of one plain module (an exported file or a baseline network)."""
+    device, threads, commit = _env(settings)
+    module = module.eval().to(device)
+    macs = count_macs(module, input_size, in_chans) if not isinstance(module, torch.jit.ScriptModule) else 0
+    rows: list[BenchRow] = []
+    for b in settings.batches:
+        x = torch.randn(b, in_chans, input_size, input_size, device=device)
+        reports = measure_latency({name: module}, x, warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
+                                  threads=threads)
+        rows += _rows(name, reports, {name: (kind, subnet, width, macs)}, name, settings, device, threads, commit,
+                      input_size)
+    return rows
+
+
+def bench_exported(path: str | Path, settings: BenchSettings) -> list[BenchRow]:
+    """Latency of an exported file, with shapes and labels from its JSON sidecar."""
+    import json
+
+    from dsctl.errors import CheckpointError
+
+    sidecar = Path(str(path) + ".json")
+    if not sidecar.is_file():
+        raise CheckpointError(f"{path}: no sidecar {sidecar.name} (export it with dsctl export)")
+    meta = json.loads(sidecar.read_text())
+    module = load_subnet(path)
+    size = settings.input_size or meta["input_size"]
+    rows = bench_module(meta["model"], module, meta["in_chans"], size, settings, kind="exported",
+                        subnet=meta.get("subnet", "dynamic"), width=str(meta.get("width", "dynamic")))
+    macs = meta.get("macs") or 0
+    return [BenchRow(**{**r.__dict__, "macs": macs}) for r in rows]
+
+
