@@ -28,7 +28,7 @@ from dsctl.errors import RecipeError
 
 __all__ = [
     "AugmentConfig", "BaselineConfig", "DataConfig", "ExportConfig", "GateConfig", "MeasureConfig", "ModelConfig",
-    "OptimConfig", "Recipe", "SupernetConfig", "apply_overrides", "load_recipe", "recipe_from_dict",
+    "OptimConfig", "PipelineConfig", "Recipe", "SupernetConfig", "apply_overrides", "load_recipe", "recipe_from_dict",
     "recipe_to_dict", "save_recipe",
 ]
 
@@ -166,6 +166,23 @@ class BaselineConfig(BaseModel):
     slimming_lambda: float = Field(default=1e-4, ge=0.0)  # L1 on BN scales during slimming's training
 
 
+class PipelineConfig(BaseModel):
+    """The whole experiment (``dsctl quickstart``): supernet, gates at several MACs targets, baselines, report."""
+
+    model_config = _FROZEN
+
+    gate_targets: tuple[float, ...] = (0.45, 0.6)  # MACs targets as fractions of the largest sub-network's
+    gate_window: tuple[int, int] | None = None
+    gate_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(
+        opt="sgd", lr=0.05, weight_decay=0.01, epochs=3, warmup_epochs=0, min_lr=1e-4))
+    gate_complexity_weight: float = Field(default=2.0, ge=0.0)
+    baseline_methods: tuple[Literal["uniform", "l1", "slimming"], ...] = ("uniform", "l1", "slimming")
+    baseline_width: str = "0.5"
+    uniform_widths: tuple[str, ...] = ()  # extra width-multiplier baselines (beside baseline_width)
+    report_batch: int = Field(default=32, gt=0)
+    report_min_run_time_s: float = Field(default=0.5, gt=0.0)
+
+
 class ExportConfig(BaseModel):
     """Which width to export and in which file format."""
 
@@ -197,6 +214,7 @@ class Recipe(BaseModel):
     supernet: SupernetConfig = Field(default_factory=SupernetConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     seed: int = 0

@@ -183,11 +183,12 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
 
     def series(ax, x_of, xlabel):
         for method in METHODS:
-            pts = sorted((x_of(r), r.top1, r.variant) for r in rows if r.method == method and x_of(r) == x_of(r))
+            # lines join a method's models in order of MACs (width), whatever the x axis
+            pts = sorted((r.macs, x_of(r), r.top1) for r in rows if r.method == method and x_of(r) == x_of(r))
             if not pts:
                 continue
             color, style = styles[method]
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            xs, ys = [p[1] for p in pts], [p[2] for p in pts]
             if method == "dynamic":
                 ax.plot(xs, ys, style, color=color, markersize=14, linestyle="none", label=method)
             else:

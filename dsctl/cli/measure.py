@@ -162,3 +162,48 @@ def report_cmd(
         [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.params / 1e6:.3f}", f"{r.top1:.2f}",
          f"{r.latency_ms_b1:.3f}", f"{r.latency_ms_bN:.3f}"] for r in rows]))
     console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
+DEFAULT_QUICKSTART = Path("recipes/quickstart/fashion_mnist_ds_resnet.yaml")
+
+
+@app.command("quickstart")
+@handle_errors
+def quickstart_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Pipeline recipe.")] = DEFAULT_QUICKSTART,
+    data: DataOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder of the stage runs; the report goes to OUT/report.")] = Path("runs/quickstart"),
+    report: Annotated[Path | None, typer.Option(help="Report folder (default: OUT/report).")] = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")] = False,
+) -> None:
+    """The whole experiment: supernet, gates at two MACs targets, three static baselines, bench and report.
+
+    Re-running the same command continues where it stopped (finished stages are skipped)."""
+    import platform
+    import shlex
+    import sys
+
+    from dsctl.cli.train import interrupted, make_progress
+    from dsctl.config import load_recipe
+    from dsctl.errors import DsctlError
+    from dsctl.pipeline import run_pipeline
+    from dsctl.train.run import TrainingInterrupted
+
+    if not recipe.is_file():
+        raise DsctlError(f"recipe {recipe} not found (run from the dsctl repository, or pass a pipeline recipe)")
+    cfg = load_recipe(recipe, [*(set_ or []), *data_overrides(data, None)])
+    machine = f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    progress = make_progress(quiet)
+    try:
+        rows = run_pipeline(cfg, out, device=device, progress=progress, report_dir=report,
+                            command="dsctl " + " ".join(shlex.quote(a) for a in sys.argv[1:]), machine=machine)
+    except TrainingInterrupted as err:
+        raise interrupted(err) from None
+    finally:
+        progress.close()
+    console.print(table(f"quickstart report ({report or out / 'report'})",
+                        ["method", "variant", "width", "MACs (M)", "top1", "ms b1", f"ms b{rows[0].batch_n}"], [
+        [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.top1:.2f}", f"{r.latency_ms_b1:.3f}",
+         f"{r.latency_ms_bN:.3f}"] for r in rows]))

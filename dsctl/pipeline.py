@@ -1,0 +1,81 @@
+"""The whole experiment in one call (``dsctl quickstart``): supernet -> gates at several MACs targets ->
+static baselines -> side-by-side report. Every stage is its own run folder; a finished stage is skipped
+and an interrupted one resumed, so re-running the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dsctl.config import Recipe
+from dsctl.train.progress import Progress
+from dsctl.train.run import StopFlag
+
+__all__ = ["run_pipeline", "stage_runs"]
+
+logger = logging.getLogger(__name__)
+
+
+def _stage(run_dir: Path, name: str, launch) -> None:
+    if (run_dir / "final.pt").is_file():
+        logger.info("%s: done already (%s)", name, run_dir)
+        return
+    resume = (run_dir / "last.pt").is_file()
+    logger.info("%s: %s %s", name, "resuming" if resume else "starting", run_dir)
+    launch(resume)
+
+
+def stage_runs(recipe: Recipe, out: Path) -> dict[str, Path]:
+    """The run folder of every stage, in order."""
+    p = recipe.pipeline
+    runs = {"supernet": out / "supernet"}
+    for f in p.gate_targets:
+        runs[f"gate@{f:g}"] = out / f"gate-{f:g}"
+    for method in p.baseline_methods:
+        runs[f"{method}@{p.baseline_width}"] = out / f"{method}-w{p.baseline_width}"
+    for w in p.uniform_widths:
+        if "uniform" not in p.baseline_methods or w != p.baseline_width:
+            runs[f"uniform@{w}"] = out / f"uniform-w{w}"
+    return runs
+
+
+def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: Progress | None = None,
+                 stop: StopFlag | None = None, report_dir: str | Path | None = None, command: str = "",
+                 machine: str = "") -> list[Any]:
+    """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``)."""
+    from dsctl.baselines import launch_baseline
+    from dsctl.checkpoint import load_checkpoint
+    from dsctl.report import build_report, write_report
+    from dsctl.train.launch import launch_gate, launch_supernet
+
+    out = Path(out)
+    p = recipe.pipeline
+    runs = stage_runs(recipe, out)
+    _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(
+        recipe, runs["supernet"], device=device, resume=resume, progress=progress, stop=stop))
+    subnets = load_checkpoint(runs["supernet"] / "final.pt")["subnets"]
+    lo, hi = p.gate_window or (0, len([r for r in subnets if r["subnet"].startswith("k")]) - 1)
+    widest = next(r["macs"] for r in subnets if r["subnet"] == f"k{hi}")
+    for f in p.gate_targets:
+        target_m = f * widest / 1e6
+        gate_recipe = recipe.model_copy(update={"optim": p.gate_optim, "gate": recipe.gate.model_copy(update={
+            "window": (lo, hi), "complexity": "target", "target_macs_m": target_m,
+            "complexity_weight": p.gate_complexity_weight})})
+        key = f"gate@{f:g}"
+        _stage(runs[key], key, lambda resume, r=gate_recipe, k=key: launch_gate(
+            r, runs["supernet"], runs[k], device=device, resume=resume, progress=progress, stop=stop))
+    for key, run_dir in runs.items():
+        if key == "supernet" or key.startswith("gate@"):
+            continue
+        method, width = key.split("@")
+        b_recipe = recipe.model_copy(update={"baseline": recipe.baseline.model_copy(update={
+            "method": method, "width": width, "target_macs_m": None})})
+        _stage(run_dir, key, lambda resume, r=b_recipe, d=run_dir: launch_baseline(
+            r, d, device=device, resume=resume, progress=progress, stop=stop))
+    rows = build_report(list(runs.values()), batch_n=p.report_batch, device="cpu" if device == "auto" else device,
+                        min_run_time_s=p.report_min_run_time_s)
+    write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart", machine=machine,
+                 title=f"{recipe.model.name} on {rows[0].data.split(':')[0]}: ")
+    return rows

@@ -1,0 +1,85 @@
+"""Static baselines, pruning to a MACs target, bench rows and the comparison report."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsctl
+from dsctl.baselines import launch_baseline, prune_to_macs
+from dsctl.bench import BenchSettings, bench_dynamic, bench_widths
+from dsctl.config import load_recipe
+from dsctl.flops import count_macs
+from dsctl.report import build_report, write_report
+from dsctl.train.launch import launch_gate, launch_supernet
+from dsctl.train.static import fit_to_state_dict, static_from_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
+
+
+@pytest.mark.parametrize("name", ["tiny_ds_resnet", "tiny_ds_mobilenetv1"])
+@pytest.mark.parametrize("method", ["l1", "slimming"])
+def test_prune_to_macs_meets_target_and_runs(name: str, method: str) -> None:
+    model = dsctl.build_model(name)
+    net = model.to_static(model.space.full)
+    full = count_macs(net, 28, 1)
+    pruned, ratio = prune_to_macs(net, full // 2, 28, 1, method)
+    macs = count_macs(pruned, 28, 1)
+    assert macs <= full // 2 and macs > full // 4 and 0 < ratio < 1
+    assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    rebuilt = fit_to_state_dict(model.to_static(model.space.full), pruned.state_dict())
+    rebuilt.load_state_dict(pruned.state_dict())
+
+
+@pytest.mark.parametrize("method", ["uniform", "l1", "slimming"])
+def test_baseline_runs_and_checkpoint_rebuilds(tmp_path, method: str) -> None:
+    recipe = load_recipe(SMOKE, ["optim.epochs=1", f"baseline.method={method}", "baseline.width='0.5'",
+                                 "baseline.finetune_epochs=1"])
+    summary = launch_baseline(recipe, tmp_path / method, device="cpu")
+    net, ckpt = static_from_checkpoint(tmp_path / method / "final.pt")
+    assert ckpt["meta"]["method"] == method and summary["macs"] == count_macs(net, 16, 1)
+    supernet = dsctl.build_model("tiny_ds_resnet")
+    half = count_macs(supernet.to_static(supernet.space.resolve(0.5)), 16, 1)
+    assert summary["macs"] <= half * 1.001
+
+
+def _pipeline(tmp_path):
+    recipe = load_recipe(SMOKE, ["optim.epochs=1"])
+    launch_supernet(recipe, tmp_path / "sup", device="cpu")
+    gate_recipe = load_recipe(SMOKE, ["optim.epochs=1", "gate.window=[0,3]", "optim.weight_decay=0.01"])
+    launch_gate(gate_recipe, tmp_path / "sup", tmp_path / "gate", device="cpu")
+    launch_baseline(load_recipe(SMOKE, ["optim.epochs=1", "baseline.width='0.5'"]), tmp_path / "uni", device="cpu")
+    return [tmp_path / "sup", tmp_path / "gate", tmp_path / "uni"]
+
+
+def test_report_rows_plots_and_refusal(tmp_path) -> None:
+    runs = _pipeline(tmp_path)
+    rows = build_report(runs, batch_n=4, min_run_time_s=0.05)
+    methods = [r.method for r in rows]
+    assert methods.count("supernet") == 7 and "dynamic" in methods and "uniform" in methods
+    assert all(r.latency_ms_b1 > 0 and r.latency_ms_bN > 0 for r in rows)
+    paths = write_report(rows, tmp_path / "out", command="dsctl report ...", machine="test")
+    assert {p.name for p in paths} == {"report.csv", "accuracy_vs_macs.png", "accuracy_vs_latency.png", "REPORT.md"}
+    header = next(csv.reader((tmp_path / "out" / "report.csv").open()))
+    for col in ("method", "model", "variant", "width", "macs", "params", "top1", "top5", "latency_ms_b1",
+                "latency_ms_bN", "throughput", "device", "commit"):
+        assert col in header
+    other = load_recipe(SMOKE, ["optim.epochs=1", "data.input_size=20"])
+    launch_supernet(other, tmp_path / "other", device="cpu")
+    with pytest.raises(dsctl.DsctlError, match="cannot be compared"):
+        build_report([runs[0], tmp_path / "other"], measure=False)
+
+
+def test_bench_rows_have_provenance() -> None:
+    model = dsctl.build_model("tiny_ds_resnet")
+    settings = BenchSettings(batches=(1, 4), min_run_time_s=0.05, warmup=1)
+    rows = bench_widths(model, [model.space.smallest()], settings)
+    assert [(r.kind, r.batch) for r in rows] == [("static", 1), ("sliced", 1), ("static", 4), ("sliced", 4)]
+    assert all(r.device == "cpu" and r.threads >= 1 and r.dtype == "float32" and r.torch_version for r in rows)
+    images = torch.randn(64, 1, 28, 28)
+    drows = bench_dynamic(model, (0, 3), images, settings)
+    assert {r.kind for r in drows} == {"static", "dynamic", "masked", "exported_dynamic"}
