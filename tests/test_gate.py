@@ -96,7 +96,7 @@ class _Difficulty(Dataset):
         self.labels = torch.randint(0, 4, (n,), generator=g)
         noise = torch.randn(n, 1, 16, 16, generator=g)
         self.hard = torch.arange(n) % 2 == 1
-        scale = torch.where(self.hard, 2.5, 0.3)[:, None, None, None]
+        scale = torch.where(self.hard, 6.0, 0.3)[:, None, None, None]
         self.x = self.patterns[self.labels] + scale * noise
 
     def __len__(self) -> int:
