@@ -159,11 +159,15 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
 
 
 def bench_module(name: str, module: nn.Module, in_chans: int, input_size: int, settings: BenchSettings, *,
-                 kind: str = "static", subnet: str = "-", width: str = "-") -> list[BenchRow]:
+                 kind: str = "static", subnet: str = "-", width: str = "-", macs: int | None = None) -> list[BenchRow]:
     """Latency of one plain module (an exported file or a baseline network)."""
     device, threads, commit = _env(settings)
-    module = module.eval().to(device)
-    macs = count_macs(module, input_size, in_chans) if not isinstance(module, torch.jit.ScriptModule) else 0
+    try:
+        module = module.eval()
+    except NotImplementedError:  # torch.export modules refuse .eval(); they are exported in eval mode
+        pass
+    module = module.to(device)
+    macs = count_macs(module, input_size, in_chans) if macs is None else macs
     rows: list[BenchRow] = []
     for b in settings.batches:
         x = torch.randn(b, in_chans, input_size, input_size, device=device)
@@ -186,9 +190,8 @@ def bench_exported(path: str | Path, settings: BenchSettings) -> list[BenchRow]:
     meta = json.loads(sidecar.read_text())
     module = load_subnet(path)
     size = settings.input_size or meta["input_size"]
-    rows = bench_module(meta["model"], module, meta["in_chans"], size, settings, kind="exported",
-                        subnet=meta.get("subnet", "dynamic"), width=str(meta.get("width", "dynamic")))
-    macs = meta.get("macs") or 0
-    return [BenchRow(**{**r.__dict__, "macs": macs}) for r in rows]
+    return bench_module(meta["model"], module, meta["in_chans"], size, settings, kind="exported",
+                        subnet=meta.get("subnet", "dynamic"), width=str(meta.get("width", "dynamic")),
+                        macs=int(meta.get("macs") or 0))
 
 

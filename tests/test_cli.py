@@ -66,3 +66,36 @@ def test_corrupt_checkpoint_is_one_line(tmp_path) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert "not a readable checkpoint" in _one_line_error(runner.invoke(app, ["flops", str(bad)]))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train-supernet", "/no/such/recipe.yaml"], "/no/such/recipe.yaml"),
+    (["train-supernet", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--set", "optim.lrr=1"], "optim.lrr"),
+    (["train-supernet", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--data", "imagenet21k"], "--data 'imagenet21k'"),
+    (["train-gate", "recipes/smoke/synthetic_tiny_ds_resnet.yaml"], "--supernet"),
+    (["train-supernet", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_training_commands_reject_bad_input(args: list[str], needle: str, monkeypatch) -> None:
+    import pathlib
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    assert needle in _one_line_error(runner.invoke(app, args))
+
+
+def test_train_supernet_passes_recipe_and_options_to_library(monkeypatch, tmp_path) -> None:
+    import pathlib
+
+    import dsctl.train.launch as launch
+
+    seen = {}
+
+    def fake(recipe, out, **kwargs):
+        seen.update(recipe=recipe, out=out, **kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(launch, "launch_supernet", fake)
+    recipe = pathlib.Path(__file__).resolve().parents[1] / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
+    runner.invoke(app, ["train-supernet", str(recipe), "--out", str(tmp_path / "r"), "--set", "optim.lr=0.3",
+                        "--seed", "7", "--data", "synthetic", "--device", "cpu"])
+    assert seen["recipe"].optim.lr == 0.3 and seen["recipe"].seed == 7 and seen["device"] == "cpu"
+    assert seen["out"] == tmp_path / "r" and seen["resume"] is False

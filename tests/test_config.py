@@ -228,3 +228,14 @@ def test_config_module_does_not_import_torch() -> None:
         alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
     } | {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert "torch" not in imported
+
+
+def test_every_shipped_recipe_loads() -> None:
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 7
+    for f in files:
+        recipe = load_recipe(f)
+        assert recipe.model.name, f
+    quick = [f.name for f in files if "fashion" in f.name and "ds_resnet" in f.name]
+    assert "fashion_mnist_ds_resnet.yaml" in quick

@@ -87,3 +87,19 @@ def test_batchnorm_rejects_unknown_width() -> None:
         assert "5" in str(err) and "[4, 8]" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_synced_batchnorm_matches_local_in_one_process(tmp_path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        plain, synced = SlimBatchNorm2d((4, 8)), SlimBatchNorm2d((4, 8))
+        synced.sync = True
+        x = torch.randn(6, 4, 5, 5, requires_grad=True)
+        torch.testing.assert_close(synced(x), plain(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(synced.stats(4)[1], plain.stats(4)[1], atol=1e-5, rtol=1e-4)
+        synced(x).square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    finally:
+        dist.destroy_process_group()

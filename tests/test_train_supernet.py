@@ -132,11 +132,11 @@ def test_recipe_dict_roundtrip_keeps_checkpoint_loadable(tmp_path) -> None:
     assert torch.load(tmp_path / "x.pt", weights_only=True)["r"]["model"]["name"] == "tiny_ds_resnet"
 
 
-def test_torchrun_two_processes_gloo(tmp_path) -> None:
+def test_torchrun_two_processes_gloo_with_sync_bn(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsctl",
            "train-supernet", str(SMOKE), "--out", str(tmp_path / "ddp"), "--device", "cpu", "--quiet",
-           "--set", "optim.epochs=1"]
+           "--set", "optim.epochs=1", "--set", "supernet.sync_bn=true"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())

@@ -48,12 +48,12 @@ def setup_logging(quiet: bool = False) -> None:
     logging.getLogger("dsctl").setLevel(logging.INFO)
 
 
-def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int | None = None):
-    """A registered model name (built with random weights) or a checkpoint file / run folder.
-
-    Returns (model, source) where source is the checkpoint path or "random init".
+def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int | None = None,
+                  init_from: Path | None = None):
+    """A registered model name (random weights, or ``init_from`` a full-width state dict) or a checkpoint
+    file / run folder. Returns (model, source): the checkpoint path, the init file, or "random init".
     """
-    from dsctl.checkpoint import model_from_checkpoint
+    from dsctl.checkpoint import load_pretrained, model_from_checkpoint
     from dsctl.registry import build_model, list_models
 
     if target in list_models():
@@ -62,7 +62,13 @@ def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int 
             kwargs["num_classes"] = num_classes
         if in_chans is not None:
             kwargs["in_chans"] = in_chans
-        return build_model(target, **kwargs), "random init"
+        model = build_model(target, **kwargs)
+        if init_from is not None:
+            load_pretrained(model, init_from)
+            return model, str(init_from)
+        return model, "random init"
+    if init_from is not None:
+        raise DsctlError("--init-from applies to a model name, not to a checkpoint")
     if Path(target).exists():
         model, ckpt = model_from_checkpoint(target)
         return model, ckpt["path"]

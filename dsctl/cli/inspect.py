@@ -12,6 +12,9 @@ from dsctl.cli._common import console, handle_errors, resolve_model, table
 
 app = typer.Typer()
 
+InitOpt = Annotated[Path | None, typer.Option("--init-from", help="Full-width state dict to load into the model "
+                                                                    "(e.g. a torchvision/timm ResNet-50 .pth).")]
+
 
 @app.command("models")
 @handle_errors
@@ -48,12 +51,13 @@ def flops_cmd(
     num_classes: Annotated[int | None, typer.Option(min=1, help="Classes of the head (model names only).")] = None,
     in_chans: Annotated[int | None, typer.Option(min=1, help="Input channels (model names only).")] = None,
     csv: Annotated[Path | None, typer.Option(help="Also write the rows to this CSV file.")] = None,
+    init_from: InitOpt = None,
 ) -> None:
     """MACs and parameters per sub-network, counted with fvcore on the exported static network."""
     from dsctl.flops import MACS_CONVENTION, count_subnet
     from dsctl.report import write_csv
 
-    model, _ = resolve_model(target, num_classes=num_classes, in_chans=in_chans)
+    model, _ = resolve_model(target, num_classes=num_classes, in_chans=in_chans, init_from=init_from)
     space = model.space
     if width and not all_:
         specs = [space.resolve(w) for w in width]
@@ -82,6 +86,7 @@ def export_cmd(
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size of the check (default: the model's).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Export supernet + gate (a train-gate checkpoint) as one "
                                                             "TorchScript model with grouped routing.")] = False,
+    init_from: InitOpt = None,
 ) -> None:
     """Write a fixed-width static sub-network (or, with --dynamic, the routed model) as plain PyTorch,
     verified against the supernet."""
@@ -95,7 +100,7 @@ def export_cmd(
         return
     if fmt not in EXPORT_FORMATS:
         raise DsctlError(f"unknown --format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
-    model, source = resolve_model(checkpoint or model_name)  # type: ignore[arg-type]
+    model, source = resolve_model(checkpoint or model_name, init_from=init_from)  # type: ignore[arg-type]
     spec = model.space.resolve(width)
     suffix = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx"}[fmt]
     out = out or Path(f"{model.model_name}_{model.space.label(spec)}.{suffix}")

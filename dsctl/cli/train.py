@@ -65,13 +65,16 @@ def train_supernet_cmd(
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder where it stopped.")] = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from a full-width state dict "
+                                                                       "(e.g. torchvision/timm ResNet-50).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Stage I: train a supernet with the sandwich rule and in-place bootstrapping; ends with BN recalibration."""
     from dsctl.train.launch import launch_supernet, resolve_recipe
     from dsctl.train.run import TrainingInterrupted
 
-    cfg = resolve_recipe(recipe, [*(set_ or []), *data_overrides(data, seed)], resume)
+    extra = [f"model.init_from='{init_from}'"] if init_from is not None else []
+    cfg = resolve_recipe(recipe, [*(set_ or []), *data_overrides(data, seed), *extra], resume)
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "supernet")
     progress = make_progress(quiet)
     try:

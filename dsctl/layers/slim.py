@@ -98,6 +98,7 @@ class SlimBatchNorm2d(nn.Module):
         self.num_features = self.choices[-1]
         self.eps = eps
         self.momentum = momentum
+        self.sync = False  # SyncBatchNorm behaviour under torch.distributed (set by the trainer)
         self.weight = nn.Parameter(torch.ones(self.num_features))
         self.bias = nn.Parameter(torch.zeros(self.num_features))
         for c in self.choices:
@@ -127,11 +128,31 @@ class SlimBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         c = x.shape[1]
         mean, var, n = self.stats(c)
+        if self.training and self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return self._forward_synced(x, mean, var, n)
         factor = 0.0
         if self.training:
             n.add_(1)
             factor = 1.0 / float(n) if self.momentum is None else self.momentum
         return F.batch_norm(x, mean, var, self.weight[:c], self.bias[:c], self.training, factor, self.eps)
+
+    def _forward_synced(self, x: Tensor, mean: Tensor, var: Tensor, n: Tensor) -> Tensor:
+        """Batch statistics over every rank's batch (differentiable all-reduce), as SyncBatchNorm does."""
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.new_tensor([x.numel() / c])])
+        total = all_reduce(local)
+        count = total[-1]
+        mu = total[:c] / count
+        var_b = (total[c : 2 * c] / count - mu * mu).clamp_min(0)
+        with torch.no_grad():
+            n.add_(1)
+            factor = 1.0 / float(n) if self.momentum is None else self.momentum
+            mean.mul_(1 - factor).add_(mu.detach(), alpha=factor)
+            var.mul_(1 - factor).add_(var_b.detach() * count / (count - 1).clamp_min(1), alpha=factor)
+        scale = self.weight[:c] * torch.rsqrt(var_b + self.eps)
+        return (x - mu[None, :, None, None]) * scale[None, :, None, None] + self.bias[:c][None, :, None, None]
 
     @torch.no_grad()
     def to_static(self, channels: int) -> nn.BatchNorm2d:

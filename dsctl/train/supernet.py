@@ -29,6 +29,7 @@ from dsctl.checkpoint import load_checkpoint, save_checkpoint
 from dsctl.config import OptimConfig, SupernetConfig
 from dsctl.data.resumable import TwoViews
 from dsctl.errors import DataError
+from dsctl.layers.slim import SlimBatchNorm2d
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 from dsctl.train.common import (
@@ -140,6 +141,10 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
         pos = Position.from_checkpoint(ckpt)
         logger.info("resuming %s at epoch %d, batch %d", run.path, pos.epoch + 1, pos.batch)
     train_model: nn.Module = model
+    if cfg.sync_bn and dist.enabled:
+        for m in model.modules():
+            if isinstance(m, SlimBatchNorm2d):
+                m.sync = True
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

@@ -1,0 +1,60 @@
+"""The real commands in a row on a tiny model and generated images, checking the files they write."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dsctl.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml")
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, f"{args}: {result.output}"
+    return result.output
+
+
+def test_commands_in_a_row(tmp_path) -> None:
+    sup, gate, uni = tmp_path / "sup", tmp_path / "gate", tmp_path / "uni"
+    _ok(["train-supernet", SMOKE, "--out", str(sup), "--device", "cpu", "--quiet", "--set", "optim.epochs=1"])
+    assert {"final.pt", "subnets.csv", "metrics.csv", "recipe.yaml", "summary.json"} <= {p.name for p in sup.iterdir()}
+    _ok(["calibrate-bn", str(sup / "final.pt"), "--batches", "2", "--device", "cpu", "--quiet"])
+    _ok(["train-gate", SMOKE, "--supernet", str(sup), "--window", "0:3", "--target-macs", "1.0", "--out", str(gate),
+         "--device", "cpu", "--quiet", "--set", "optim.epochs=1"])
+    summary = json.loads((gate / "summary.json").read_text())
+    assert summary["final"]["window"] == [0, 3] and summary["final"]["target_macs_m"] == 1.0
+    _ok(["export", str(sup), "--width", "0.5", "--out", str(tmp_path / "half.pt2")])
+    assert json.loads((tmp_path / "half.pt2.json").read_text())["source"].endswith("final.pt")
+    _ok(["export", str(gate), "--dynamic", "--out", str(tmp_path / "dyn.ts.pt")])
+    assert json.loads((tmp_path / "dyn.ts.pt.json").read_text())["max_abs_diff"] < 1e-4
+    _ok(["flops", str(sup), "--all", "--csv", str(tmp_path / "flops.csv")])
+    assert list(csv.DictReader((tmp_path / "flops.csv").open()))[0]["input_size"] == "16"
+    out = _ok(["eval", str(gate), "--json"])
+    assert json.loads(out)["width"] == "dynamic"
+    _ok(["bench", str(tmp_path / "half.pt2"), "--batch", "1,2", "--min-run-time", "0.05", "--csv", str(tmp_path / "b.csv")])
+    _ok(["bench", str(gate), "--dynamic", "--batch", "2", "--min-run-time", "0.05"])
+    _ok(["baseline", SMOKE, "--method", "uniform", "--width", "0.5", "--out", str(uni), "--device", "cpu", "--quiet",
+         "--set", "optim.epochs=1"])
+    _ok(["report", str(sup), str(gate), str(uni), "--out", str(tmp_path / "rep"), "--batch", "2", "--min-run-time", "0.05"])
+    rows = list(csv.DictReader((tmp_path / "rep" / "report.csv").open()))
+    assert {r["method"] for r in rows} == {"supernet", "dynamic", "uniform"}
+    assert (tmp_path / "rep" / "accuracy_vs_latency.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_on_generated_data(tmp_path) -> None:
+    recipe = str(ROOT / "recipes/smoke/pipeline_synthetic.yaml")
+    _ok(["quickstart", recipe, "--out", str(tmp_path / "qs"), "--device", "cpu", "--quiet"])
+    rows = list(csv.DictReader((tmp_path / "qs" / "report" / "report.csv").open()))
+    assert [r["method"] for r in rows].count("dynamic") == 2
+    assert {"uniform", "l1", "slimming"} <= {r["method"] for r in rows}
+    # a second call finds every stage finished and only re-reports
+    _ok(["quickstart", recipe, "--out", str(tmp_path / "qs"), "--device", "cpu", "--quiet"])
