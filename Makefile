@@ -21,8 +21,7 @@ data:
 		apt-get install -y -q dataset-fashion-mnist >/dev/null || echo "note: apt-get install dataset-fashion-mnist failed"; fi
 
 quickstart: setup data
-	$(VENV)/bin/dsctl models
-	$(VENV)/bin/dsctl flops tiny_ds_resnet --all --csv runs/quickstart/flops_tiny_ds_resnet.csv
+	$(VENV)/bin/dsctl quickstart
 
 test: setup data
 	$(PY) -m pytest -q
