@@ -79,16 +79,19 @@ def bench_cmd(
             rows = bench_exported(path, settings)
         elif dynamic:
             rows = _bench_gate(target, settings)
+        elif _is_static_run(path):
+            rows = _bench_static(path, settings)
         else:
             from dsctl.cli._common import resolve_model
 
             model, _ = resolve_model(target)
             specs = _bench_specs(model, widths)
             rows = bench_widths(model, specs, settings)
-    console.print(table(f"bench {target} ({rows[0].device}, {rows[0].threads} threads, {rows[0].dtype})",
-                        ["kind", "subnet", "width", "batch", "MACs (M)", "p50 ms", "p90 ms", "img/s", "ratio", "vs"], [
+    console.print(table(f"bench {target} ({rows[0].device}, {rows[0].threads} threads, {rows[0].dtype}; "
+                        f"ratio = p50 / p50 of '{rows[0].reference}' in the same run)",
+                        ["kind", "subnet", "width", "batch", "MACs (M)", "p50 ms", "p90 ms", "img/s", "ratio"], [
         [r.kind, r.subnet, r.width, r.batch, f"{r.macs / 1e6:.2f}", f"{r.latency_ms_p50:.3f}", f"{r.latency_ms_p90:.3f}",
-         f"{r.throughput:.0f}", "-" if r.ratio is None else f"{r.ratio:.3f}", r.reference] for r in rows]))
+         f"{r.throughput:.0f}", "-" if r.ratio is None else f"{r.ratio:.3f}"] for r in rows]))
     if csv is not None:
         write_csv(csv, rows)
         console.print(f"wrote {csv}")
@@ -207,3 +210,24 @@ def quickstart_cmd(
                         ["method", "variant", "width", "MACs (M)", "top1", "ms b1", f"ms b{rows[0].batch_n}"], [
         [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.top1:.2f}", f"{r.latency_ms_b1:.3f}",
          f"{r.latency_ms_bN:.3f}"] for r in rows]))
+
+
+def _is_static_run(path: Path) -> bool:
+    from dsctl.checkpoint import find_checkpoint, load_checkpoint
+
+    if not path.exists():
+        return False
+    return load_checkpoint(find_checkpoint(path)).get("kind") == "static"
+
+
+def _bench_static(path: Path, settings):
+    """A baseline network (uniform / pruned) from its run folder or checkpoint."""
+    from dsctl.bench import bench_module
+    from dsctl.checkpoint import find_checkpoint
+    from dsctl.train.static import static_from_checkpoint
+
+    net, ckpt = static_from_checkpoint(find_checkpoint(path))
+    meta, info = ckpt["meta"], ckpt.get("data_info", {})
+    size = settings.input_size or ckpt["recipe"]["data"]["input_size"]
+    return bench_module(f"{meta['model_name']}:{meta['method']}", net, info.get("in_chans", 3), size, settings,
+                        kind=meta["method"], subnet=meta.get("variant", "-"), width=str(meta.get("width") or "-"))
