@@ -42,8 +42,10 @@ def _pruner(net: nn.Module, example: Tensor, method: str, ratio: float):
 
     importance = tp.importance.BNScaleImportance() if method == "slimming" else tp.importance.MagnitudeImportance(p=1)
     pruner_cls = tp.pruner.BNScalePruner if method == "slimming" else tp.pruner.MagnitudePruner
+    # network slimming ranks BN scales across the whole network (one global threshold); L1 filter pruning
+    # removes the same fraction of every layer
     return pruner_cls(net, example, importance=importance, pruning_ratio=ratio, ignored_layers=[_classifier(net)],
-                      global_pruning=False)
+                      global_pruning=method == "slimming", max_pruning_ratio=0.95)
 
 
 def prune_to_macs(net: nn.Module, target_macs: int, input_size: int, in_chans: int, method: str) -> tuple[nn.Module, float]:

@@ -68,9 +68,13 @@ def forward_routed(model: Supernet, x: Tensor, window: tuple[int, int], macs: Te
     lo, hi = window
     specs = model.space.subnets[lo : hi + 1]
     with torch.no_grad():
-        h = model.forward_pre(x, specs[0]).features
+        point = model.forward_pre(x, specs[0], encode=True)
+        h = point.features
         members = torch.stack([model.forward_post(h, s).float() for s in specs])
-    e = model.gate.encode(h)  # gradient reaches the encoder when it is a routing parameter
+    if model.gate.expand is None:  # the encoder only serves routing: train it, on the features it reads
+        e = model.gate.encode(h)
+    else:  # the encoder is shared with the (frozen) attention head and reads the features before it
+        e = point.encoding
     g_logits = gate_logits(model, e, window).float()
     probs = F.softmax(g_logits, -1)
     if sample:

@@ -113,4 +113,7 @@ def macs_table(model: Supernet, input_size: int | None = None) -> list[int]:
 def gate_macs(model: Supernet) -> int:
     """MACs of the slimming decision itself (encoder + slimming head) on one image."""
     gate = model.gate
-    return gate.reduce.in_channels * gate.reduce.out_channels + gate.head.in_features * gate.head.out_features
+    head = gate.head.in_features * gate.head.out_features
+    if gate.expand is not None:  # the encoder is the block's SE, already counted in every route
+        return head
+    return gate.reduce.in_channels * gate.reduce.out_channels + head

@@ -2,7 +2,7 @@
 
 ``measure_latency`` times several candidates in interleaved rounds (A B C A B C ...), so that a noisy,
 shared machine slows them alike; each round is one ``Timer.blocked_autorange`` block per candidate.
-Medians and p90 are over the per-iteration times of all blocks. ``Timer`` synchronises CUDA.
+Medians and p90 are over the blocks' mean per-iteration times. ``Timer`` synchronises CUDA.
 """
 
 from __future__ import annotations

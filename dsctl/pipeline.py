@@ -22,7 +22,7 @@ def _stage(run_dir: Path, name: str, launch) -> None:
     if (run_dir / "final.pt").is_file():
         logger.info("%s: done already (%s)", name, run_dir)
         return
-    resume = (run_dir / "last.pt").is_file()
+    resume = any(run_dir.rglob("last.pt"))  # pruning baselines keep theirs in dense/ and finetune/
     logger.info("%s: %s %s", name, "resuming" if resume else "starting", run_dir)
     launch(resume)
 

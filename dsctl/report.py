@@ -71,7 +71,7 @@ def _load_run(run_dir: Path) -> list[_Entry]:
     from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
     from dsctl.dynamic import DynamicNet
     from dsctl.export import export_subnet
-    from dsctl.flops import count_params
+    from dsctl.flops import count_params, count_subnet
     from dsctl.train.static import rebuild_static
 
     final = run_dir / "final.pt"
@@ -96,7 +96,8 @@ def _load_run(run_dir: Path) -> list[_Entry]:
         f = ckpt["final"]
         lo, hi = f["window"]
         variant = f"[{lo}:{hi}]" + (f" target {f['target_macs_m']:g}M" if f.get("target_macs_m") else "")
-        params = count_params(model) - sum(p.numel() for p in model.gate.head.parameters())
+        # the widest route of the window plus the gate's slimming head (what a deployment must hold)
+        params = count_subnet(model, model.space.subnets[hi], size).params + count_params(model.gate.head)
         entries.append(_Entry(ReportRow("dynamic", model.model_name, variant, "dynamic", int(f["avg_macs"]), params,
                                         f["top1"], f["top5"], **base), DynamicNet(model.eval(), (lo, hi))))
     elif kind == "static":

@@ -137,3 +137,40 @@ def test_gate_routes_hard_samples_wider_and_complexity_makes_it_cheaper(tmp_path
     routes, _ = results["light"]
     assert routes[val.hard].mean() > routes[~val.hard].mean() + 0.5, (routes[val.hard].mean(), routes[~val.hard].mean())
     assert results["heavy"][1].avg_macs < results["light"][1].avg_macs
+
+
+def test_gate_run_resumes_to_identical_head(tmp_path) -> None:
+    from pathlib import Path
+
+    from dsctl.checkpoint import load_checkpoint
+    from dsctl.config import load_recipe
+    from dsctl.train.launch import launch_gate, launch_supernet
+    from dsctl.train.progress import Progress
+    from dsctl.train.run import StopFlag, TrainingInterrupted
+
+    smoke = Path(__file__).resolve().parents[1] / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
+    launch_supernet(load_recipe(smoke, ["optim.epochs=1"]), tmp_path / "sup", device="cpu")
+    recipe = load_recipe(smoke, ["optim.epochs=2", "gate.window=[0,3]"])
+    launch_gate(recipe, tmp_path / "sup", tmp_path / "a", device="cpu")
+
+    class StopAt(Progress):
+        def __init__(self, flag: StopFlag) -> None:
+            self.flag, self.n = flag, 0
+
+        def advance(self, n: int = 1, **metrics: float) -> None:
+            self.n += n
+            if self.n == 11:
+                self.flag.set()
+
+    flag = StopFlag()
+    try:
+        launch_gate(recipe, tmp_path / "sup", tmp_path / "b", device="cpu", progress=StopAt(flag), stop=flag)
+    except TrainingInterrupted:
+        pass
+    else:
+        raise AssertionError("expected an interruption")
+    launch_gate(recipe, tmp_path / "sup", tmp_path / "b", device="cpu", resume=True)
+    a = load_checkpoint(tmp_path / "a" / "final.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b" / "final.pt")["state_dict"]
+    assert torch.equal(a["gate.head.weight"], b["gate.head.weight"])
+    assert torch.equal(a["gate.reduce.weight"], b["gate.reduce.weight"])

@@ -142,3 +142,10 @@ def test_torchrun_two_processes_gloo_with_sync_bn(tmp_path) -> None:
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert (tmp_path / "ddp" / "final.pt").is_file()
+
+
+def test_gradient_accumulation_steps_once_per_group(tmp_path) -> None:
+    recipe = load_recipe(SMOKE, ["optim.epochs=1", "optim.grad_accum=2", "data.batch_size=8"])
+    launch_supernet(recipe, tmp_path / "acc", device="cpu")
+    pos = load_checkpoint(tmp_path / "acc" / "last.pt")["position"]
+    assert pos == {"epoch": 1, "batch": 0, "global_step": 8}  # 128 images / 8 per batch / 2 per step

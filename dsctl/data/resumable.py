@@ -97,5 +97,8 @@ def epoch_loader(dataset: Dataset, batch_size: int, *, workers: int, seed: int, 
     """The training loader of one epoch (full batches only), starting at ``start_batch``."""
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, epoch=epoch, rank=rank, world=world,  # type: ignore[arg-type]
                            start_batch=start_batch)
+    # An own generator: creating the loader must not draw from the global RNG (Gumbel noise, dropout),
+    # or a resumed run would see a shifted random stream.
+    gen = torch.Generator().manual_seed(_mix(seed, epoch, 0x5EED))
     return DataLoader(SeededAugment(dataset, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=True, pin_memory=pin_memory, persistent_workers=False)
+                      drop_last=True, pin_memory=pin_memory, persistent_workers=False, generator=gen)

@@ -141,7 +141,8 @@ class SlimBatchNorm2d(nn.Module):
         from torch.distributed.nn.functional import all_reduce
 
         c = x.shape[1]
-        local = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.new_tensor([x.numel() / c])])
+        xf = x.float()  # statistics in float32 under autocast
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), xf.new_tensor([x.numel() / c])])
         total = all_reduce(local)
         count = total[-1]
         mu = total[:c] / count
@@ -152,7 +153,8 @@ class SlimBatchNorm2d(nn.Module):
             mean.mul_(1 - factor).add_(mu.detach(), alpha=factor)
             var.mul_(1 - factor).add_(var_b.detach() * count / (count - 1).clamp_min(1), alpha=factor)
         scale = self.weight[:c] * torch.rsqrt(var_b + self.eps)
-        return (x - mu[None, :, None, None]) * scale[None, :, None, None] + self.bias[:c][None, :, None, None]
+        y = (xf - mu[None, :, None, None]) * scale[None, :, None, None] + self.bias[:c][None, :, None, None]
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def to_static(self, channels: int) -> nn.BatchNorm2d:

@@ -124,7 +124,12 @@ class DSMobileNetV1(Supernet):
         return self.classifier(h)
 
     def routed_blocks(self) -> list[tuple[int, nn.Module]]:
-        return [(i, b) for i, blocks in enumerate(self.stages, start=1) if i >= self.gate_stage for b in blocks]
+        # the gate block runs in two halves (forward_dw / forward_pw), so its routed output is its bn2's
+        out: list[tuple[int, nn.Module]] = [(self.gate_stage, self.stages[self.gate_stage - 1][0].bn2)]
+        for i, blocks in enumerate(self.stages, start=1):
+            if i >= self.gate_stage:
+                out += [(i, b) for b in blocks[1 if i == self.gate_stage else 0 :]]
+        return out
 
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         w = self.space.check(spec).widths

@@ -218,6 +218,6 @@ def get_rng_state(rng: random.Random) -> dict:
 def set_rng_state(rng: random.Random, state: dict) -> None:
     py = state["python"]
     rng.setstate((py[0], tuple(py[1]), py[2]))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # checkpoints may be loaded onto a GPU
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

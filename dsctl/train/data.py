@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dsctl.config import DataConfig
@@ -57,7 +58,8 @@ def build_train_data(cfg: DataConfig, dist: Dist = Dist()) -> TrainData:
         raise DataError(f"data.batch_size={cfg.batch_size} is larger than the {per_rank} training samples per process "
                         f"(allowed: 1..{per_rank})")
     val_loader = DataLoader(val, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                            sampler=_Shard(len(val), dist.rank, dist.world), num_workers=cfg.workers)  # type: ignore[arg-type]
+                            sampler=_Shard(len(val), dist.rank, dist.world), num_workers=cfg.workers,  # type: ignore[arg-type]
+                            generator=torch.Generator().manual_seed(0))  # keeps the global RNG untouched
     return TrainData(train, val_loader, info, cfg.batch_size, cfg.workers, dist, cfg.input_size)
 
 

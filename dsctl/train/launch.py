@@ -65,7 +65,7 @@ def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume
     """Join torchrun's process group if any, build the data, create (or reopen) the run folder."""
     dist, dev = setup_dist(device)
     run = RunDir(out, main=dist.main)
-    if not resume and run.last.is_file():
+    if not resume and any(run.path.rglob("last.pt")):
         raise DsctlError(f"{out} already holds a run (last.pt); use --resume {out} or another --out")
     torch.manual_seed(recipe.seed)
     data = build_train_data(recipe.data, dist)

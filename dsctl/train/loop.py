@@ -23,6 +23,35 @@ from dsctl.train.run import RunDir, StopFlag, TrainingInterrupted, catch_signals
 __all__ = ["Position", "run_epochs"]
 
 
+def _batches(loader, stop: StopFlag):
+    """The loader's batches; a signal that also killed its worker processes still ends in a clean stop."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if stop:  # e.g. SIGTERM sent to the whole process group: workers died first
+                return
+            raise
+        yield batch
+
+
+def _stop_requested(stop: StopFlag, data: TrainData) -> bool:
+    """Whether any rank was asked to stop (all ranks must stop at the same step, or the others hang)."""
+    if not data.dist.enabled:
+        return bool(stop)
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if stop else 0.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 @dataclass
 class Position:
     """Where a run stands: ``epoch`` (0-based, current), ``batch`` (micro-batches done in it), optimizer steps."""
@@ -53,7 +82,7 @@ def run_epochs(*, data: TrainData, run: RunDir, pos: Position, epochs: int, step
             loader = data.loader(seed=seed, epoch=pos.epoch, start_batch=pos.batch, dataset=dataset)
             progress.start(f"epoch {pos.epoch + 1}/{epochs}", steps_per_epoch, pos.batch // grad_accum)
             t_epoch, seen, last_metrics = time.monotonic(), 0, {}
-            for x, y in loader:
+            for x, y in _batches(loader, stop):
                 if pos.batch >= batches_per_epoch:
                     break
                 metrics = step(pos.batch, x, y)
@@ -64,13 +93,18 @@ def run_epochs(*, data: TrainData, run: RunDir, pos: Position, epochs: int, step
                 pos.global_step += 1
                 last_metrics = metrics
                 progress.advance(1, **metrics, img_s=seen * data.dist.world / max(time.monotonic() - t_epoch, 1e-9))
-                if stop:
+                if _stop_requested(stop, data):
                     save(run.last, pos, False)
                     progress.finish()
                     raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {pos.batch}; "
                                               f"resume with --resume {run.path}")
                 if checkpoint_every and pos.global_step % checkpoint_every == 0:
                     save(run.last, pos, False)
+            if stop and pos.batch < batches_per_epoch:  # the loader ended early because of a signal
+                save(run.last, pos, False)
+                progress.finish()
+                raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {pos.batch}; "
+                                          f"resume with --resume {run.path}")
             rows: list[dict[str, Any]] = []
             if (pos.epoch + 1) % eval_every == 0 or pos.epoch + 1 == epochs:
                 rows = [{"epoch": pos.epoch, **r, **{f"train_{k}": round(v, 5) for k, v in last_metrics.items()},

@@ -126,7 +126,7 @@ class RunDir:
         from io import StringIO
 
         buf = StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(self.path / name, buf.getvalue().encode())
