@@ -184,16 +184,16 @@ class PipelineConfig(BaseModel):
 
 
 class ExportConfig(BaseModel):
-    """Which width to export and in which file format."""
+    """Defaults of ``dsctl export CHECKPOINT`` when --width / --format are not given."""
 
     model_config = _FROZEN
 
     width: str | None = None
-    format: Literal["torchscript", "pt2", "onnx"] = "torchscript"
+    format: Literal["torchscript", "pt2", "onnx"] = "pt2"
 
 
 class MeasureConfig(BaseModel):
-    """Latency measurement settings."""
+    """Defaults of ``dsctl bench CHECKPOINT`` when --batch / --threads / --min-run-time are not given."""
 
     model_config = _FROZEN
 

@@ -16,6 +16,23 @@ from dsctl.train.gate import evaluate_dynamic
 __all__ = ["evaluate_checkpoint"]
 
 
+def _evaluate_static(ckpt: dict[str, Any], recipe, dev, *, width: str | None, dynamic: bool) -> dict[str, Any]:
+    from dsctl.flops import count_macs, count_params
+    from dsctl.train.static import rebuild_static
+
+    if width is not None or dynamic:
+        raise DsctlError(f"{ckpt['path']}: a baseline network has one fixed width (drop --width / --dynamic)")
+    meta = ckpt["meta"]
+    net = rebuild_static(meta, ckpt["state_dict"])
+    data = build_train_data(recipe.data)
+    macs = count_macs(net, data.input_size, data.info.in_chans)
+    r = evaluate(net.to(dev), data.val, None, dev)
+    return {"model": meta["model_name"], "data": data.info.name, "checkpoint": ckpt["path"],
+            "subnet": f"{meta['method']} {meta.get('variant', '')}", "width": str(meta.get("width") or "-"),
+            "top1": r.top1, "top5": r.top5, "loss": r.loss, "samples": r.samples, "macs": macs,
+            "params": count_params(net)}
+
+
 def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: bool = False,
                         overrides: list[str] = (), device: str = "auto") -> dict[str, Any]:  # type: ignore[assignment]
     """Evaluate a checkpoint on the validation split of its recipe's data (``overrides`` may change it).
@@ -27,8 +44,10 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
     if not ckpt.get("recipe"):
         raise CheckpointError(f"{ckpt['path']}: holds no recipe, so its data is unknown")
     recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], list(overrides)))
-    model, _ = model_from_checkpoint(ckpt["path"])
     dev = resolve_device(device)
+    if ckpt.get("kind") == "static":
+        return _evaluate_static(ckpt, recipe, dev, width=width, dynamic=dynamic)
+    model, _ = model_from_checkpoint(ckpt["path"])
     model.to(dev).eval()
     data = build_train_data(recipe.data)
     is_gate = ckpt.get("kind") == "gate"

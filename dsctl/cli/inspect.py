@@ -80,9 +80,12 @@ def flops_cmd(
 def export_cmd(
     checkpoint: Annotated[str | None, typer.Argument(help="Checkpoint file or run folder (or use --model).")] = None,
     model_name: Annotated[str | None, typer.Option("--model", help="Registered model with random weights.")] = None,
-    width: Annotated[str, typer.Option("--width", "-w", help="Slimming ratio of the sub-network, or 'largest'.")] = "largest",
+    width: Annotated[str | None, typer.Option("--width", "-w", help="Slimming ratio of the sub-network, or 'largest' "
+                                                                 "(default: the checkpoint recipe's export.width, "
+                                                                 "else largest).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (default: <model>_w<width>.<format>).")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="pt2 (torch.export, default), torchscript or onnx.")] = "pt2",
+    fmt: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export), torchscript or onnx (default: the "
+                                                             "checkpoint recipe's export.format, else pt2).")] = None,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size of the check (default: the model's).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Export supernet + gate (a train-gate checkpoint) as one "
                                                             "TorchScript model with grouped routing.")] = False,
@@ -98,9 +101,18 @@ def export_cmd(
     if dynamic:
         _export_dynamic(checkpoint, out, input_size)
         return
-    if fmt not in EXPORT_FORMATS:
+    if fmt is not None and fmt not in EXPORT_FORMATS:
         raise DsctlError(f"unknown --format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
     model, source = resolve_model(checkpoint or model_name, init_from=init_from)  # type: ignore[arg-type]
+    if checkpoint is not None and (width is None or fmt is None):
+        from dsctl.checkpoint import load_checkpoint
+        from dsctl.config import recipe_from_dict
+
+        recipe = load_checkpoint(checkpoint).get("recipe")
+        if recipe:
+            cfg = recipe_from_dict(recipe).export
+            width, fmt = width or cfg.width, fmt or cfg.format
+    width, fmt = width or "largest", fmt or "pt2"
     spec = model.space.resolve(width)
     suffix = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx"}[fmt]
     out = out or Path(f"{model.model_name}_{model.space.label(spec)}.{suffix}")

@@ -43,6 +43,18 @@ def eval_cmd(
     console.print(table(f"eval {checkpoint} on {result['data']} ({result['samples']} images)", cols, [row]))
 
 
+def _measure_defaults(path: Path):
+    """The measure section of a checkpoint's recipe (library defaults for model names and exported files)."""
+    from dsctl.checkpoint import find_checkpoint, load_checkpoint
+    from dsctl.config import MeasureConfig, recipe_from_dict
+
+    if path.exists() and not Path(str(path) + ".json").is_file():
+        recipe = load_checkpoint(find_checkpoint(path)).get("recipe")
+        if recipe:
+            return recipe_from_dict(recipe).measure
+    return MeasureConfig()
+
+
 def _batches(text: str) -> tuple[int, ...]:
     from dsctl.errors import DsctlError
 
@@ -61,21 +73,25 @@ def bench_cmd(
     target: Annotated[str, typer.Argument(help="Model name, supernet/gate checkpoint or run folder, or an exported file.")],
     widths: Annotated[str | None, typer.Option(help="Comma-separated widths (default: smallest, 0.5 if any, largest).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Time gate routing on real validation images.")] = False,
-    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,32",
+    batch: Annotated[str | None, typer.Option(help="Batch sizes, comma-separated (default: the checkpoint recipe's "
+                                                   "measure.batch_sizes, else 1,32).")] = None,
     device: DeviceOpt = "cpu",
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: measure.threads, else torch's).")] = None,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input resolution (default: the model's).")] = None,
-    min_run_time: Annotated[float, typer.Option(min=0.05, help="Seconds of timing per candidate and batch size.")] = 1.0,
+    min_run_time: Annotated[float | None, typer.Option(min=0.05, help="Seconds of timing per candidate and batch size "
+                                                                       "(default: measure.min_run_time_s, else 1).")] = None,
     csv: Annotated[Path | None, typer.Option(help="Write the rows to this CSV file.")] = None,
 ) -> None:
     """Latency (median, p90) and throughput with torch.utils.benchmark, candidates timed side by side."""
     from dsctl.bench import BenchSettings, bench_exported, bench_widths
     from dsctl.report import write_csv
 
-    settings = BenchSettings(_batches(batch), device, threads, 10, min_run_time, input_size)
     path = Path(target)
+    measure = _measure_defaults(path)
+    settings = BenchSettings(_batches(batch) if batch else measure.batch_sizes, device, threads or measure.threads,
+                             measure.warmup, min_run_time or measure.min_run_time_s, input_size)
     with console.status("benchmarking..."):
-        if path.is_file() and (path.suffix == ".pt2" or path.name.endswith(".ts.pt")):
+        if path.is_file() and Path(str(path) + ".json").is_file():  # an exported file and its sidecar
             rows = bench_exported(path, settings)
         elif dynamic:
             rows = _bench_gate(target, settings)
