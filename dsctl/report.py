@@ -19,7 +19,7 @@ import torch
 
 from dsctl.errors import DsctlError
 
-__all__ = ["write_csv", "ReportRow", "build_report", "write_report", "plot_report"]
+__all__ = ["write_csv", "ReportRow", "build_report", "write_report", "plot_report", "check_targets"]
 
 METHODS = ("supernet", "dynamic", "uniform", "l1", "slimming")
 
@@ -219,6 +219,49 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
     return paths
 
 
+def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
+    """The comparison targets, computed from the rows (never by hand):
+
+    1. every supernet sub-network within 1 point (top-1) of the same-width network trained alone;
+    2. every dynamic model at least as accurate as every static baseline that costs as much or more
+       (MACs within 2% count as equal: pruning cannot hit a MACs target exactly);
+    3. some dynamic model within 0.3 points of the largest sub-network at <= 60% of its MACs.
+    """
+    out: list[dict[str, Any]] = []
+    sup = {r.width: r for r in rows if r.method == "supernet"}
+    for u in (r for r in rows if r.method == "uniform"):
+        s = sup.get(u.width) or sup.get(f"{float(u.width):g}") if u.width not in ("-", "") else None
+        if s is None:
+            continue
+        gap = s.top1 - u.top1
+        out.append({"target": "supernet sub-network within 1 point of the same width trained alone",
+                    "subject": f"supernet {s.variant} (w{u.width})", "versus": f"uniform w{u.width}",
+                    "value": round(gap, 3), "threshold": -1.0, "met": gap >= -1.0})
+    statics = [r for r in rows if r.method in ("uniform", "l1", "slimming")]
+    for d in (r for r in rows if r.method == "dynamic"):
+        for b in statics:
+            if b.macs >= 0.98 * d.macs:
+                gap = d.top1 - b.top1
+                out.append({"target": "dynamic at least as accurate as static baselines of equal or more MACs",
+                            "subject": f"dynamic {d.variant}", "versus": f"{b.method} {b.variant}",
+                            "value": round(gap, 3), "threshold": 0.0, "met": gap >= 0.0})
+    subnets = [r for r in rows if r.method == "supernet"]
+    dynamics = [r for r in rows if r.method == "dynamic"]
+    if subnets and dynamics:
+        largest = max(subnets, key=lambda r: r.macs)
+        best = None
+        for d in dynamics:
+            ok = d.top1 >= largest.top1 - 0.3 and d.macs <= 0.6 * largest.macs
+            cand = {"target": "a dynamic model within 0.3 points of the largest at <= 60% of its MACs",
+                    "subject": f"dynamic {d.variant}", "versus": f"supernet {largest.variant}",
+                    "value": round(d.top1 - largest.top1, 3), "threshold": -0.3,
+                    "macs_fraction": round(d.macs / largest.macs, 3), "met": ok}
+            if best is None or (ok and not best["met"]) or (ok == best["met"] and cand["value"] > best["value"]):
+                best = cand
+        out.append(best)  # type: ignore[arg-type]
+    return out
+
+
 def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str, machine: str,
                  title: str = "") -> list[Path]:
     """report.csv + plots + a README with the command, commit and machine that produced them."""
@@ -232,12 +275,21 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
         lines.append("| " + " | ".join(f"{getattr(r, h):.4g}" if isinstance(getattr(r, h), float) else str(getattr(r, h))
                                        for h in header) + " |")
     commit = rows[0].commit if rows else "unknown"
+    targets = check_targets(rows)
+    if targets:
+        write_csv(out / "targets.csv", targets)
+        paths.append(out / "targets.csv")
+    tlines = [f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['subject']} vs {t['versus']}: "
+              f"{t['value']:+.2f} points" + (f" at {t['macs_fraction']:.0%} of the MACs" if "macs_fraction" in t else "")
+              for t in targets]
     (out / "REPORT.md").write_text(
         f"# {title or 'dsctl report'}\n\nProduced by `{command}` at commit `{commit}` on {machine}.\n"
         f"Do not edit by hand: re-run the command above.\n\n"
         "MACs are fused multiply-adds counted by fvcore on the exported static networks (BatchNorm and "
         "element-wise ops not counted); dynamic MACs are the validation-set average including the gate. "
         "Latencies are medians of interleaved torch.utils.benchmark measurements taken in one run.\n\n"
-        + "\n".join(lines) + "\n")
+        + "\n".join(lines) + "\n"
+        + ("\n## Targets (computed from the rows above by `dsctl.report.check_targets`)\n\n" + "\n".join(tlines) + "\n"
+           if tlines else ""))
     paths.append(out / "REPORT.md")
     return paths
