@@ -38,6 +38,7 @@ class LogProgress(Progress):
 
     def start(self, description: str, total: int, completed: int = 0) -> None:
         self.desc, self.total, self.done, self.t_last = description, total, completed, time.monotonic()
+        self.metrics = {}
 
     def advance(self, n: int = 1, **metrics: float) -> None:
         self.done += n
