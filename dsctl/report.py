@@ -25,12 +25,12 @@ METHODS = ("supernet", "dynamic", "uniform", "l1", "slimming")
 
 
 def write_csv(path: str | Path, rows: Sequence[Any]) -> None:
-    """Write dataclass instances or dicts as CSV; the first row's keys make the header."""
+    """Write dataclass instances or dicts as CSV; the header is every key, in first-seen order."""
     dict_rows = [asdict(r) if is_dataclass(r) else dict(r) for r in rows]
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict_rows[0]) if dict_rows else [])
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in dict_rows for k in r)), restval="")
         writer.writeheader()
         writer.writerows(dict_rows)
 

@@ -26,6 +26,10 @@ SMOKE = ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
 def test_prune_to_macs_meets_target_and_runs(name: str, method: str) -> None:
     model = dsctl.build_model(name)
     net = model.to_static(model.space.full)
+    with torch.no_grad():  # trained-like BN scales (at init they are all equal and rank nothing)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 1.0)
     full = count_macs(net, 28, 1)
     pruned, ratio = prune_to_macs(net, full // 2, 28, 1, method)
     macs = count_macs(pruned, 28, 1)
@@ -63,7 +67,8 @@ def test_report_rows_plots_and_refusal(tmp_path) -> None:
     assert methods.count("supernet") == 7 and "dynamic" in methods and "uniform" in methods
     assert all(r.latency_ms_b1 > 0 and r.latency_ms_bN > 0 for r in rows)
     paths = write_report(rows, tmp_path / "out", command="dsctl report ...", machine="test")
-    assert {p.name for p in paths} == {"report.csv", "accuracy_vs_macs.png", "accuracy_vs_latency.png", "REPORT.md"}
+    assert {p.name for p in paths} == {"report.csv", "accuracy_vs_macs.png", "accuracy_vs_latency.png", "REPORT.md",
+                                       "targets.csv"}
     header = next(csv.reader((tmp_path / "out" / "report.csv").open()))
     for col in ("method", "model", "variant", "width", "macs", "params", "top1", "top5", "latency_ms_b1",
                 "latency_ms_bN", "throughput", "device", "commit"):
