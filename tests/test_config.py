@@ -215,7 +215,7 @@ def test_defaults_match_spec() -> None:
     assert recipe.data.source == "fashion_mnist" and recipe.data.input_size == 224
     assert recipe.optim.lr == 0.08 and recipe.optim.epochs == 150
     assert recipe.supernet.target == "ib" and recipe.supernet.ema_decay == 0.997
-    assert recipe.gate.window is None and recipe.export.format == "torchscript"
+    assert recipe.gate.window is None and recipe.export.format == "pt2"
     assert recipe.measure.batch_sizes == (1, 32)
     assert yaml.safe_load(yaml.safe_dump(recipe_to_dict(recipe))) == recipe_to_dict(recipe)
 
