@@ -23,7 +23,6 @@ from dsctl.config import BaselineConfig, Recipe, recipe_to_dict
 from dsctl.errors import DsctlError
 from dsctl.flops import count_macs, count_params, count_subnet
 from dsctl.models.base import Supernet
-from dsctl.train.data import TrainData
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag
 

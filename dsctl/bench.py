@@ -141,12 +141,9 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
             "dynamic": ("dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg)),
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
             "static_equal_macs": ("static", f"k{k_eq}", r(k_eq), route_macs[k_eq])}
-    if exported is not None:
-        candidates["exported_dynamic"] = load_subnet(exported).to(device)
-        meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
-    else:
-        candidates["exported_dynamic"] = torch.jit.script(export_routed(model, window).to(device))
-        meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
+    candidates["exported_dynamic"] = (load_subnet(exported) if exported is not None
+                                      else torch.jit.script(export_routed(model, window))).to(device)
+    meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
     rows: list[BenchRow] = []
     for b in settings.batches:
         n = max(1, min(16, images.shape[0] // b))

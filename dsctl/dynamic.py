@@ -23,7 +23,7 @@ from dsctl.errors import SpecError
 from dsctl.layers.gate import gumbel_one_hot
 from dsctl.models.base import Supernet
 
-__all__ = ["check_window", "gate_logits", "RoutedOutput", "forward_routed", "dynamic_forward", "DynamicNet",
+__all__ = ["check_window", "gate_logits", "RoutedOutput", "forward_routed", "dynamic_forward", "grouped_post", "DynamicNet",
            "average_macs", "masked_forward"]
 
 
@@ -89,21 +89,25 @@ def forward_routed(model: Supernet, x: Tensor, window: tuple[int, int], macs: Te
 @torch.no_grad()
 def dynamic_forward(model: Supernet, x: Tensor, window: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Grouped sliced inference: returns (logits in input order, absolute sub-network index per sample)."""
-    lo, hi = window
+    point = model.forward_pre(x, model.space.subnets[window[0]], encode=True)
+    assert point.encoding is not None
+    routes = gate_logits(model, point.encoding, window).argmax(-1) + window[0]
+    return grouped_post(model, point.features, routes), routes
+
+
+@torch.no_grad()
+def grouped_post(model: Supernet, h: Tensor, routes: Tensor) -> Tensor:
+    """Run each group of gate-point features through its routed sub-network; outputs in input order."""
     specs = model.space.subnets
-    point = model.forward_pre(x, specs[lo], encode=True)
-    h, e = point.features, point.encoding
-    assert e is not None
-    routes = gate_logits(model, e, window).argmax(-1) + lo
     out: Tensor | None = None
     for k in torch.unique(routes).tolist():
         idx = (routes == k).nonzero().squeeze(1)
         y = model.forward_post(h.index_select(0, idx), specs[k])
         if out is None:
-            out = y.new_empty(x.shape[0], y.shape[1])
+            out = y.new_empty(h.shape[0], y.shape[1])
         out.index_copy_(0, idx, y)
     assert out is not None
-    return out, routes
+    return out
 
 
 @torch.no_grad()

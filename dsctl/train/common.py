@@ -24,7 +24,7 @@ from dsctl.layers.slim import SlimBatchNorm2d
 from dsctl.spec import SliceSpec
 
 __all__ = [
-    "Dist", "setup_dist", "resolve_device", "build_optimizer", "build_scheduler", "soft_cross_entropy",
+    "Dist", "setup_dist", "resolve_device", "build_optimizer", "build_scheduler", "build_training", "soft_cross_entropy",
     "EvalResult", "evaluate", "calibrate_bn", "autocast", "unwrap", "all_reduce_sum", "get_rng_state", "set_rng_state",
 ]
 
@@ -112,6 +112,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
     if sched is None:
         raise DsctlError(f"optim.sched={cfg.sched!r} is not a scheduler timm knows (e.g. cosine, step, plateau)")
     return sched, epochs
+
+
+def build_training(model: nn.Module, cfg: OptimConfig, steps_per_epoch_batches: int):
+    """Optimizer and per-update scheduler for one trainer; returns (optimizer, scheduler, epochs, steps).
+
+    ``steps_per_epoch_batches`` counts batches; an optimizer step takes ``cfg.grad_accum`` of them.
+    """
+    steps = steps_per_epoch_batches // cfg.grad_accum
+    if steps == 0:
+        raise DsctlError(f"no full optimizer step per epoch ({steps_per_epoch_batches} batches, "
+                         f"grad_accum {cfg.grad_accum})")
+    optimizer = build_optimizer(model, cfg)
+    scheduler, epochs = build_scheduler(optimizer, cfg, steps)
+    return optimizer, scheduler, epochs, steps
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:

@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 from dsctl.checkpoint import load_checkpoint, save_checkpoint
 from dsctl.config import GateConfig, OptimConfig
-from dsctl.dynamic import average_macs, dynamic_forward, forward_routed
+from dsctl.dynamic import average_macs, forward_routed, gate_logits, grouped_post
 from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
 from dsctl.train.common import (
-    Dist, all_reduce_sum, autocast, build_optimizer, build_scheduler, get_rng_state, set_rng_state,
+    Dist, all_reduce_sum, autocast, build_training, get_rng_state, set_rng_state,
 )
 from dsctl.train.data import TrainData
 from dsctl.train.loop import Position, run_epochs
@@ -85,9 +85,10 @@ def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: t
     c1 = c5 = loss_sum = n = sgs_right = 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with autocast(device, amp):
-            logits, routes = dynamic_forward(model, x, window)
-            point = model.forward_pre(x, model.space.subnets[lo])
+        with autocast(device, amp):  # one pass to the gate serves the routed groups and the SGS reference
+            point = model.forward_pre(x, model.space.subnets[lo], encode=True)
+            routes = gate_logits(model, point.encoding, window).argmax(-1) + lo
+            logits = grouped_post(model, point.features, routes)
             smallest = model.forward_post(point.features, model.space.subnets[lo])
         logits = logits.float()
         hist += torch.bincount(routes.cpu(), minlength=k).double()
@@ -128,11 +129,7 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
     trainable = model.routing_parameters()
     for p in trainable:
         p.requires_grad_(True)
-    optimizer = build_optimizer(nn.ParameterList(trainable), optim)
-    steps = data.steps_per_epoch() // optim.grad_accum
-    if steps == 0:
-        raise DsctlError(f"no full optimizer step per epoch (batch {data.batch_size} x grad_accum {optim.grad_accum})")
-    scheduler, epochs = build_scheduler(optimizer, optim, steps)
+    optimizer, scheduler, epochs, steps = build_training(nn.ParameterList(trainable), optim, data.steps_per_epoch())
     lo, hi = window
     window_macs = torch.tensor(route_macs[lo : hi + 1], dtype=torch.float32, device=device)
     rng = random.Random(seed)

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from dsctl.checkpoint import load_checkpoint, save_checkpoint
 from dsctl.config import OptimConfig
-from dsctl.errors import CheckpointError, DsctlError
+from dsctl.errors import CheckpointError
 from dsctl.registry import build_model
 from dsctl.spec import SliceSpec
-from dsctl.train.common import Dist, autocast, build_optimizer, build_scheduler, evaluate, get_rng_state, set_rng_state
+from dsctl.train.common import Dist, autocast, build_training, evaluate, get_rng_state, set_rng_state
 from dsctl.train.data import TrainData
 from dsctl.train.loop import Position, run_epochs
 from dsctl.train.progress import LogProgress, Progress
@@ -88,19 +88,14 @@ def train_static(net: nn.Module, data: TrainData, optim: OptimConfig, run: RunDi
     stop = stop if stop is not None else StopFlag()
     t0 = time.monotonic()
     net.to(device)
-    optimizer = build_optimizer(net, optim)
-    steps = data.steps_per_epoch() // optim.grad_accum
-    if steps == 0:
-        raise DsctlError(f"no full optimizer step per epoch (batch {data.batch_size} x grad_accum {optim.grad_accum})")
-    scheduler, epochs = build_scheduler(optimizer, optim, steps)
+    optimizer, scheduler, epochs, steps = build_training(net, optim, data.steps_per_epoch())
     rng = random.Random(seed)
     pos = Position()
     if resume and run.last.is_file():
         ckpt = load_checkpoint(run.last, map_location=device)
         net = fit_to_state_dict(net, ckpt["state_dict"]).to(device)
         net.load_state_dict(ckpt["state_dict"])
-        optimizer = build_optimizer(net, optim)
-        scheduler, epochs = build_scheduler(optimizer, optim, steps)
+        optimizer, scheduler, epochs, steps = build_training(net, optim, data.steps_per_epoch())
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(rng, ckpt["rng"])

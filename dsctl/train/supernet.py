@@ -28,12 +28,11 @@ from torch import Tensor, nn
 from dsctl.checkpoint import load_checkpoint, save_checkpoint
 from dsctl.config import OptimConfig, SupernetConfig
 from dsctl.data.resumable import TwoViews
-from dsctl.errors import DataError
 from dsctl.layers.slim import SlimBatchNorm2d
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 from dsctl.train.common import (
-    Dist, autocast, build_optimizer, build_scheduler, calibrate_bn, evaluate, get_rng_state, set_rng_state,
+    Dist, autocast, build_training, calibrate_bn, evaluate, get_rng_state, set_rng_state,
     soft_cross_entropy, unwrap,
 )
 from dsctl.train.data import TrainData
@@ -117,11 +116,7 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
     model.to(device)
     for p in model.routing_parameters():  # stage I never trains the slimming decision
         p.requires_grad_(False)
-    optimizer = build_optimizer(model, optim)
-    steps = data.steps_per_epoch() // optim.grad_accum
-    if steps == 0:
-        raise DataError(f"no full optimizer step per epoch (batch {data.batch_size} x grad_accum {optim.grad_accum})")
-    scheduler, epochs = build_scheduler(optimizer, optim, steps)
+    optimizer, scheduler, epochs, steps = build_training(model, optim, data.steps_per_epoch())
     ema = None
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
