@@ -116,12 +116,23 @@ class OptimConfig(BaseModel):
 
 
 class SupernetConfig(BaseModel):
-    """Supernet training: sandwich sampling, distillation target, EMA, BN calibration."""
+    """Supernet training: sandwich sampling, distillation target and its schedule, EMA, BN calibration.
+
+    ``distill_weight`` and ``distill_ramp`` make bootstrapping safe on any schedule: a student's loss is
+    ``(1 - a) * CE(labels) + a * CE(teacher)`` with ``a`` rising linearly from 0 to ``distill_weight``
+    over the first ``distill_ramp`` of the optimizer steps (``distill_ramp: 0`` starts at full weight;
+    ``distill_weight: 1, distill_ramp: 0`` is the authors' pure in-place bootstrapping).
+    ``sample: interior`` draws the random members from the sub-networks strictly between the smallest
+    and the largest (the authors' rule); ``all`` draws from every indexed sub-network.
+    """
 
     model_config = _FROZEN
 
     num_random: int = Field(default=2, ge=0)
+    sample: Literal["interior", "all"] = "interior"
     target: Literal["ib", "eib", "id", "none"] = "ib"
+    distill_weight: float = Field(default=0.5, ge=0.0, le=1.0)
+    distill_ramp: float = Field(default=0.5, ge=0.0, le=1.0)
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
     ema_decay: float = Field(default=0.997, ge=0.0, le=1.0)
     mvco: bool = False
@@ -132,23 +143,40 @@ class SupernetConfig(BaseModel):
 
 
 class GateConfig(BaseModel):
-    """Gate training: which sub-networks the gate may choose and how its loss is weighted."""
+    """Gate training: which sub-networks the gate may choose, its targets, losses and decision rule.
+
+    * ``window``: (first, last) sub-network index; None: the ``window_size`` sub-networks around
+      ``target_macs_m`` (all of them when no target is set).
+    * ``sgs_target``: ``authors`` (the window's smallest if it is right, else the largest) or
+      ``cheapest`` (the cheapest window member that is right; the cheapest when none is).
+    * ``class_weighting``: weight the gate's cross-entropy by the inverse frequency of each target.
+    * ``complexity``: ``authors`` (0.5 x (GMACs)^2 at weight 0.5), ``target`` (two-sided:
+      ``weight * (E[MACs] / target - 1)^2``, pulls cost up as well as down), ``none``.
+    * ``decision``: ``calibrated`` (per-route offsets fitted after training on ``holdout`` of the training
+      data so the average MACs there meet ``target_macs_m``) or ``argmax`` (the authors' rule).
+    """
 
     model_config = _FROZEN
 
-    window: tuple[int, int] | None = None  # (first, last) sub-network index; None: all sub-networks
+    window: tuple[int, int] | None = None
+    window_size: int = Field(default=4, ge=2)
     tau: float = Field(default=1.0, gt=0.0)
+    sgs_target: Literal["authors", "cheapest"] = "cheapest"
+    class_weighting: bool = True
     complexity: Literal["authors", "target", "none"] = "authors"
     complexity_weight: float = Field(default=0.5, ge=0.0)
     target_macs_m: float | None = Field(default=None, gt=0.0)
     sgs_weight: float = Field(default=1.0, ge=0.0)
     task_weight: float = Field(default=1.0, ge=0.0)
+    decision: Literal["calibrated", "argmax"] = "calibrated"
+    holdout: float = Field(default=0.1, gt=0.0, le=0.5)  # fraction of the training data kept for calibration
+    budget_tolerance: float = Field(default=0.02, gt=0.0, lt=1.0)
 
     @field_validator("window")
     @classmethod
     def _check_window(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not (0 <= v[0] <= v[1]):
-            raise ValueError("window must be [a, b] with 0 <= a <= b")
+        if v is not None and not (0 <= v[0] < v[1]):
+            raise ValueError("window must be [a, b] with 0 <= a < b")
         return v
 
 

@@ -8,7 +8,7 @@ Example:
     10
 """
 
-from dsctl.data.build import DATASET_STATS, DataInfo, build_datasets, build_loaders
+from dsctl.data.build import DATASET_STATS, DataInfo, build_datasets, build_loaders, split_holdout
 from dsctl.data.cifar import find_cifar_dir, load_cifar, load_pickle
 from dsctl.data.datasets import ArrayImageDataset, SyntheticDataset, build_image_folders
 from dsctl.data.idx import FASHION_MNIST_SYSTEM_DIRS, find_idx_dir, load_idx_dataset, load_idx_split, read_idx
@@ -18,4 +18,5 @@ __all__ = [
     "DATASET_STATS", "FASHION_MNIST_SYSTEM_DIRS", "ArrayImageDataset", "DataInfo", "SyntheticDataset",
     "build_datasets", "build_eval_transform", "build_image_folders", "build_loaders", "build_train_transform",
     "find_cifar_dir", "find_idx_dir", "load_cifar", "load_idx_dataset", "load_idx_split", "load_pickle", "read_idx",
+    "split_holdout",
 ]

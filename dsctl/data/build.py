@@ -14,7 +14,7 @@ from dsctl.data.idx import load_idx_dataset
 from dsctl.data.transforms import build_eval_transform, build_train_transform
 from dsctl.errors import DataError
 
-__all__ = ["DATASET_STATS", "DataInfo", "build_datasets", "build_loaders"]
+__all__ = ["DATASET_STATS", "DataInfo", "build_datasets", "build_loaders", "split_holdout"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,8 +66,11 @@ def _take_first(ds: Dataset, n: int | None, what: str, *, clamp: bool) -> Datase
     return Subset(ds, range(n))
 
 
-def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
+def build_datasets(cfg: DataConfig, *, augment_train: bool = True) -> tuple[Dataset, Dataset, DataInfo]:
     """Build the training set (with augmentation) and the validation set (eval transform).
+
+    ``augment_train=False`` gives the training set with the evaluation transform (for held-out
+    calibration and analysis on training images).
 
     Sources: `fashion_mnist` and `mnist` (IDX files), `cifar10` / `cifar100` (python pickles),
     `folder` (`root/train/<class>/...`, `root/val/<class>/...`) and `synthetic` (generated tensors,
@@ -109,8 +112,9 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
             allowed = ", ".join([*DATASET_STATS, "synthetic"])
             raise DataError(f"unknown data source {source!r}; allowed: {allowed}")
         mean, std, native, known_classes = DATASET_STATS[source]
-        train_tf = build_train_transform(cfg.augment, cfg.input_size, mean, std, native_size=native)
         eval_tf = build_eval_transform(cfg.input_size, mean, std, native_size=native, crop_pct=cfg.augment.crop_pct)
+        train_tf = (build_train_transform(cfg.augment, cfg.input_size, mean, std, native_size=native)
+                    if augment_train else eval_tf)
         if source == "folder":
             if cfg.root is None:
                 raise DataError("data.source='folder' needs data.root (a folder with train/ and val/ inside)")
@@ -134,6 +138,27 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
         train_size=len(train), val_size=len(val), classes=classes,  # type: ignore[arg-type]
     )
     return train, val, info
+
+
+def split_holdout(cfg: DataConfig, fraction: float) -> tuple[Dataset, Dataset]:
+    """The training set split in two: (augmented training part, held-out part with the eval transform).
+
+    The held-out part is the last ``round(fraction * N)`` samples of the (``train_subset``-limited)
+    training set, so it is the same for every seed; it never overlaps the validation/test split.
+
+    Raises:
+        DataError: ``fraction`` outside (0, 0.5] or a held-out part / remaining part that would be empty.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise DataError(f"held-out fraction {fraction} is not allowed (allowed: 0 < fraction <= 0.5)")
+    train, _, _ = build_datasets(cfg)
+    plain, _, _ = build_datasets(cfg, augment_train=False)
+    n = len(train)  # type: ignore[arg-type]
+    h = round(fraction * n)
+    if h < 1 or h >= n:
+        raise DataError(f"held-out fraction {fraction} of {n} training samples leaves an empty part "
+                        f"(allowed: a fraction giving 1..{n - 1} samples)")
+    return Subset(train, range(n - h)), Subset(plain, range(n - h, n))
 
 
 def build_loaders(

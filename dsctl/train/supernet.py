@@ -1,9 +1,14 @@
 """Stage I: supernet training with the sandwich rule and in-place bootstrapping (DESIGN.md section 5).
 
 Per optimizer step, on one mini-batch: the largest network on the labels (label smoothing), ``n`` random
-indexed sub-networks and the smallest on soft targets (``ib``: the EMA teacher's largest; ``eib``: the
-smallest gets the mean of the teacher's largest and random predictions; ``id``: the online largest;
-``none``: labels), backward after each member, then one optimizer step and one EMA update.
+sub-networks (by default from the interior: neither the smallest nor the largest) and the smallest on a
+mix of the labels and soft targets (``ib``: the EMA teacher's largest; ``eib``: the smallest gets the
+mean of the teacher's largest and random predictions; ``id``: the online largest; ``none``: labels only),
+backward after each member, then one optimizer step and one EMA update.
+
+The soft targets' weight ``a`` in ``(1 - a) * CE(labels) + a * CE(soft)`` ramps from 0 to
+``distill_weight`` over the first ``distill_ramp`` of the steps (:func:`distill_alpha`): distilling
+toward a teacher that is not trained yet wrecks short schedules (measured: docs/design.md).
 
 Example:
     >>> recipe = load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml")
@@ -40,7 +45,8 @@ from dsctl.train.progress import LogProgress, Progress
 from dsctl.train.loop import Position, run_epochs
 from dsctl.train.run import RunDir, StopFlag, environment
 
-__all__ = ["SupernetResult", "train_supernet", "sandwich_step", "finalize_supernet", "subnet_table"]
+__all__ = ["SupernetResult", "train_supernet", "sandwich_step", "distill_alpha", "sample_members", "finalize_supernet",
+           "subnet_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +63,18 @@ class SupernetResult:
 
 def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple[Tensor, Tensor], y: Tensor,
                   specs: list[SliceSpec], cfg: SupernetConfig, *, device: torch.device, amp: bool,
-                  loss_scale: float = 1.0, sync_last: bool = True) -> dict[str, float]:
+                  loss_scale: float = 1.0, sync_last: bool = True, alpha: float = 1.0) -> dict[str, float]:
     """Forward and backward every sandwich member on one batch; returns each member's loss.
 
     ``specs`` is ``[largest, random..., smallest]``. With multi-view consistency ``x`` is a pair of views:
     students see the first, the teacher the second. ``sync_last=False`` keeps DDP from reducing gradients
-    (gradient accumulation). Gradients are accumulated into ``.grad``; the caller steps the optimizer.
+    (gradient accumulation). ``alpha`` is the soft targets' weight for the students (the rest on the
+    labels). Gradients are accumulated into ``.grad``; the caller steps the optimizer.
     """
     x_student, x_teacher = (x if isinstance(x, tuple | list) else (x, x))
     largest, *randoms, smallest = specs
     targets: dict[str, Tensor] = {}
-    if cfg.target in ("ib", "eib") and teacher is not None:
+    if cfg.target in ("ib", "eib") and teacher is not None and alpha > 0:
         with torch.no_grad(), autocast(device, amp):
             targets["largest"] = F.softmax(teacher(x_teacher, largest).float(), -1)
             if cfg.target == "eib":
@@ -82,23 +89,35 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple
         with ctx:
             with autocast(device, amp):
                 logits = model(x_student, spec).float()
+            hard = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if name == "largest":
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                loss = hard
                 if cfg.target == "id":
                     targets["largest"] = F.softmax(logits.detach(), -1)
-            elif cfg.target == "none" or "largest" not in targets:
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            elif name == "smallest" and cfg.target == "eib":
-                loss = soft_cross_entropy(logits, targets["ensemble"])
+            elif cfg.target == "none" or "largest" not in targets or alpha == 0:
+                loss = hard
             else:
-                loss = soft_cross_entropy(logits, targets["largest"])
+                soft = targets["ensemble"] if name == "smallest" and cfg.target == "eib" else targets["largest"]
+                loss = soft_cross_entropy(logits, soft) if alpha == 1 else (
+                    (1 - alpha) * hard + alpha * soft_cross_entropy(logits, soft))
             (loss * loss_scale).backward()
         losses[name] = float(loss.detach())
     return losses
 
 
-def _members(space, rng: random.Random, num_random: int) -> list[SliceSpec]:
-    return [space.largest(), *(space.sample(rng) for _ in range(num_random)), space.smallest()]
+def sample_members(space, rng: random.Random, num_random: int, how: str = "interior") -> list[SliceSpec]:
+    """Sandwich members ``[largest, random..., smallest]``; ``interior`` draws the random ones from the
+    indexed sub-networks strictly between the smallest and the largest (all of them if there are none)."""
+    pool = [s for s in space.subnets if s not in (space.smallest(), space.largest())] if how == "interior" else []
+    pool = pool or list(space.subnets)
+    return [space.largest(), *(pool[rng.randrange(len(pool))] for _ in range(num_random)), space.smallest()]
+
+
+def distill_alpha(step: int, total_steps: int, weight: float, ramp: float) -> float:
+    """Weight of the soft targets at optimizer step ``step`` (0-based) of ``total_steps``."""
+    if ramp <= 0 or total_steps <= 0:
+        return weight
+    return weight * min(1.0, step / (ramp * total_steps))
 
 
 def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim: OptimConfig, run: RunDir, *,
@@ -152,11 +171,12 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
         micro = batch_idx % optim.grad_accum
         if micro == 0:
             model.train()
-            specs = _members(model.space, rng, cfg.num_random)
+            specs = sample_members(model.space, rng, cfg.num_random, cfg.sample)
         x = tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, list | tuple) else x.to(device)
         last_micro = micro == optim.grad_accum - 1
+        alpha = distill_alpha(pos.global_step, epochs * steps, cfg.distill_weight, cfg.distill_ramp)
         losses = sandwich_step(train_model, ema.module if ema else None, x, y.to(device), specs, cfg, device=device,
-                               amp=amp, loss_scale=1.0 / optim.grad_accum, sync_last=last_micro)
+                               amp=amp, loss_scale=1.0 / optim.grad_accum, sync_last=last_micro, alpha=alpha)
         for k, v in losses.items():
             running[k] = 0.9 * running.get(k, v) + 0.1 * v
         if not last_micro:
@@ -169,7 +189,7 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
         if ema is not None:
             ema.update(model, step=pos.global_step + 1)
         return {"loss_largest": running["largest"], "loss_smallest": running["smallest"],
-                "lr": optimizer.param_groups[0]["lr"]}
+                "lr": optimizer.param_groups[0]["lr"], "alpha": alpha}
 
     def evaluate_epoch(epoch: int) -> list[dict[str, Any]]:
         rows = []
