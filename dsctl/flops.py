@@ -1,8 +1,12 @@
 """MAC counting with fvcore on exported static sub-networks.
 
 One fused multiply-add = one MAC (fvcore calls it a "flop"). Counted: convolutions, linear layers,
-matrix products and scaled dot-product attention. Not counted, as in the DS-Net papers: BatchNorm,
-LayerNorm, pooling and element-wise ops (activations, SE multiplies, residual sums).
+matrix products and scaled dot-product attention, plus average pooling at its input size (C*H*W per
+image), as the DS-Net authors' MAdds count every SE squeeze and the final global pool. Average pooling is
+``aten::adaptive_avg_pool2d``, ``aten::avg_pool2d`` or ``aten::mean`` over exactly dims (2, 3) of a 4-D
+tensor (how dsctl's models pool); a mean over any other dims is not pooling and is not counted. Not
+counted, as in the papers: max pooling, BatchNorm, LayerNorm and element-wise ops (activations, SE
+multiplies, residual sums).
 """
 
 from __future__ import annotations
@@ -25,14 +29,47 @@ logger = logging.getLogger(__name__)
 
 MACS_CONVENTION = (
     "MACs: one fused multiply-add = 1 MAC (fvcore 'flop'); conv, linear, matmul and attention counted; "
-    "BatchNorm, LayerNorm, pooling and element-wise ops not counted (DS-Net papers' convention)."
+    "average pooling (SE squeezes, final global pool) counted at its input size C*H*W; max pooling, "
+    "BatchNorm, LayerNorm and element-wise ops not counted (DS-Net papers' convention)."
 )
 
-# fvcore's defaults that are not multiply-adds of a weight layer: switch them off.
+# fvcore's defaults that are not multiply-adds of a weight layer: switch them off. Average pooling gets
+# dsctl's own handles below.
 _NOT_COUNTED = (
     "aten::batch_norm", "aten::group_norm", "aten::layer_norm", "aten::instance_norm",
     "aten::upsample_nearest2d", "aten::upsample_bilinear2d", "aten::adaptive_avg_pool2d", "aten::grid_sampler",
 )
+
+
+def _int_list(val: Any) -> list[int] | None:
+    """The constant int list a traced argument holds (``dim=(2, 3)`` traces to a ListConstruct)."""
+    node = val.node()
+    if node.kind() == "prim::ListConstruct":
+        items = [v.toIValue() for v in node.inputs()]
+        return items if all(isinstance(i, int) for i in items) else None
+    item = val.toIValue()
+    return [item] if isinstance(item, int) else None
+
+
+def _avg_pool_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """adaptive_avg_pool2d / avg_pool2d: every input element is summed once, N*C*H*W."""
+    from fvcore.nn.jit_handles import get_shape
+
+    return math.prod(get_shape(inputs[0]))
+
+
+def _spatial_mean_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """aten::mean over dims (2, 3) of an (N, C, H, W) map is global average pooling: N*C*H*W.
+
+    ``aten::mean(self, dtype)`` (a full mean, e.g. in a loss) and means over other dims count 0.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    shape = get_shape(inputs[0])
+    dims = _int_list(inputs[1]) if len(inputs) >= 3 else None
+    if shape is None or len(shape) != 4 or dims is None or sorted(d % 4 for d in dims) != [2, 3]:
+        return 0
+    return math.prod(shape)
 
 
 def _sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
@@ -87,6 +124,8 @@ def count_macs(module: nn.Module, input_size: int, in_chans: int = 3) -> int:
         analysis.clear_op_handles()
         analysis.set_op_handle(**{op: h for op, h in _DEFAULT_SUPPORTED_OPS.items() if op not in _NOT_COUNTED})
         analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_handle)
+        analysis.set_op_handle("aten::mean", _spatial_mean_handle)
+        analysis.set_op_handle("aten::adaptive_avg_pool2d", _avg_pool_handle, "aten::avg_pool2d", _avg_pool_handle)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return int(analysis.total())
 
@@ -110,10 +149,20 @@ def macs_table(model: Supernet, input_size: int | None = None) -> list[int]:
     return [count_subnet(model, spec, input_size).macs for spec in model.space.subnets]
 
 
-def gate_macs(model: Supernet) -> int:
-    """MACs of the slimming decision itself (encoder + slimming head) on one image."""
+def gate_macs(model: Supernet, input_size: int | None = None) -> int:
+    """MACs of the slimming decision itself (pool + encoder + slimming head) on one image.
+
+    The gate's average pooling counts its input size C*H*W, read off the features it gets in the indexed
+    sub-networks (the part before the gate is the same in all of them). With an attention head the
+    encoder, pool included, is the block's SE, already counted in every route: only the head is added.
+    """
     gate = model.gate
     head = gate.head.in_features * gate.head.out_features
-    if gate.expand is not None:  # the encoder is the block's SE, already counted in every route
+    if gate.expand is not None:
         return head
-    return gate.reduce.in_channels * gate.reduce.out_channels + head
+    size = input_size or model.default_input_size
+    pre, _ = model.to_static_parts(model.space.subnets[0])
+    param = next(pre.parameters())
+    with torch.no_grad():
+        c, h, w = pre(param.new_zeros(1, model.in_chans, size, size)).shape[1:]
+    return c * h * w + c * gate.reduce.out_channels + head
