@@ -10,6 +10,8 @@ saying how the numbers were produced.
 from __future__ import annotations
 
 import csv
+import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -19,7 +21,10 @@ import torch
 
 from dsctl.errors import DsctlError
 
-__all__ = ["write_csv", "ReportRow", "build_report", "write_report", "plot_report", "check_targets"]
+__all__ = ["write_csv", "ReportRow", "build_report", "write_report", "plot_report", "check_targets", "OracleSeries",
+           "oracle_series"]
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("supernet", "dynamic", "uniform", "l1", "slimming")
 
@@ -171,8 +176,42 @@ def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: s
     return [e.row for e in entries]
 
 
+@dataclass(frozen=True)
+class OracleSeries:
+    """An oracle-router curve that ``dsctl analyze`` wrote into a supernet run (plotted, never a row)."""
+
+    run: str
+    path: Path
+    split: str
+    samples: int
+    points: list[tuple[float, float]]  # (average MACs, top1), ascending MACs
+
+
+def oracle_series(rows: Sequence[ReportRow]) -> list[OracleSeries]:
+    """The ``analysis/oracle.csv`` of every supernet run in ``rows`` that has one (and was analysed on the
+    same data source as the run's rows)."""
+    out = []
+    for run in dict.fromkeys(r.run for r in rows if r.method == "supernet"):
+        path = Path(run) / "analysis" / "oracle.csv"
+        if not path.is_file():
+            continue
+        meta_path = path.parent / "analysis.json"
+        data = json.loads(meta_path.read_text()).get("data", {}) if meta_path.is_file() else {}
+        source = next(r.data for r in rows if r.run == run).split(":")[0]
+        if data.get("source", source) != source:
+            logger.warning("%s: analysed on %s, the run on %s; not plotted", path, data.get("source"), source)
+            continue
+        with path.open() as f:
+            points = sorted({(float(r["avg_macs"]), float(r["top1"])) for r in csv.DictReader(f)})
+        out.append(OracleSeries(run, path, str(data.get("split", "?")), int(data.get("samples", 0)), points))
+    return out
+
+
 def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "") -> list[Path]:
-    """accuracy_vs_macs.png and accuracy_vs_latency.png (batch 1 and batch N panels), one series per method."""
+    """accuracy_vs_macs.png and accuracy_vs_latency.png (batch 1 and batch N panels), one series per method.
+
+    The MACs plot also draws the oracle router of each supernet run analysed by ``dsctl analyze``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,6 +240,9 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 5))
+    for o in oracle_series(rows):
+        ax.plot([p[0] / 1e6 for p in o.points], [p[1] for p in o.points], ":", color="black",
+                label=f"oracle router ({o.split}, {o.samples} samples)")
     series(ax, lambda r: r.macs / 1e6, "MACs (millions; fused multiply-adds, fvcore)")
     ax.set_title(f"{title}accuracy vs MACs")
     fig.tight_layout()
@@ -279,6 +321,11 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
     if targets:
         write_csv(out / "targets.csv", targets)
         paths.append(out / "targets.csv")
+    olines = [f"- The dotted `oracle router` series of accuracy_vs_macs.png is `{o.path}`, written by `dsctl analyze` "
+              f"({o.split} split, {o.samples} samples): each sample routed to the cheapest sub-network that "
+              "classifies it correctly, and the most accurate such routing under each average-MACs budget (gate "
+              "cost excluded). It bounds what any router over these sub-networks can reach; it is not a model."
+              for o in oracle_series(rows)]
     tlines = [f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['subject']} vs {t['versus']}: "
               f"{t['value']:+.2f} points" + (f" at {t['macs_fraction']:.0%} of the MACs" if "macs_fraction" in t else "")
               for t in targets]
@@ -289,6 +336,7 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
         "element-wise ops not counted); dynamic MACs are the validation-set average including the gate. "
         "Latencies are medians of interleaved torch.utils.benchmark measurements taken in one run.\n\n"
         + "\n".join(lines) + "\n"
+        + ("\n" + "\n".join(olines) + "\n" if olines else "")
         + ("\n## Targets (computed from the rows above by `dsctl.report.check_targets`)\n\n" + "\n".join(tlines) + "\n"
            if tlines else ""))
     paths.append(out / "REPORT.md")

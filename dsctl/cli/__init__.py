@@ -10,7 +10,7 @@ import typer
 # torch 2.14 deprecates torch.jit, which fvcore's tracer and TorchScript export still use.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
 
-from dsctl.cli import inspect, measure, train  # noqa: E402
+from dsctl.cli import analyze, inspect, measure, train  # noqa: E402
 
 app = typer.Typer(
     name="dsctl",
@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for sub in (inspect.app, train.app, measure.app):
+for sub in (inspect.app, train.app, measure.app, analyze.app):
     for cmd in sub.registered_commands:
         app.registered_commands.append(cmd)
 

@@ -99,15 +99,33 @@ class DSMobileNetV1(Supernet):
         self.classifier = SlimLinear(prev[-1], num_classes)
         init_weights(self)
 
-    def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
-        w = spec.widths
-        x = F.silu(self.stem_bn(self.stem(x, w[0])))
+    def _to_gate(self, x: Tensor, widths: tuple[int, ...], points: dict[str, Tensor] | None = None) -> Tensor:
+        """Stem, the stages before the gate, and the gate block's depthwise half: the gate's input.
+
+        ``points`` (if given) receives each stage's globally pooled output, (N, C), by stage name.
+        """
+        x = F.silu(self.stem_bn(self.stem(x, widths[0])))
+        if points is not None:
+            points[self.stage_cfgs[0].name] = x.mean((2, 3))
         for i, blocks in enumerate(self.stages[: self.gate_stage - 1], start=1):
             for block in blocks:
-                x = block(x, w[i])
-        x = self.stages[self.gate_stage - 1][0].forward_dw(x)
+                x = block(x, widths[i])
+            if points is not None:
+                points[self.stage_cfgs[i].name] = x.mean((2, 3))
+        return self.stages[self.gate_stage - 1][0].forward_dw(x)
+
+    def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
+        x = self._to_gate(x, spec.widths)
         e = self.gate.encode(x)
         return GatePoint(self.gate.attend(x, e), e)
+
+    def probe_points(self, x: Tensor, spec: SliceSpec) -> dict[str, Tensor]:
+        """Pooled output of every stage before the gate's stage, and the pooled gate input (what the gate's
+        encoder reads) under the name ``space.gate_after``."""
+        points: dict[str, Tensor] = {}
+        h = self._to_gate(x, self.space.check(spec).widths, points)
+        points[self.space.gate_after] = h.mean((2, 3))
+        return points
 
     def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
         w = spec.widths

@@ -1,0 +1,75 @@
+"""``dsctl analyze``: routing headroom of a supernet before a gate is trained."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dsctl.cli._common import console, handle_errors, table
+from dsctl.cli.train import DataOpt, DeviceOpt, QuietOpt, SetOpt, data_overrides, make_progress
+
+app = typer.Typer()
+
+
+class Split(str, Enum):
+    val = "val"
+    holdout = "holdout"
+
+
+@app.command("analyze")
+@handle_errors
+def analyze_cmd(
+    target: Annotated[Path, typer.Argument(help="Supernet run folder or checkpoint.")],
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/analysis, or <run>/analysis-holdout "
+                                                  "for --split holdout).")] = None,
+    split: Annotated[Split, typer.Option(help="val: the recipe's validation/test split; holdout: the last part of the "
+                                              "training set, without augmentation.")] = Split.val,
+    batches: Annotated[int | None, typer.Option(min=1, help="Use only the first N batches of the split.")] = None,
+    holdout_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of the training set held out "
+                                                                           "(--split holdout).")] = 0.1,
+    budget: Annotated[float | None, typer.Option(min=0.0, help="Average-MACs budget of the probe routers, in "
+                                                               "millions (default: midway between the smallest and "
+                                                               "largest sub-network).")] = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-sample correctness of every sub-network, the oracle router (each sample to its cheapest correct
+    sub-network, and the best routing per MACs budget), and how well features at each candidate gate
+    position predict that the smallest sub-network is wrong."""
+    from dsctl.analyze import analyze_checkpoint
+
+    overrides = [*(set_ or []), *data_overrides(data, None)]
+    progress = make_progress(quiet)
+    try:
+        a = analyze_checkpoint(target, split=split.value, out_dir=out, overrides=overrides, max_batches=batches,
+                               device=device, holdout_fraction=holdout_fraction,
+                               budget_macs=None if budget is None else budget * 1e6, progress=progress)
+    finally:
+        progress.close()
+    _print(a.summary)
+    console.print("wrote " + ", ".join(str(p) for p in a.paths))
+
+
+def _print(s: dict) -> None:
+    d, o = s["data"], s["oracle"]
+    console.print(table(f"{s['model']} on {d['source']} {d['split']} ({d['samples']} samples)",
+                        ["subnet", "width", "MACs (M)", "top1", "oracle share"], [
+        [r["subnet"], f"{r['width']:g}", f"{r['macs'] / 1e6:.3f}", f"{r['top1']:.2f}",
+         f"{r['oracle_samples'] / d['samples']:.1%}"] for r in s["subnets"]]))
+    console.print(table("oracle router (each sample to its cheapest correct sub-network; gate cost excluded)",
+                        ["top1", "avg MACs (M)", "none right", "smallest wrong"],
+                        [[f"{o['top1']:.2f}", f"{o['avg_macs'] / 1e6:.3f}", f"{o['none_right']:.1%}",
+                          f"{s['smallest_wrong']:.1%}"]]))
+    if s["probes"]:
+        budget = s["probe_budget_macs"] / 1e6
+        console.print(table(f"linear probes for 'smallest is wrong' (routing top-q wide at {budget:.3f} M MACs)",
+                            ["position", "channels", "AUC", "top1", "random top1", "oracle top1"], [
+            [p["position"] + (" (gate)" if p["gate"] else ""), p["channels"],
+             "-" if p["auc"] is None else f"{p['auc']:.3f}", *(f"{p[k]:.2f}" if k in p else "-"
+                                                               for k in ("top1", "random_top1", "oracle_top1"))]
+            for p in s["probes"]]))
