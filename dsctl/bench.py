@@ -128,7 +128,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
     dyn = DynamicNet(model, window)
     with torch.no_grad():
         routes = torch.cat([dyn.routes(c.to(device)) for c in images.split(256)]).cpu()
-    avg = average_macs(torch.bincount(routes, minlength=model.space.num_subnets), route_macs, gate_macs(model))
+    avg = average_macs(torch.bincount(routes, minlength=model.space.num_subnets), route_macs, gate_macs(model, size))
     k_eq = min(range(model.space.num_subnets), key=lambda k: abs(route_macs[k] - avg))
     specs = model.space.subnets
     widest, equal = export_subnet(model, specs[hi]).to(device), export_subnet(model, specs[k_eq]).to(device)

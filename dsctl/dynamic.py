@@ -1,9 +1,10 @@
 """Dynamic routing: the gate's choice per input, grouped sliced inference, expected and average MACs.
 
 Routing space: an inclusive window ``(lo, hi)`` of consecutive indexed sub-networks. A batch is run once
-up to the gate; the gate picks a sub-network per sample (argmax at evaluation, straight-through
-Gumbel-softmax in training); samples are grouped by choice and each group runs its **sliced** sub-network
-densely; outputs are scattered back in input order. Nothing is masked at inference.
+up to the gate; the gate picks a sub-network per sample (``gate.decide`` at evaluation: argmax of the
+logits plus the gate's per-route offsets ``route_bias``; straight-through Gumbel-softmax in training);
+samples are grouped by choice and each group runs its **sliced** sub-network densely; outputs are
+scattered back in input order. Nothing is masked at inference.
 
 Example:
     >>> net = DynamicNet(model, window=(0, 3)).eval()
@@ -71,7 +72,7 @@ def forward_routed(model: Supernet, x: Tensor, window: tuple[int, int], macs: Te
         point = model.forward_pre(x, specs[0], encode=True)
         h = point.features
         members = torch.stack([model.forward_post(h, s).float() for s in specs])
-    if model.gate.expand is None:  # the encoder only serves routing: train it, on the features it reads
+    if not model.gate.attention:  # the encoder only serves routing: train it, on the features it reads
         e = model.gate.encode(h)
     else:  # the encoder is shared with the (frozen) attention head and reads the features before it
         e = point.encoding
@@ -91,7 +92,7 @@ def dynamic_forward(model: Supernet, x: Tensor, window: tuple[int, int]) -> tupl
     """Grouped sliced inference: returns (logits in input order, absolute sub-network index per sample)."""
     point = model.forward_pre(x, model.space.subnets[window[0]], encode=True)
     assert point.encoding is not None
-    routes = gate_logits(model, point.encoding, window).argmax(-1) + window[0]
+    routes = model.gate.decide(point.encoding, window)
     return grouped_post(model, point.features, routes), routes
 
 
@@ -123,7 +124,7 @@ def masked_forward(model: Supernet, x: Tensor, window: tuple[int, int]) -> Tenso
     specs = model.space.subnets
     point = model.forward_pre(x, specs[lo], encode=True)
     assert point.encoding is not None
-    routes = gate_logits(model, point.encoding, window).argmax(-1) + lo
+    routes = model.gate.decide(point.encoding, window)
     handles = []
     for stage, block in model.routed_blocks():
         widths = torch.tensor([s.widths[stage] for s in specs], device=x.device)[routes]  # (N,)
@@ -153,10 +154,9 @@ class DynamicNet(nn.Module):
 
     @torch.no_grad()
     def routes(self, x: Tensor) -> Tensor:
-        lo = self.window[0]
-        point = self.model.forward_pre(x, self.model.space.subnets[lo], encode=True)
+        point = self.model.forward_pre(x, self.model.space.subnets[self.window[0]], encode=True)
         assert point.encoding is not None
-        return gate_logits(self.model, point.encoding, self.window).argmax(-1) + lo
+        return self.model.gate.decide(point.encoding, self.window)
 
 
 def average_macs(histogram: list[int] | Tensor, route_macs: list[int], gate_macs: int) -> float:

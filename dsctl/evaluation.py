@@ -57,7 +57,7 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
     if is_gate and width is None:
         window = tuple(ckpt["window"])
         route_macs = ckpt.get("route_macs") or macs_table(model, data.input_size)
-        g = ckpt.get("gate_macs", gate_macs(model))
+        g = ckpt.get("gate_macs", gate_macs(model, data.input_size))
         r = evaluate_dynamic(model, data.val, window, dev, route_macs=route_macs, gate_macs=g)  # type: ignore[arg-type]
         return {**base, "subnet": f"dynamic[{window[0]}:{window[1]}]", "width": "dynamic", "top1": r.top1,
                 "top5": r.top5, "loss": r.loss, "samples": r.samples, "macs": r.avg_macs, "histogram": r.histogram,

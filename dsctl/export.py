@@ -154,24 +154,20 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
 
 
 def export_routed(model: Supernet, window: tuple[int, int]) -> nn.Module:
-    """The supernet + gate over ``window`` as one plain-torch module (see dsctl.layers.static.RoutedNet)."""
-    from dsctl.layers.static import RoutedNet, StaticGate
+    """The supernet + gate over ``window`` as one plain-torch module (see dsctl.layers.static.RoutedNet).
+
+    The gate decides as :meth:`~dsctl.layers.gate.SlimGate.decide` does (``route_bias`` included).
+    """
+    from dsctl.layers.static import RoutedNet
 
     lo, hi = window
     specs = model.space.subnets[lo : hi + 1]
     pre, _ = model.to_static_parts(specs[0])
-    gate = model.gate
-    if gate.expand is not None:  # to_static_parts ends pre with the gate's attention; StaticGate applies it
+    if model.gate.attention:  # to_static_parts ends pre with the gate's attention; the static gate applies it
         pre = nn.Sequential(*list(pre)[:-1])
-    with torch.no_grad():
-        c = pre(torch.zeros(1, model.in_chans, model.default_input_size, model.default_input_size)).shape[1]
-        head = nn.Linear(gate.head.in_features, hi - lo + 1)
-        head.weight.copy_(gate.head.weight[lo : hi + 1])
-        head.bias.copy_(gate.head.bias[lo : hi + 1])
-    static_gate = StaticGate(gate.reduce.to_static(c), None if gate.expand is None else
-                             gate.expand.to_static(gate.reduce.out_channels, c), head)
+    gate = model.gate.to_static(model.gate_in_channels, window)
     tails = [model.to_static_parts(s)[1] for s in specs]
-    return RoutedNet(pre, static_gate, tails, model.num_classes, lo).eval()
+    return RoutedNet(pre, gate, tails, model.num_classes, lo).eval()
 
 
 def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | Path, *, source: str,

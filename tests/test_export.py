@@ -48,3 +48,29 @@ def test_export_rejects_width_outside_space(tmp_path) -> None:
     model = dsctl.build_model("tiny_ds_resnet")
     with pytest.raises(SpecError, match="allowed: 0.25, 0.375"):
         export_to_file(model, model.space.resolve("0.3"), tmp_path / "x.pt2")
+
+
+def test_dynamic_export_applies_route_bias(tmp_path) -> None:
+    from dsctl.dynamic import dynamic_forward
+    from dsctl.export import export_dynamic_to_file
+    from tests.test_gate_options import _with_bn_stats, graded_batch, graded_gate
+
+    model = dsctl.build_model("tiny_ds_resnet", gate_after=2, gate_conv=True)
+    x = graded_batch(model)
+    _with_bn_stats(model, x)
+    graded_gate(model, x)
+    window = (1, 5)
+    plain_logits, plain_routes = dynamic_forward(model, x, window)
+    with torch.no_grad():
+        model.gate.route_bias.copy_(torch.tensor([0.0, 0.0, 0.05, -5.0, 0.0, -0.03, 50.0]))
+    logits, routes = dynamic_forward(model, x, window)
+    assert not torch.equal(routes, plain_routes)
+    export_dynamic_to_file(model, window, tmp_path / "dyn.ts", source="test")
+    loaded = torch.jit.load(str(tmp_path / "dyn.ts"))
+    assert torch.equal(loaded.gate.route_bias, model.gate.route_bias[1:6])
+    with torch.no_grad():
+        got = loaded(x)
+        _, exported_routes = loaded.gate(loaded.pre(x))
+    assert torch.equal(exported_routes + 1, routes)
+    torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, plain_logits, atol=1e-4)

@@ -101,7 +101,9 @@ def test_ds_resnet50_space_and_timm_names() -> None:
     assert model.state_dict()["layer4.0.conv2.weight"].shape == (512, 512, 3, 3)
 
 
-def test_resnet50_state_dict_loads_through_init_from(tmp_path) -> None:
+@pytest.mark.parametrize("gate_after", [1, 3])
+def test_resnet50_state_dict_loads_through_init_from(tmp_path, gate_after: int) -> None:
+    """The full network is exactly ResNet-50 wherever the gate sits."""
     import torchvision
 
     from dsctl.checkpoint import load_pretrained
@@ -110,7 +112,7 @@ def test_resnet50_state_dict_loads_through_init_from(tmp_path) -> None:
     ref.eval()
     path = tmp_path / "resnet50.pth"
     torch.save(ref.state_dict(), path)
-    model = dsctl.build_model("ds_resnet50").eval()
+    model = dsctl.build_model("ds_resnet50", gate_after=gate_after).eval()
     load_pretrained(model, path)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -50,20 +50,30 @@ class ClassifierHead(nn.Module):
 
 
 class StaticGate(nn.Module):
-    """Shared encoder, optional attention head, slimming head restricted to a window; returns routes."""
+    """Shared encoder, optional attention head, slimming head over a window; returns (features, routes).
 
-    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d | None, head: nn.Linear) -> None:
+    ``pool_first``: encoder = ReLU(reduce(mean(x))) (1x1 on the pooled vector); otherwise
+    mean(ReLU(reduce(x))) (a conv on the map). Routes = argmax(head(e) + route_bias), within the window.
+    """
+
+    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d | None, head: nn.Linear, route_bias: Tensor,
+                 pool_first: bool = True) -> None:
         super().__init__()
         self.reduce = reduce
         self.expand = expand if expand is not None else nn.Identity()
         self.attention = expand is not None
+        self.pool_first = pool_first
         self.head = head
+        self.register_buffer("route_bias", route_bias.detach().clone().float())
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        e = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+        if self.pool_first:
+            e = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
+        else:
+            e = torch.relu(self.reduce(x)).mean((2, 3), keepdim=True)
         if self.attention:
             x = x * torch.sigmoid(self.expand(e))
-        return x, self.head(e.flatten(1)).argmax(1)
+        return x, (self.head(e.flatten(1)) + self.route_bias).argmax(1)
 
 
 class RoutedNet(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from dsctl.layers.gate import SlimGate
@@ -64,10 +65,40 @@ class Supernet(nn.Module):
 
         The slimming head always; the shared encoder too when there is no attention head to share it.
         """
-        params = list(self.gate.head.parameters())
-        if self.gate.expand is None:
-            params += list(self.gate.reduce.parameters())
-        return params
+        return self.gate.routing_parameters()
+
+    @property
+    def gate_in_channels(self) -> int:
+        """Channels of the features the gate reads in the indexed sub-networks.
+
+        Default: the width, fixed across the indexed sub-networks, of the stage just before the first
+        routed stage (the gate sits between them).
+        """
+        space = self.space
+        return space.subnets[0].widths[space.ratio_stage - 1]
+
+    def gate_in_size(self, input_size: int) -> int:
+        """Height (= width) of the features the gate reads, for a square ``input_size`` image.
+
+        Generic fallback: one forward of a zeros image up to the gate; families override it analytically.
+        """
+        param = next(self.parameters())
+        x = param.new_zeros(1, self.in_chans, input_size, input_size)
+        was_training = self.training
+        try:
+            with torch.no_grad():
+                return int(self.eval().forward_pre(x, self.space.smallest()).features.shape[-1])
+        finally:
+            self.train(was_training)
+
+    def probe_points(self, x: Tensor, spec: SliceSpec) -> dict[str, Tensor]:
+        """Globally average-pooled features, shape (N, C), at each candidate gate position, by name.
+
+        Runs the network at ``spec``'s widths without gradient, up to the last candidate position (no
+        hooks). ``dsctl analyze`` fits linear probes on these to choose the gate position.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement probe_points "
+                                  "(candidate gate positions for dsctl analyze)")
 
     def routed_blocks(self) -> list[tuple[int, nn.Module]]:
         """(stage index, block) for every block after the gate whose output width the gate sets."""
