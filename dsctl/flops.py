@@ -150,19 +150,10 @@ def macs_table(model: Supernet, input_size: int | None = None) -> list[int]:
 
 
 def gate_macs(model: Supernet, input_size: int | None = None) -> int:
-    """MACs of the slimming decision itself (pool + encoder + slimming head) on one image.
+    """MACs of the slimming decision itself (encoder + slimming head) on one image.
 
-    The gate's average pooling counts its input size C*H*W, read off the features it gets in the indexed
-    sub-networks (the part before the gate is the same in all of them). With an attention head the
-    encoder, pool included, is the block's SE, already counted in every route: only the head is added.
+    The gate's own average pooling counts its input size; with an attention head the encoder is the
+    block's SE, already counted in every route, so only the head is added (see ``SlimGate.macs``).
     """
-    gate = model.gate
-    head = gate.head.in_features * gate.head.out_features
-    if gate.expand is not None:
-        return head
-    size = input_size or model.default_input_size
-    pre, _ = model.to_static_parts(model.space.subnets[0])
-    param = next(pre.parameters())
-    with torch.no_grad():
-        c, h, w = pre(param.new_zeros(1, model.in_chans, size, size)).shape[1:]
-    return c * h * w + c * gate.reduce.out_channels + head
+    size = model.gate_in_size(input_size or model.default_input_size)
+    return model.gate.macs(model.gate_in_channels, size, size)
