@@ -56,12 +56,12 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(
         recipe, runs["supernet"], device=device, resume=resume, progress=progress, stop=stop))
     subnets = load_checkpoint(runs["supernet"] / "final.pt")["subnets"]
-    lo, hi = p.gate_window or (0, len([r for r in subnets if r["subnet"].startswith("k")]) - 1)
-    widest = next(r["macs"] for r in subnets if r["subnet"] == f"k{hi}")
+    last = len([r for r in subnets if r["subnet"].startswith("k")]) - 1
+    widest = next(r["macs"] for r in subnets if r["subnet"] == f"k{last}")
     for f in p.gate_targets:
         target_m = f * widest / 1e6
         gate_recipe = recipe.model_copy(update={"optim": p.gate_optim, "gate": recipe.gate.model_copy(update={
-            "window": (lo, hi), "complexity": "target", "target_macs_m": target_m,
+            "window": p.gate_window, "complexity": "target", "target_macs_m": target_m,
             "complexity_weight": p.gate_complexity_weight})})
         key = f"gate@{f:g}"
         _stage(runs[key], key, lambda resume, r=gate_recipe, k=key: launch_gate(

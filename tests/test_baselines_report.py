@@ -88,3 +88,27 @@ def test_bench_rows_have_provenance() -> None:
     images = torch.randn(64, 1, 28, 28)
     drows = bench_dynamic(model, (0, 3), images, settings)
     assert {r.kind for r in drows} == {"static", "dynamic", "masked", "exported_dynamic"}
+
+
+def test_targets_compare_dynamic_models_with_cheaper_statics_only() -> None:
+    from dsctl.report import ReportRow, check_targets
+
+    def row(method: str, variant: str, width: str, macs: int, top1: float, target: float = float("nan")) -> ReportRow:
+        return ReportRow(method, "m", variant, width, macs, 0, top1, 99.0, target_macs=target)
+
+    rows = [row("supernet", "k0", "0.25", 100, 80.0), row("supernet", "k1", "0.5", 200, 84.0),
+            row("supernet", "k2", "1.0", 400, 86.0),
+            row("dynamic", "[0:2] target 0.00025M", "dynamic", 252, 85.8, 250.0),
+            row("uniform", "w0.5", "0.5", 200, 84.5), row("uniform", "w1.0", "1.0", 400, 86.5),
+            row("l1", "w0.5", "-", 255, 85.9)]
+    t = check_targets(rows)
+    static = [x for x in t if "static baselines" in x["target"]]
+    # the 400-MACs baseline is dearer: not a comparison; l1 at 255 is within 2% of 252: equal MACs, more accurate
+    assert {x["versus"] for x in static} == {"uniform w0.5", "l1 w0.5"}
+    assert [x["met"] for x in static if x["versus"] == "l1 w0.5"] == [False]
+    own = [x for x in t if "own sub-networks" in x["target"]]
+    assert {x["versus"] for x in own} == {"supernet k0", "supernet k1"} and all(x["met"] for x in own)
+    near = next(x for x in t if "within 0.3 points" in x["target"])
+    assert not near["met"] and near["macs_fraction"] == 0.63  # 252/400 > 60%: missed despite -0.2 points
+    budget = next(x for x in t if "spends its MACs target" in x["target"])
+    assert budget["met"] and budget["value"] == 0.8

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 import dsctl
 from dsctl.config import GateConfig, OptimConfig, SupernetConfig
@@ -83,20 +84,33 @@ def test_complexity_loss_forms() -> None:
     assert float(complexity_loss(macs, GateConfig(complexity="authors", complexity_weight=0.5))) == 2.0
     cfg = GateConfig(complexity="target", complexity_weight=1.0, target_macs_m=1000.0)
     assert float(complexity_loss(macs, cfg)) == 1.0
-    assert float(complexity_loss(torch.tensor(0.9e9), cfg)) == 0.0
+    # two-sided: a cost below the target is pulled up too
+    assert float(complexity_loss(torch.tensor(0.5e9), cfg)) == pytest.approx(0.25)
+    assert float(complexity_loss(torch.tensor(1.0e9), cfg)) == 0.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Training results must not depend on how many threads the machine gives the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class _Difficulty(Dataset):
-    """Class patterns plus noise: even indices are easy (weak noise), odd ones hard (strong noise)."""
+    """Class patterns plus noise: a ``hard`` fraction of the samples (every 1/hard-th index) gets strong
+    noise, the rest weak noise."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, hard: float = 0.5) -> None:
         g = torch.Generator().manual_seed(0)
         self.patterns = torch.randn(4, 1, 16, 16, generator=g)
         g = torch.Generator().manual_seed(seed)
         self.labels = torch.randint(0, 4, (n,), generator=g)
         noise = torch.randn(n, 1, 16, 16, generator=g)
-        self.hard = torch.arange(n) % 2 == 1
-        scale = torch.where(self.hard, 6.0, 0.3)[:, None, None, None]
+        self.hard = torch.rand(n, generator=g) < hard
+        easy_scale = 0.2 + 1.3 * torch.rand(n, generator=g)  # difficulty varies within the easy part too
+        scale = torch.where(self.hard, 6.0, easy_scale)[:, None, None, None]
         self.x = self.patterns[self.labels] + scale * noise
 
     def __len__(self) -> int:
@@ -107,8 +121,6 @@ class _Difficulty(Dataset):
 
 
 def _data(train: Dataset, val: Dataset) -> TrainData:
-    from torch.utils.data import DataLoader
-
     info = DataInfo(4, 1, (0.0,), (1.0,), "difficulty", len(train), len(val))
     return TrainData(train, DataLoader(val, batch_size=64), info, 32, 0, Dist(), 16)
 
@@ -137,6 +149,34 @@ def test_gate_routes_hard_samples_wider_and_complexity_makes_it_cheaper(tmp_path
     routes, _ = results["light"]
     assert routes[val.hard].mean() > routes[~val.hard].mean() + 0.5, (routes[val.hard].mean(), routes[~val.hard].mean())
     assert results["heavy"][1].avg_macs < results["light"][1].avg_macs
+
+
+@pytest.mark.slow
+def test_calibrated_gate_meets_its_budget_when_hard_samples_are_rare(tmp_path) -> None:
+    torch.manual_seed(0)
+    train, val, held = _Difficulty(1024, 1, 0.15), _Difficulty(2048, 2, 0.15), _Difficulty(1024, 3, 0.15)
+    data = _data(train, val)
+    model = dsctl.build_model("tiny_ds_resnet", num_classes=4, base_width=4)
+    optim = OptimConfig(lr=0.1, epochs=3, warmup_epochs=0, weight_decay=0.0, amp=False)
+    train_supernet(model, data, SupernetConfig(calib_batches=8, ema_decay=0.0, target="none"), optim,
+                   RunDir(tmp_path / "sup"))
+    route_macs, g_macs = macs_table(model, 16), gate_macs(model)
+    window = (0, 6)
+    target = 0.5 * (route_macs[0] + route_macs[6]) + g_macs
+    cfg = GateConfig(window=window, complexity="target", complexity_weight=1.0, target_macs_m=target / 1e6)
+    g_optim = OptimConfig(lr=0.05, epochs=4, warmup_epochs=0, weight_decay=0.0, amp=False)
+    result = train_gate(model, data, cfg, g_optim, RunDir(tmp_path / "gate"), window=window, route_macs=route_macs,
+                        gate_macs=g_macs, device=torch.device("cpu"), holdout=DataLoader(held, batch_size=256))
+    cal = result.final["decision_calibration"]
+    assert cal["met"] and abs(cal["error"]) <= 0.02, cal
+    on_test = evaluate_dynamic(model, data.val, window, torch.device("cpu"), route_macs=route_macs, gate_macs=g_macs)
+    assert abs(on_test.avg_macs / target - 1) <= 0.05, (on_test.avg_macs, target)
+    _, routes = dynamic_forward(model.eval(), val.x, window)
+    assert routes[val.hard].float().mean() > routes[~val.hard].float().mean() + 1.0
+    # the same gate under plain argmax hardly spends: the budget comes from the calibration
+    model.gate.route_bias.zero_()
+    argmax = evaluate_dynamic(model, data.val, window, torch.device("cpu"), route_macs=route_macs, gate_macs=g_macs)
+    assert abs(argmax.avg_macs / target - 1) > 0.05
 
 
 def test_gate_run_resumes_to_identical_head(tmp_path) -> None:

@@ -1,14 +1,22 @@
-"""Stage II: gate training with the supernet frozen (DESIGN.md section 6), and dynamic evaluation.
+"""Stage II: gate training with the supernet frozen (DESIGN.md section 6), decision calibration, and
+dynamic evaluation.
 
-Per step: the window's members run sliced (no gradient); sandwich gate sparsification (SGS) gives each
-sample a target (the window's smallest if it is right, else the window's largest); the loss is
-``task_weight * CE(routed output) + sgs_weight * CE(gate logits, SGS target) + complexity``, where the
-routed output goes through straight-through Gumbel-softmax and the complexity term is computed from
-the expected MACs under the gate's probabilities:
+Per step: the window's members run sliced (no gradient); their per-sample correctness gives each sample
+a gate target (:func:`dsctl.routing.gate_targets`: the authors' SGS rule or the cheapest member that is
+right); the loss is ``task_weight * CE(routed output) + sgs_weight * CE_w(gate logits, target) +
+complexity``, with ``CE_w`` weighted by inverse target frequency (``class_weighting``), the routed output
+through straight-through Gumbel-softmax and the complexity term on the expected MACs under the gate's
+probabilities:
 
 * ``authors``: ``complexity_weight * (E[MACs] / 1e9)^2`` (the papers' 0.5 x (MMACs/1000)^2 at weight 0.5);
-* ``target``: ``complexity_weight * max(0, E[MACs] / target - 1)^2``, only above a MACs target;
+* ``target``: ``complexity_weight * (E[MACs] / target - 1)^2``, two-sided: it pulls a cost below the
+  target up as well as a cost above it down;
 * ``none``.
+
+After training, ``decision: calibrated`` fits per-route logit offsets on a held-out part of the training
+data so that the average MACs spent there (gate included) equal ``target_macs_m``
+(:func:`dsctl.routing.calibrate_offsets`); the offsets live in the gate's ``route_bias`` buffer, so the
+checkpoint, ``dsctl eval`` and the dynamic export all route with them. ``argmax`` keeps the authors' rule.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from torch import Tensor, nn
 from dsctl.checkpoint import load_checkpoint, save_checkpoint
 from dsctl.config import GateConfig, OptimConfig
 from dsctl.dynamic import average_macs, forward_routed, gate_logits, grouped_post
+from dsctl.routing import Calibration, calibrate_offsets, class_weights, gate_targets
 from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
 from dsctl.train.common import (
@@ -36,7 +45,8 @@ from dsctl.train.loop import Position, run_epochs
 from dsctl.train.progress import LogProgress, Progress
 from dsctl.train.run import RunDir, StopFlag, environment
 
-__all__ = ["sgs_targets", "complexity_loss", "DynamicEval", "evaluate_dynamic", "GateResult", "train_gate"]
+__all__ = ["sgs_targets", "complexity_loss", "DynamicEval", "evaluate_dynamic", "calibrate_gate", "GateResult",
+           "train_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,11 @@ def sgs_targets(smallest_logits: Tensor, labels: Tensor, window_size: int) -> Te
     return torch.where(right, torch.zeros_like(labels), torch.full_like(labels, window_size - 1))
 
 
+def member_correct(member_logits: Tensor, labels: Tensor) -> Tensor:
+    """(W, N, C) window members' logits -> (N, W) bool: which members classify each sample right."""
+    return (member_logits.argmax(-1) == labels[None]).T
+
+
 def complexity_loss(expected_macs: Tensor, cfg: GateConfig) -> Tensor:
     if cfg.complexity == "none" or cfg.complexity_weight == 0:
         return expected_macs.new_zeros(())
@@ -54,7 +69,7 @@ def complexity_loss(expected_macs: Tensor, cfg: GateConfig) -> Tensor:
         return cfg.complexity_weight * (expected_macs / 1e9) ** 2
     if cfg.target_macs_m is None:
         raise DsctlError("gate.complexity='target' needs gate.target_macs_m (or --target-macs)")
-    return cfg.complexity_weight * F.relu(expected_macs / (cfg.target_macs_m * 1e6) - 1.0) ** 2
+    return cfg.complexity_weight * (expected_macs / (cfg.target_macs_m * 1e6) - 1.0) ** 2
 
 
 @dataclass
@@ -76,8 +91,12 @@ class DynamicEval:
 
 @torch.no_grad()
 def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: torch.device, *,
-                     route_macs: list[int], gate_macs: int, amp: bool = False) -> DynamicEval:
-    """Real dynamic inference (argmax routing, grouped sliced sub-networks) over ``loader``."""
+                     route_macs: list[int], gate_macs: int, amp: bool = False, rule: str = "authors") -> DynamicEval:
+    """Real dynamic inference (the gate's decision rule, grouped sliced sub-networks) over ``loader``.
+
+    ``gate_sgs_acc`` is the agreement of the routes with the gate targets of ``rule`` (computed on every
+    window member's output, so this costs the whole window once per batch).
+    """
     model.eval()
     lo, hi = window
     k = model.space.num_subnets
@@ -87,21 +106,53 @@ def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: t
         x, y = x.to(device), y.to(device)
         with autocast(device, amp):  # one pass to the gate serves the routed groups and the SGS reference
             point = model.forward_pre(x, model.space.subnets[lo], encode=True)
-            routes = gate_logits(model, point.encoding, window).argmax(-1) + lo
+            routes = model.gate.decide(point.encoding, window)
             logits = grouped_post(model, point.features, routes)
-            smallest = model.forward_post(point.features, model.space.subnets[lo])
+            members = torch.stack([model.forward_post(point.features, s).float()
+                                   for s in model.space.subnets[lo : hi + 1]])
         logits = logits.float()
         hist += torch.bincount(routes.cpu(), minlength=k).double()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), 1).indices
         c1 += float((top[:, 0] == y).sum())
         c5 += float((top == y[:, None]).any(1).sum())
-        sgs_right += float((sgs_targets(smallest.float(), y, hi - lo + 1) + lo == routes).sum())
+        sgs_right += float((gate_targets(member_correct(members, y), rule) + lo == routes).sum())
         n += y.numel()
     c1, c5, loss_sum, n, sgs_right, *counts = all_reduce_sum([c1, c5, loss_sum, n, sgs_right, *hist.tolist()], device)
     histogram = [int(c) for c in counts]
     return DynamicEval(100 * c1 / n, 100 * c5 / n, loss_sum / n, int(n), histogram,
                        average_macs(histogram, route_macs, gate_macs), 100 * sgs_right / n)
+
+
+@torch.no_grad()
+def window_logits(model: Supernet, loader, window: tuple[int, int], device: torch.device, *,
+                  amp: bool = False) -> Tensor:
+    """Raw gate logits over the window for every sample of ``loader``, shape (N, W), float32 on CPU."""
+    model.eval()
+    out = []
+    for x, _ in loader:
+        with autocast(device, amp):
+            point = model.forward_pre(x.to(device), model.space.subnets[window[0]], encode=True)
+            out.append(gate_logits(model, point.encoding, window).float().cpu())
+    return torch.cat(out)
+
+
+def calibrate_gate(model: Supernet, loader, window: tuple[int, int], device: torch.device, *, route_macs: list[int],
+                   gate_macs: int, target_macs: float, tolerance: float = 0.02, amp: bool = False) -> Calibration:
+    """Fit the decision offsets on held-out data so the average MACs (gate included) meet ``target_macs``,
+    and store them in ``model.gate.route_bias`` (zero outside the window)."""
+    lo, hi = window
+    logits = window_logits(model, loader, window, device, amp=amp)
+    cal = calibrate_offsets(logits, [float(m) for m in route_macs[lo : hi + 1]], target_macs - gate_macs,
+                            tolerance=tolerance)
+    bias = torch.zeros_like(model.gate.route_bias)
+    bias[lo : hi + 1] = torch.tensor(cal.offsets, dtype=bias.dtype)
+    model.gate.route_bias.copy_(bias)
+    if not cal.met:
+        logger.warning("decision calibration reached %.4gM routed MACs on %d held-out samples for a %.4gM target "
+                       "(%+.1f%%): the gate's scores do not separate the samples finely enough",
+                       cal.avg_macs / 1e6, cal.samples, cal.target_macs / 1e6, 100 * cal.error)
+    return cal
 
 
 @dataclass
@@ -115,10 +166,16 @@ class GateResult:
 def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimConfig, run: RunDir, *,
                window: tuple[int, int], route_macs: list[int], gate_macs: int, device: torch.device,
                dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, source: str = "",
-               resume: bool = False, progress: Progress | None = None, stop: StopFlag | None = None) -> GateResult:
+               resume: bool = False, progress: Progress | None = None, stop: StopFlag | None = None,
+               holdout=None) -> GateResult:
     """Train the slimming head of ``model``'s gate over ``window``; the supernet and its BN stay frozen.
 
     ``route_macs`` are the MACs of every indexed sub-network (absolute index), ``gate_macs`` the gate's own.
+    ``holdout`` (a loader over training samples the gate never trains on) serves the decision
+    calibration when ``cfg.decision == "calibrated"`` and a MACs target is set.
+
+    Raises:
+        DsctlError: the MACs target lies outside what the window can spend, or calibration lacks data.
     """
     progress = progress or LogProgress()
     stop = stop if stop is not None else StopFlag()
@@ -131,6 +188,15 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
         p.requires_grad_(True)
     optimizer, scheduler, epochs, steps = build_training(nn.ParameterList(trainable), optim, data.steps_per_epoch())
     lo, hi = window
+    calibrate = cfg.decision == "calibrated" and cfg.target_macs_m is not None
+    if cfg.target_macs_m is not None:
+        target = cfg.target_macs_m * 1e6
+        low, high = route_macs[lo] + gate_macs, route_macs[hi] + gate_macs
+        if not low <= target <= high:
+            raise DsctlError(f"gate.target_macs_m={cfg.target_macs_m:g} is outside what window {lo}:{hi} can spend "
+                             f"(allowed: {low / 1e6:.4g}..{high / 1e6:.4g}, the gate's own MACs included)")
+    if calibrate and holdout is None:
+        raise DsctlError("gate.decision='calibrated' needs held-out training data (gate.holdout)")
     window_macs = torch.tensor(route_macs[lo : hi + 1], dtype=torch.float32, device=device)
     rng = random.Random(seed)
     pos = Position()
@@ -142,15 +208,17 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
         set_rng_state(rng, ckpt["rng"])
         pos = Position.from_checkpoint(ckpt)
     running: dict[str, float] = {}
+    calibration: Calibration | None = None
 
     def step(batch_idx: int, x: Tensor, y: Tensor) -> dict[str, float] | None:
         x, y = x.to(device), y.to(device)
         model.eval()  # BN statistics stay frozen
         with autocast(device, optim.amp):
             out = forward_routed(model, x, window, window_macs, tau=cfg.tau)
-        targets = sgs_targets(out.member_logits[0], y, hi - lo + 1)
+        targets = gate_targets(member_correct(out.member_logits, y), cfg.sgs_target)
+        weight = class_weights(targets, hi - lo + 1) if cfg.class_weighting else None
         task = F.cross_entropy(out.logits, y)
-        sgs = F.cross_entropy(out.gate_logits, targets)
+        sgs = F.cross_entropy(out.gate_logits, targets, weight=weight)
         cplx = complexity_loss(out.expected_macs, cfg)
         loss = cfg.task_weight * task + cfg.sgs_weight * sgs + cplx
         (loss / optim.grad_accum).backward()
@@ -164,13 +232,16 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(dist.world)
+        if optim.clip_grad:
+            nn.utils.clip_grad_norm_(trainable, optim.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step_update(pos.global_step + 1)
         return dict(running)
 
     def evaluate_epoch(epoch: int) -> list[dict[str, Any]]:
-        r = evaluate_dynamic(model, data.val, window, device, route_macs=route_macs, gate_macs=gate_macs, amp=optim.amp)
+        r = evaluate_dynamic(model, data.val, window, device, route_macs=route_macs, gate_macs=gate_macs, amp=optim.amp,
+                             rule=cfg.sgs_target)
         return [{"model": f"dynamic[{lo}:{hi}]", "top1": round(r.top1, 3), "top5": round(r.top5, 3),
                  "loss": round(r.loss, 5), "avg_macs": round(r.avg_macs), "gate_sgs_acc": round(r.gate_sgs_acc, 2),
                  "histogram": " ".join(str(c) for c in r.histogram[lo : hi + 1])}]
@@ -181,6 +252,8 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
             "space": model.space.to_dict(), "state_dict": model.state_dict(), "window": [lo, hi],
             "route_macs": list(route_macs), "gate_macs": gate_macs, "input_size": data.input_size,
             "supernet": source, "recipe": recipe or {}, "calibrated": True, "data_info": asdict(data.info),
+            "decision": cfg.decision if calibration is not None else "argmax",
+            "decision_calibration": calibration.to_dict() if calibration is not None else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": get_rng_state(rng),
             "position": p.to_dict(), "best_score": p.best, "completed": completed,
         }
@@ -192,11 +265,22 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
     pos = run_epochs(data=data, run=run, pos=pos, epochs=epochs, steps_per_epoch=steps, grad_accum=optim.grad_accum,
                      seed=seed, step=step, evaluate=evaluate_epoch, save=save, score=lambda rows: rows[0]["top1"],
                      progress=progress, stop=stop)
-    r = evaluate_dynamic(model, data.val, window, device, route_macs=route_macs, gate_macs=gate_macs, amp=optim.amp)
+    if calibrate:
+        progress.start("calibrating the decision rule on held-out data", 1)
+        calibration = calibrate_gate(model, holdout, window, device, route_macs=route_macs, gate_macs=gate_macs,
+                                     target_macs=cfg.target_macs_m * 1e6, tolerance=cfg.budget_tolerance,
+                                     amp=optim.amp)
+        progress.advance(1)
+        progress.finish(f"held-out routed MACs {calibration.avg_macs / 1e6:.4g}M for a "
+                        f"{calibration.target_macs / 1e6:.4g}M target ({100 * calibration.error:+.2f}%)")
+    r = evaluate_dynamic(model, data.val, window, device, route_macs=route_macs, gate_macs=gate_macs, amp=optim.amp,
+                         rule=cfg.sgs_target)
     final = {"window": [lo, hi], "top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5),
              "avg_macs": round(r.avg_macs), "gate_macs": gate_macs, "histogram": r.histogram,
              "gate_sgs_acc": round(r.gate_sgs_acc, 2), "complexity": cfg.complexity,
-             "target_macs_m": cfg.target_macs_m, "complexity_weight": cfg.complexity_weight}
+             "target_macs_m": cfg.target_macs_m, "complexity_weight": cfg.complexity_weight,
+             "sgs_target": cfg.sgs_target, "decision": "calibrated" if calibration is not None else "argmax",
+             "decision_calibration": calibration.to_dict() if calibration is not None else None}
     if dist.main:
         final_payload = payload(pos, True)
         for key in ("optimizer", "scheduler", "rng"):

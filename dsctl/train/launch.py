@@ -6,11 +6,13 @@ equivalent of ``dsctl train-supernet``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from dsctl.checkpoint import load_pretrained
 from dsctl.config import Recipe, load_recipe, recipe_to_dict, save_recipe
@@ -22,7 +24,8 @@ from dsctl.train.data import TrainData, build_train_data
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag
 
-__all__ = ["PreparedRun", "prepare_run", "resolve_recipe", "build_supernet_for", "launch_supernet", "launch_gate"]
+__all__ = ["PreparedRun", "prepare_run", "resolve_recipe", "build_supernet_for", "launch_supernet", "launch_gate",
+           "default_window"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
                 progress: Progress | None = None, stop: StopFlag | None = None):
     """Stage II end to end: load (and if needed recalibrate) the supernet, then train the gate over the window."""
     from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
-    from dsctl.dynamic import check_window
+    from dsctl.data import split_holdout
     from dsctl.flops import gate_macs, macs_table
     from dsctl.train.common import calibrate_bn
     from dsctl.train.gate import train_gate
@@ -110,8 +113,27 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
         specs = list(model.space.subnets) + [model.space.full]
         calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), list(dict.fromkeys(specs)),
                      prep.device, num_batches=recipe.supernet.calib_batches)
-    window = check_window(model, recipe.gate.window)
     route_macs = macs_table(model, prep.data.input_size)
-    return train_gate(model, prep.data, recipe.gate, recipe.optim, prep.run, window=window, route_macs=route_macs,
-                      gate_macs=gate_macs(model), device=prep.device, dist=prep.dist, seed=recipe.seed,
-                      recipe=recipe_to_dict(recipe), source=ckpt["path"], resume=resume, progress=progress, stop=stop)
+    g_macs = gate_macs(model, prep.data.input_size)
+    window = default_window(model, recipe.gate, route_macs, g_macs)
+    data, holdout = prep.data, None
+    if recipe.gate.decision == "calibrated" and recipe.gate.target_macs_m is not None:
+        train_part, held = split_holdout(recipe.data, recipe.gate.holdout)
+        data = dataclasses.replace(prep.data, train=train_part)
+        holdout = DataLoader(held, batch_size=prep.data.val.batch_size or 256, num_workers=0)
+    return train_gate(model, data, recipe.gate, recipe.optim, prep.run, window=window, route_macs=route_macs,
+                      gate_macs=g_macs, device=prep.device, dist=prep.dist, seed=recipe.seed,
+                      recipe=recipe_to_dict(recipe), source=ckpt["path"], resume=resume, progress=progress, stop=stop,
+                      holdout=holdout)
+
+
+def default_window(model: Supernet, cfg, route_macs: list[int], gate_macs: int) -> tuple[int, int]:
+    """The recipe's window, else the ``window_size`` sub-networks around the MACs target, else all."""
+    from dsctl.dynamic import check_window
+    from dsctl.routing import choose_window
+
+    if cfg.window is not None:
+        return check_window(model, cfg.window)
+    if cfg.target_macs_m is None:
+        return check_window(model, None)
+    return choose_window(route_macs, cfg.target_macs_m * 1e6 - gate_macs, cfg.window_size)
