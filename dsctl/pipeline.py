@@ -1,5 +1,5 @@
-"""The whole experiment in one call (``dsctl quickstart``): supernet -> gates at several MACs targets ->
-static baselines -> side-by-side report. Every stage is its own run folder; a finished stage is skipped
+"""The whole experiment in one call (``dsctl quickstart``): supernet -> headroom analysis (oracle router,
+``dsctl analyze``) -> gates at several MACs targets -> static baselines -> side-by-side report. Every stage is its own run folder; a finished stage is skipped
 and an interrupted one resumed, so re-running the same command continues where it stopped.
 """
 
@@ -55,6 +55,11 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     runs = stage_runs(recipe, out)
     _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(
         recipe, runs["supernet"], device=device, resume=resume, progress=progress, stop=stop))
+    if not (runs["supernet"] / "analysis" / "analysis.json").is_file():
+        from dsctl.analyze import analyze_checkpoint
+
+        logger.info("analysis: oracle router and gate-position probes on the validation split")
+        analyze_checkpoint(runs["supernet"] / "final.pt", device=device, progress=progress)
     subnets = load_checkpoint(runs["supernet"] / "final.pt")["subnets"]
     last = len([r for r in subnets if r["subnet"].startswith("k")]) - 1
     widest = next(r["macs"] for r in subnets if r["subnet"] == f"k{last}")
@@ -77,5 +82,5 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     rows = build_report(list(runs.values()), batch_n=p.report_batch, device="cpu" if device == "auto" else device,
                         min_run_time_s=p.report_min_run_time_s)
     write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart", machine=machine,
-                 title=f"{recipe.model.name} on {rows[0].data.split(':')[0]}: ")
+                 title=f"{recipe.model.name} on {rows[0].data.split(':')[0]}")
     return rows

@@ -175,7 +175,7 @@ def report_cmd(
     machine = f"{platform.machine()} {platform.processor() or ''} ({rows[0].device}, {rows[0].threads} threads), " \
               f"torch {rows[0].torch_version}"
     command = "dsctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    paths = write_report(rows, out, command=command, machine=machine, title=f"{title}: " if title else "")
+    paths = write_report(rows, out, command=command, machine=machine, title=title or "")
     console.print(table(f"report ({rows[0].device}, {rows[0].threads} threads; MACs = fused multiply-adds)",
                         ["method", "variant", "width", "MACs (M)", "params (M)", "top1", "ms b1", f"ms b{batch}"], [
         [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.params / 1e6:.3f}", f"{r.top1:.2f}",
