@@ -199,11 +199,11 @@ class PipelineConfig(BaseModel):
 
     model_config = _FROZEN
 
-    gate_targets: tuple[float, ...] = (0.45, 0.6)  # MACs targets as fractions of the largest sub-network's
+    gate_targets: tuple[float, ...] = (0.45, 0.6)  # MACs targets as fractions of the full-width network's
     gate_window: tuple[int, int] | None = None
     gate_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(
-        opt="sgd", lr=0.05, weight_decay=0.01, epochs=3, warmup_epochs=0, min_lr=1e-4))
-    gate_complexity_weight: float = Field(default=2.0, ge=0.0)
+        opt="adamw", lr=0.002, weight_decay=0.01, epochs=3, warmup_epochs=0, min_lr=1e-5))
+    gate_complexity_weight: float = Field(default=1.0, ge=0.0)
     baseline_methods: tuple[Literal["uniform", "l1", "slimming"], ...] = ("uniform", "l1", "slimming")
     baseline_width: str = "0.5"
     uniform_widths: tuple[str, ...] = ()  # extra width-multiplier baselines (beside baseline_width)

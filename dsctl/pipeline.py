@@ -61,8 +61,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
         logger.info("analysis: oracle router and gate-position probes on the validation split")
         analyze_checkpoint(runs["supernet"] / "final.pt", device=device, progress=progress)
     subnets = load_checkpoint(runs["supernet"] / "final.pt")["subnets"]
-    last = len([r for r in subnets if r["subnet"].startswith("k")]) - 1
-    widest = next(r["macs"] for r in subnets if r["subnet"] == f"k{last}")
+    widest = max(r["macs"] for r in subnets)  # the full-width network (the report's "largest")
     for f in p.gate_targets:
         target_m = f * widest / 1e6
         gate_recipe = recipe.model_copy(update={"optim": p.gate_optim, "gate": recipe.gate.model_copy(update={

@@ -60,6 +60,7 @@ def _pipeline(tmp_path):
     return [tmp_path / "sup", tmp_path / "gate", tmp_path / "uni"]
 
 
+@pytest.mark.slow
 def test_report_rows_plots_and_refusal(tmp_path) -> None:
     runs = _pipeline(tmp_path)
     rows = build_report(runs, batch_n=4, min_run_time_s=0.05)
@@ -79,6 +80,7 @@ def test_report_rows_plots_and_refusal(tmp_path) -> None:
         build_report([runs[0], tmp_path / "other"], measure=False)
 
 
+@pytest.mark.slow
 def test_bench_rows_have_provenance() -> None:
     model = dsctl.build_model("tiny_ds_resnet")
     settings = BenchSettings(batches=(1, 4), min_run_time_s=0.05, warmup=1)

@@ -22,6 +22,7 @@ def _ok(args: list[str]) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_commands_in_a_row(tmp_path) -> None:
     sup, gate, uni = tmp_path / "sup", tmp_path / "gate", tmp_path / "uni"
     _ok(["train-supernet", SMOKE, "--out", str(sup), "--device", "cpu", "--quiet", "--set", "optim.epochs=1"])

@@ -125,6 +125,7 @@ def _data(train: Dataset, val: Dataset) -> TrainData:
     return TrainData(train, DataLoader(val, batch_size=64), info, 32, 0, Dist(), 16)
 
 
+@pytest.mark.slow
 def test_gate_routes_hard_samples_wider_and_complexity_makes_it_cheaper(tmp_path) -> None:
     torch.manual_seed(0)
     train, val = _Difficulty(1024, 1), _Difficulty(512, 2)

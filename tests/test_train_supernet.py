@@ -132,6 +132,7 @@ def test_recipe_dict_roundtrip_keeps_checkpoint_loadable(tmp_path) -> None:
     assert torch.load(tmp_path / "x.pt", weights_only=True)["r"]["model"]["name"] == "tiny_ds_resnet"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo_with_sync_bn(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsctl",
