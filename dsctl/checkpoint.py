@@ -8,6 +8,7 @@ epoch, recipe, ...). Loading always uses ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -63,13 +64,35 @@ def find_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def _load_weights_only(p: Path, map_location: str | torch.device, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with one clear line for every way a file can be wrong.
+
+    Never repeats torch's advice to retry with ``weights_only=False``: files can come from strangers, and
+    unpickling them can run code.
+    """
+    try:
+        if p.stat().st_size == 0:
+            raise CheckpointError(f"{p}: empty file (0 bytes), not a {what}")
+    except OSError as err:
+        raise CheckpointError(f"{p}: cannot read ({err.strerror})") from None
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        text = str(err)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            reason = ("it holds Python objects other than tensors and plain containers, which dsctl does not "
+                      "unpickle (that could run code)")
+        elif isinstance(err, OSError | EOFError | RuntimeError | IndexError | ValueError | KeyError | pickle.UnpicklingError):
+            reason = "not a PyTorch file, or a truncated/corrupt one"
+        else:
+            reason = f"unreadable ({type(err).__name__})"
+        raise CheckpointError(f"{p}: not a readable {what}: {reason}") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a dsctl checkpoint with ``weights_only=True``; CheckpointError on anything else."""
     p = find_checkpoint(path)
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"{p}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    ckpt = _load_weights_only(p, map_location, "checkpoint")
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model_name" not in ckpt:
         raise CheckpointError(f"{p}: not a dsctl checkpoint (no format_version/model_name)")
     if ckpt["format_version"] > FORMAT_VERSION:
@@ -105,10 +128,7 @@ def load_pretrained(model: Supernet, path: str | Path) -> None:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{p}: not a readable state dict ({type(err).__name__})") from None
+    state = _load_weights_only(p, "cpu", "state dict")
     for key in ("state_dict", "model", "ema_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

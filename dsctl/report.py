@@ -2,8 +2,8 @@
 
 ``build_report(run_dirs, ...)`` reads finished run folders (the ``final.pt`` of each), refuses runs that
 were not trained and evaluated on the same data at the same input size, times every model side by side
-(exported static sub-networks, grouped dynamic inference on real validation images, baseline networks),
-and returns :class:`ReportRow` rows; ``write_report`` writes ``report.csv``, the PNG plots and a README
+(exported static sub-networks, the deployable routed model of each gate: shared stem, gate and static
+tails, samples grouped by route, on real validation images; baseline networks), and returns :class:`ReportRow` rows; ``write_report`` writes ``report.csv``, the PNG plots and a README
 saying how the numbers were produced.
 """
 
@@ -42,7 +42,8 @@ def write_csv(path: str | Path, rows: Sequence[Any]) -> None:
 
 @dataclass
 class ReportRow:
-    """One model in a comparison. MACs: fused multiply-adds (fvcore), BatchNorm/element-wise not counted;
+    """One model in a comparison. MACs: fused multiply-adds (fvcore; average pooling at its input size,
+    BatchNorm/max pooling/element-wise not counted);
     for dynamic models the average over the validation set (route histogram x route MACs + gate)."""
 
     method: str
@@ -75,8 +76,7 @@ class _Entry:
 
 def _load_run(run_dir: Path) -> list[_Entry]:
     from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
-    from dsctl.dynamic import DynamicNet
-    from dsctl.export import export_subnet
+    from dsctl.export import export_routed, export_subnet
     from dsctl.flops import count_params, count_subnet
     from dsctl.train.static import rebuild_static
 
@@ -108,7 +108,7 @@ def _load_run(run_dir: Path) -> list[_Entry]:
         target = f["target_macs_m"] * 1e6 if f.get("target_macs_m") else float("nan")
         entries.append(_Entry(ReportRow("dynamic", model.model_name, variant, "dynamic", int(f["avg_macs"]), params,
                                         f["top1"], f["top5"], target_macs=target, **base),
-                              DynamicNet(model.eval(), (lo, hi))))
+                              export_routed(model.eval(), (lo, hi))))  # what `dsctl export --dynamic` deploys
     elif kind == "static":
         from dsctl.flops import count_macs
 
@@ -335,6 +335,8 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
     if targets:
         write_csv(out / "targets.csv", targets)
         paths.append(out / "targets.csv")
+    else:  # never leave an older report's targets beside these rows
+        (out / "targets.csv").unlink(missing_ok=True)
     olines = [f"- The dotted `oracle router` series of accuracy_vs_macs.png is `{o.path}`, written by `dsctl analyze` "
               f"({o.split} split, {o.samples} samples): each sample routed to the cheapest sub-network that "
               "classifies it correctly, and the most accurate such routing under each average-MACs budget (gate "
@@ -346,9 +348,12 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
     (out / "REPORT.md").write_text(
         f"# {title or 'dsctl report'}\n\nProduced by `{command}` at commit `{commit}` on {machine}.\n"
         f"Do not edit by hand: re-run the command above.\n\n"
-        "MACs are fused multiply-adds counted by fvcore on the exported static networks (BatchNorm and "
-        "element-wise ops not counted); dynamic MACs are the validation-set average including the gate. "
-        "Latencies are medians of interleaved torch.utils.benchmark measurements taken in one run.\n\n"
+        "MACs are fused multiply-adds counted by fvcore on the exported static networks (average pooling "
+        "counted at its input size, as the DS-Net authors' MAdds; BatchNorm, max pooling and element-wise ops "
+        "not counted); dynamic MACs are the validation-set average including the gate. "
+        "Latencies are medians of interleaved torch.utils.benchmark measurements taken in one run; a dynamic "
+        "model is timed as `dsctl export --dynamic` deploys it (shared stem and gate once per batch, then each "
+        "group of samples through its own static sub-network).\n\n"
         + "\n".join(lines) + "\n"
         + ("\n" + "\n".join(olines) + "\n" if olines else "")
         + ("\n## Targets (computed from the rows above by `dsctl.report.check_targets`)\n\n" + "\n".join(tlines) + "\n"

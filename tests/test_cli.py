@@ -99,3 +99,36 @@ def test_train_supernet_passes_recipe_and_options_to_library(monkeypatch, tmp_pa
                         "--seed", "7", "--data", "synthetic", "--device", "cpu"])
     assert seen["recipe"].optim.lr == 0.3 and seen["recipe"].seed == 7 and seen["device"] == "cpu"
     assert seen["out"] == tmp_path / "r" and seen["resume"] is False
+
+
+def test_bad_checkpoint_files_give_one_line_without_unsafe_advice(tmp_path) -> None:
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    expected = {"empty.pt": "empty file", "random.pt": "truncated/corrupt", "evil.pt": "does not unpickle"}
+    for name, text in expected.items():
+        result = runner.invoke(app, ["eval", str(tmp_path / name)])
+        assert result.exit_code == 1, (name, result.output)
+        out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+        assert text in out and "Traceback" not in out and "weights_only" not in out, out
+        assert "this must never run" not in out
+
+
+@pytest.mark.parametrize("args, text", [
+    (["flops", "tiny_ds_resnet", "--width", "0.5", "--all"], "--width and --all"),
+    (["eval", "runs/none.pt", "--width", "0.5", "--dynamic"], "--width 0.5 and --dynamic"),
+    (["baseline", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--method", "l1", "--width", "0.5",
+      "--target-macs", "1.0"], "--width 0.5 and --target-macs 1"),
+    (["train-gate", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--supernet", "x", "--window", "3:3"],
+     "0 <= a < b"),
+])
+def test_conflicting_or_bad_flags_are_one_line_errors(args, text) -> None:
+    result = runner.invoke(app, args)
+    out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 1 and text in out and "Traceback" not in out, out

@@ -54,12 +54,15 @@ def flops_cmd(
     init_from: InitOpt = None,
 ) -> None:
     """MACs and parameters per sub-network, counted with fvcore on the exported static network."""
+    from dsctl.errors import DsctlError
     from dsctl.flops import MACS_CONVENTION, count_subnet
     from dsctl.report import write_csv
 
+    if width and all_:
+        raise DsctlError("--width and --all contradict each other (give one: --all counts every sub-network)")
     model, _ = resolve_model(target, num_classes=num_classes, in_chans=in_chans, init_from=init_from)
     space = model.space
-    if width and not all_:
+    if width:
         specs = [space.resolve(w) for w in width]
     else:
         specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])

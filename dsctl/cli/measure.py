@@ -27,8 +27,12 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Top-1, top-5 and loss on the validation data; for dynamic models also average MACs and routes."""
+    from dsctl.errors import DsctlError
     from dsctl.evaluation import evaluate_checkpoint
 
+    if width is not None and dynamic:
+        raise DsctlError(f"--width {width} and --dynamic contradict each other (a static sub-network or the gate's "
+                         "routing: give one)")
     result = evaluate_checkpoint(checkpoint, width=width, dynamic=dynamic,
                                  overrides=[*(set_ or []), *data_overrides(data, None)], device=device)
     if as_json:

@@ -159,10 +159,13 @@ def train_gate_cmd(
         progress.close()
     f = result.final
     lo, hi = f["window"]
-    console.print(table(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", "gate SGS acc",
-                                                            "routes"], [
-        [f"{lo}:{hi}", f"{f['top1']:.2f}", f"{f['top5']:.2f}", f"{f['avg_macs'] / 1e6:.3f}", f"{f['gate_sgs_acc']:.1f}",
-         " ".join(str(c) for c in f["histogram"][lo: hi + 1])]]))
+    cal = f.get("decision_calibration")
+    target = f"{f['target_macs_m']:.3f}" if f.get("target_macs_m") else "-"
+    held = f"{cal['avg_macs'] / 1e6 + f['gate_macs'] / 1e6:.3f} ({100 * cal['error']:+.1f}%)" if cal else "argmax"
+    console.print(table(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", "target (M)",
+                                                            "held-out MACs (M)", "gate target acc", "routes"], [
+        [f"{lo}:{hi}", f"{f['top1']:.2f}", f"{f['top5']:.2f}", f"{f['avg_macs'] / 1e6:.3f}", target, held,
+         f"{f['gate_sgs_acc']:.1f}", " ".join(str(c) for c in f["histogram"][lo: hi + 1])]]))
 
 
 class BaselineMethod(str, Enum):
@@ -190,12 +193,15 @@ def baseline_cmd(
 ) -> None:
     """Train a static baseline with the same recipe: uniform width, L1-pruned, or network-slimmed."""
     from dsctl.baselines import launch_baseline
+    from dsctl.errors import DsctlError
     from dsctl.train.launch import resolve_recipe
     from dsctl.train.run import TrainingInterrupted
 
     overrides = [*(set_ or []), *data_overrides(data, seed)]
     if method is not None:
         overrides.append(f"baseline.method={method.value}")
+    if width is not None and target_macs is not None:
+        raise DsctlError(f"--width {width} and --target-macs {target_macs:g} contradict each other (give one)")
     if width is not None:
         overrides.append(f"baseline.width='{width}'")
     if target_macs is not None:
