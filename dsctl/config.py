@@ -146,7 +146,7 @@ class GateConfig(BaseModel):
     """Gate training: which sub-networks the gate may choose, its targets, losses and decision rule.
 
     * ``window``: (first, last) sub-network index; None: the ``window_size`` sub-networks around
-      ``target_macs_m`` (all of them when no target is set).
+      ``target_macs_m`` (default 2: the two that bracket it), all of them when no target is set.
     * ``sgs_target``: ``authors`` (the window's smallest if it is right, else the largest) or
       ``cheapest`` (the cheapest window member that is right; the cheapest when none is).
     * ``class_weighting``: weight the gate's cross-entropy by the inverse frequency of each target.
@@ -159,7 +159,7 @@ class GateConfig(BaseModel):
     model_config = _FROZEN
 
     window: tuple[int, int] | None = None
-    window_size: int = Field(default=4, ge=2)
+    window_size: int = Field(default=2, ge=2)
     tau: float = Field(default=1.0, gt=0.0)
     sgs_target: Literal["authors", "cheapest"] = "cheapest"
     class_weighting: bool = True
