@@ -53,12 +53,9 @@ def test_export_rejects_width_outside_space(tmp_path) -> None:
 def test_dynamic_export_applies_route_bias(tmp_path) -> None:
     from dsctl.dynamic import dynamic_forward
     from dsctl.export import export_dynamic_to_file
-    from tests.test_gate_options import _with_bn_stats, graded_batch, graded_gate
+    from tests.test_gate_options import graded_conv_gate_model
 
-    model = dsctl.build_model("tiny_ds_resnet", gate_after=2, gate_conv=True)
-    x = graded_batch(model)
-    _with_bn_stats(model, x)
-    graded_gate(model, x)
+    model, x = graded_conv_gate_model()
     window = (1, 5)
     plain_logits, plain_routes = dynamic_forward(model, x, window)
     with torch.no_grad():

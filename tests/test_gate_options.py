@@ -143,11 +143,17 @@ def test_gate_macs_hand_count() -> None:
     assert gate_macs(model, 224) == 14 * 14 * 64 * 256 * 9 + 64 * 14 * 14 + 64 * 7
 
 
-def test_route_bias_shifts_the_decision_everywhere() -> None:
+def graded_conv_gate_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny DS-ResNet (conv gate after layer 2) with BN statistics and a hand-set gate giving mixed routes."""
     model = dsctl.build_model("tiny_ds_resnet", gate_after=2, gate_conv=True)
     x = graded_batch(model)
     _with_bn_stats(model, x)
     graded_gate(model, x)
+    return model, x
+
+
+def test_route_bias_shifts_the_decision_everywhere() -> None:
+    model, x = graded_conv_gate_model()
     window = (1, 5)
     plain_logits, plain = dynamic_forward(model, x, window)
     assert model.gate.route_bias.dtype == torch.float32 and not model.gate.route_bias.any()
