@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from dsctl.checkpoint import load_checkpoint, save_checkpoint
 from dsctl.config import GateConfig, OptimConfig
-from dsctl.dynamic import average_macs, forward_routed, gate_logits, grouped_post
+from dsctl.dynamic import average_macs, forward_routed, gate_logits
 from dsctl.routing import Calibration, calibrate_offsets, class_weights, gate_targets
 from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
@@ -107,10 +107,11 @@ def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: t
         with autocast(device, amp):  # one pass to the gate serves the routed groups and the SGS reference
             point = model.forward_pre(x, model.space.subnets[lo], encode=True)
             routes = model.gate.decide(point.encoding, window)
-            logits = grouped_post(model, point.features, routes)
             members = torch.stack([model.forward_post(point.features, s).float()
                                    for s in model.space.subnets[lo : hi + 1]])
-        logits = logits.float()
+        # every member ran already (for the gate-target agreement): the routed output is a row of theirs,
+        # equal to grouped inference (tests/test_gate.py) without a second pass
+        logits = members[routes - lo, torch.arange(routes.numel(), device=routes.device)]
         hist += torch.bincount(routes.cpu(), minlength=k).double()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), 1).indices
