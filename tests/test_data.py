@@ -17,13 +17,13 @@ from dsctl.data import (
     FASHION_MNIST_SYSTEM_DIRS,
     DataInfo,
     build_datasets,
-    build_loaders,
     load_cifar,
     load_idx_dataset,
     load_pickle,
     read_idx,
 )
 from dsctl.errors import DataError
+from dsctl.train.data import build_train_data
 
 
 @pytest.fixture(autouse=True)
@@ -298,35 +298,37 @@ def test_synthetic_signal_is_learnable() -> None:
     assert acc > 0.8  # nearest-centroid classifier, chance is 0.1
 
 
-def test_loaders_batches_and_reproducible_shuffle() -> None:
+def test_train_data_batches_and_reproducible_shuffle() -> None:
+    """The trainers' loader: full batches only, a shuffle fixed by (seed, epoch), eval batches in order."""
     cfg = DataConfig(source="synthetic", input_size=8, batch_size=16, eval_batch_size=32, workers=0,
                      synthetic_train_size=70, synthetic_val_size=40)
-    train, val, info = build_loaders(cfg, seed=1)
-    assert len(train) == 70 // 16  # drop_last
+    data = build_train_data(cfg)
+    train = data.loader(seed=1, epoch=0)
+    assert len(train) == data.steps_per_epoch() == 70 // 16  # drop_last
     images, labels = next(iter(train))
     assert tuple(images.shape) == (16, 3, 8, 8) and tuple(labels.shape) == (16,)
-    assert [tuple(b[0].shape) for b in val] == [(32, 3, 8, 8), (8, 3, 8, 8)]
-    again, _, _ = build_loaders(cfg, seed=1)
-    other, _, _ = build_loaders(cfg, seed=2)
-    assert torch.equal(next(iter(again))[1], labels)
-    assert not torch.equal(next(iter(other))[1], labels)
-    assert info.train_size == 70
+    assert [tuple(b[0].shape) for b in data.val] == [(32, 3, 8, 8), (8, 3, 8, 8)]
+    assert torch.equal(next(iter(build_train_data(cfg).loader(seed=1, epoch=0)))[1], labels)
+    assert not torch.equal(next(iter(data.loader(seed=2, epoch=0)))[1], labels)
+    assert not torch.equal(next(iter(data.loader(seed=1, epoch=1)))[1], labels)
+    assert data.info.train_size == 70
 
 
-def test_loader_with_worker(tmp_path: Path) -> None:
+def test_train_data_with_worker(tmp_path: Path) -> None:
     _make_idx_dataset(tmp_path)
     cfg = DataConfig(source="fashion_mnist", root=str(tmp_path), input_size=28, batch_size=4, workers=1,
                      augment=AugmentConfig(simple=True))
-    train, val, _ = build_loaders(cfg)
-    assert train.persistent_workers
+    data = build_train_data(cfg)
+    train = data.loader(seed=0, epoch=0)
+    assert train.num_workers == 1
     assert sum(len(y) for _, y in train) == 20
-    assert tuple(next(iter(val))[0].shape) == (4, 1, 28, 28)
+    assert tuple(next(iter(data.val))[0].shape) == (8, 1, 28, 28)
 
 
 def test_batch_larger_than_train_set() -> None:
     cfg = DataConfig(source="synthetic", input_size=8, batch_size=64, synthetic_train_size=32, workers=0)
     with pytest.raises(DataError, match="batch_size=64.*32"):
-        build_loaders(cfg)
+        build_train_data(cfg)
 
 
 def test_subsets(tmp_path: Path) -> None:
@@ -341,24 +343,16 @@ def test_subsets(tmp_path: Path) -> None:
         build_datasets(DataConfig(**base, val_subset=11))
 
 
-def test_distributed_needs_process_group() -> None:
-    cfg = DataConfig(source="synthetic", input_size=8, batch_size=4, workers=0)
-    with pytest.raises(DataError, match="process group"):
-        build_loaders(cfg, distributed=True)
+def test_train_data_shards_across_ranks() -> None:
+    """Each rank validates on its own disjoint share; together they cover the set exactly once."""
+    from dsctl.train.common import Dist
 
-
-def test_distributed_samplers_single_process(tmp_path: Path) -> None:
-    import torch.distributed as dist
-    from torch.utils.data import DistributedSampler
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        cfg = DataConfig(source="synthetic", input_size=8, batch_size=4, workers=0,
-                         synthetic_train_size=18, synthetic_val_size=6)
-        train, val, _ = build_loaders(cfg, distributed=True, seed=3)
-        assert isinstance(train.sampler, DistributedSampler) and train.sampler.shuffle
-        assert isinstance(val.sampler, DistributedSampler) and not val.sampler.shuffle
-        assert len(train) == 18 // 4
-        assert sum(len(y) for _, y in val) == 6
-    finally:
-        dist.destroy_process_group()
+    cfg = DataConfig(source="synthetic", input_size=8, batch_size=4, workers=0,
+                     synthetic_train_size=18, synthetic_val_size=7)
+    seen = []
+    for rank in range(2):
+        data = build_train_data(cfg, Dist(rank=rank, world=2, local_rank=rank))
+        assert data.steps_per_epoch() == 18 // 2 // 4
+        seen += [y for _, ys in data.val for y in ys.tolist()]
+    full = [y for _, ys in build_train_data(cfg).val for y in ys.tolist()]
+    assert sorted(seen) == sorted(full) and len(seen) == 7

@@ -12,6 +12,7 @@ import torch
 import dsctl
 from dsctl.errors import SpecError
 from dsctl.export import export_to_file, load_subnet
+from dsctl.spec import SliceSpec
 
 LOAD_WITHOUT_DSCTL = """
 import sys, json, torch
@@ -45,9 +46,12 @@ def test_export_loads_without_dsctl_and_matches(tmp_path, name: str, fmt: str) -
 
 
 def test_export_rejects_width_outside_space(tmp_path) -> None:
+    """A spec built by hand (not through ``space.resolve``) is checked by the export itself."""
     model = dsctl.build_model("tiny_ds_resnet")
-    with pytest.raises(SpecError, match="allowed: 0.25, 0.375"):
-        export_to_file(model, model.space.resolve("0.3"), tmp_path / "x.pt2")
+    bad = SliceSpec(tuple(w + 1 for w in model.space.smallest().widths))
+    with pytest.raises(SpecError, match="allowed"):
+        export_to_file(model, bad, tmp_path / "x.pt2")
+    assert not (tmp_path / "x.pt2").exists()
 
 
 def test_dynamic_export_applies_route_bias(tmp_path) -> None:

@@ -2,13 +2,15 @@
 
 Example:
     >>> from dsctl.config import DataConfig
-    >>> from dsctl.data import build_loaders
-    >>> train, val, info = build_loaders(DataConfig(source="synthetic", input_size=16, batch_size=8, workers=0))
+    >>> from dsctl.data import build_datasets
+    >>> train, val, info = build_datasets(DataConfig(source="synthetic", input_size=16))
     >>> info.num_classes
     10
+
+The trainers read batches through ``dsctl.train.data.build_train_data`` (resumable, sharded per rank).
 """
 
-from dsctl.data.build import DATASET_STATS, DataInfo, build_datasets, build_loaders, split_holdout
+from dsctl.data.build import DATASET_STATS, DataInfo, build_datasets, split_holdout
 from dsctl.data.cifar import find_cifar_dir, load_cifar, load_pickle
 from dsctl.data.datasets import ArrayImageDataset, SyntheticDataset, build_image_folders
 from dsctl.data.idx import FASHION_MNIST_SYSTEM_DIRS, find_idx_dir, load_idx_dataset, load_idx_split, read_idx
@@ -16,7 +18,7 @@ from dsctl.data.transforms import build_eval_transform, build_train_transform
 
 __all__ = [
     "DATASET_STATS", "FASHION_MNIST_SYSTEM_DIRS", "ArrayImageDataset", "DataInfo", "SyntheticDataset",
-    "build_datasets", "build_eval_transform", "build_image_folders", "build_loaders", "build_train_transform",
+    "build_datasets", "build_eval_transform", "build_image_folders", "build_train_transform",
     "find_cifar_dir", "find_idx_dir", "load_cifar", "load_idx_dataset", "load_idx_split", "load_pickle", "read_idx",
     "split_holdout",
 ]

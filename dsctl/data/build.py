@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 
 from dsctl.config import DataConfig
 from dsctl.data.cifar import load_cifar
@@ -14,7 +13,7 @@ from dsctl.data.idx import load_idx_dataset
 from dsctl.data.transforms import build_eval_transform, build_train_transform
 from dsctl.errors import DataError
 
-__all__ = ["DATASET_STATS", "DataInfo", "build_datasets", "build_loaders", "split_holdout"]
+__all__ = ["DATASET_STATS", "DataInfo", "build_datasets", "split_holdout"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,67 +158,3 @@ def split_holdout(cfg: DataConfig, fraction: float) -> tuple[Dataset, Dataset]:
         raise DataError(f"held-out fraction {fraction} of {n} training samples leaves an empty part "
                         f"(allowed: a fraction giving 1..{n - 1} samples)")
     return Subset(train, range(n - h)), Subset(plain, range(n - h, n))
-
-
-def build_loaders(
-    cfg: DataConfig, *, distributed: bool = False, seed: int = 0
-) -> tuple[DataLoader, DataLoader, DataInfo]:
-    """Build the train and val loaders.
-
-    The train loader shuffles with a generator seeded from `seed` and drops the last incomplete batch.
-    With `distributed=True` (needs an initialized `torch.distributed` process group) the train loader
-    uses `DistributedSampler(shuffle=True, seed=seed, drop_last=True)` - call
-    `loader.sampler.set_epoch(epoch)` every epoch - and the val loader a non-shuffled
-    `DistributedSampler`, which pads the val set with repeated samples so every rank gets the same
-    count (metrics over it may count a few samples twice).
-
-    Args:
-        cfg: The data section of a recipe.
-        distributed: Shard both loaders across the process group.
-        seed: Seed for shuffling (and for loader worker seeds).
-
-    Returns:
-        `(train_loader, val_loader, info)`.
-
-    Raises:
-        DataError: As `build_datasets`; also when `batch_size` exceeds the training samples per
-            process (no full batch), or `distributed` is set without an initialized process group.
-
-    Example:
-        >>> from dsctl.config import DataConfig
-        >>> train, val, info = build_loaders(DataConfig(source="synthetic", input_size=16, batch_size=8, workers=0))
-        >>> images, labels = next(iter(train))
-        >>> tuple(images.shape), tuple(labels.shape)
-        ((8, 3, 16, 16), (8,))
-    """
-    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise DataError("build_loaders(distributed=True) needs an initialized torch.distributed process group")
-    train_ds, val_ds, info = build_datasets(cfg)
-    replicas = torch.distributed.get_world_size() if distributed else 1
-    n_train = len(train_ds)  # type: ignore[arg-type]
-    per_replica = n_train // replicas
-    if cfg.batch_size > per_replica:
-        raise DataError(
-            f"data.batch_size={cfg.batch_size} is larger than the {per_replica} training samples per process "
-            f"({n_train} in all, {replicas} process(es)); drop_last would give zero steps. "
-            f"Allowed: 1..{per_replica}"
-        )
-    common = dict(
-        num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=False,
-    )
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    if distributed:
-        train_sampler = DistributedSampler(train_ds, shuffle=True, seed=seed, drop_last=True)
-        val_sampler = DistributedSampler(val_ds, shuffle=False)
-        train_loader = DataLoader(
-            train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True,
-            generator=torch.Generator().manual_seed(seed), **common,  # type: ignore[arg-type]
-        )
-        val_loader = DataLoader(val_ds, batch_size=eval_bs, sampler=val_sampler, **common)  # type: ignore[arg-type]
-    else:
-        train_loader = DataLoader(
-            train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            generator=torch.Generator().manual_seed(seed), **common,  # type: ignore[arg-type]
-        )
-        val_loader = DataLoader(val_ds, batch_size=eval_bs, shuffle=False, **common)  # type: ignore[arg-type]
-    return train_loader, val_loader, info
