@@ -62,8 +62,7 @@ def _env(settings: BenchSettings) -> tuple[torch.device, int, str]:
     from dsctl.train.run import git_commit
 
     device = resolve_device(settings.device)
-    threads = settings.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    threads = settings.threads or torch.get_num_threads()  # measure_latency sets it while timing, then restores
     return device, threads, git_commit()
 
 

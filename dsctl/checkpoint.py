@@ -24,8 +24,19 @@ __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "model_from_c
            "atomic_write_bytes", "find_checkpoint"]
 
 FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where possible (``os.umask`` can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
 
 
 def _atomic(path: Path, write) -> None:
@@ -34,7 +45,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,13 +8,14 @@ Medians and p90 are over the blocks' mean per-iteration times. ``Timer`` synchro
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["LatencyReport", "measure_latency"]
+__all__ = ["LatencyReport", "measure_latency", "torch_threads"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,18 @@ class LatencyReport:
     latency_ms_p90: float
     throughput: float  # images / second at the median
     samples: int
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[int]:
+    """Run the block with ``n`` intra-op threads (None: unchanged); the caller's setting is restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -47,19 +60,19 @@ def measure_latency(candidates: dict[str, Callable[[Tensor], Tensor]], x: Tensor
     """
     from torch.utils.benchmark import Timer
 
-    threads = threads or torch.get_num_threads()
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     per_round = max(min_run_time_s / rounds, 0.05)
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
-            m = timer.blocked_autorange(min_run_time=per_round)
-            times[name].extend(m.times)
+    with torch_threads(threads) as threads:  # warm-up at the thread count it is timed at
+        for fn in candidates.values():
+            for _ in range(warmup):
+                fn(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
+                m = timer.blocked_autorange(min_run_time=per_round)
+                times[name].extend(m.times)
     batch = x.shape[0]
     out = []
     for name, t in times.items():

@@ -157,8 +157,7 @@ def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: s
                             or e.row.variant == "k0")
         raise DsctlError(f"runs were trained on different data or input sizes and cannot be compared ({listing})")
     dev = resolve_device(device)
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    threads = threads or torch.get_num_threads()  # measure_latency sets it while timing, then restores
     commit = git_commit()
     for e in entries:
         e.row.device, e.row.threads, e.row.commit, e.row.torch_version = str(dev), threads, commit, torch.__version__
@@ -216,10 +215,7 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
 
     The MACs plot also draws the oracle router of each supernet run analysed by ``dsctl analyze``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend switch
 
     out = Path(out_dir)
     styles = {"supernet": ("tab:blue", "o-"), "dynamic": ("tab:red", "*"), "uniform": ("tab:green", "s--"),
@@ -243,7 +239,8 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
         ax.legend()
 
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     for o in oracle_series(rows):
         ax.plot([p[0] / 1e6 for p in o.points], [p[1] for p in o.points], ":", color="black",
                 label=f"oracle router ({o.split}, {o.samples} samples)")
@@ -252,8 +249,8 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
     fig.tight_layout()
     paths.append(out / "accuracy_vs_macs.png")
     fig.savefig(paths[-1], dpi=130)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig = Figure(figsize=(12, 5))
+    axes = fig.subplots(1, 2)
     dev = rows[0].device if rows else ""
     series(axes[0], lambda r: r.latency_ms_b1, f"latency, batch 1 (ms, median, {dev})")
     series(axes[1], lambda r: r.latency_ms_bN, f"latency, batch {rows[0].batch_n if rows else 'N'} (ms, median, {dev})")
@@ -261,7 +258,6 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
     fig.tight_layout()
     paths.append(out / "accuracy_vs_latency.png")
     fig.savefig(paths[-1], dpi=130)
-    plt.close(fig)
     return paths
 
 
