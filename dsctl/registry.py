@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,12 +18,27 @@ _REGISTRY: dict[str, Callable[..., Supernet]] = {}
 
 
 def register_model(fn: Callable[..., Supernet]) -> Callable[..., Supernet]:
-    """Register a supernet builder under its function name; a duplicate name raises."""
+    """Register a supernet builder under its function name; a duplicate name raises.
+
+    The registered builder stamps every model it builds with ``model_name`` (the builder's name) and
+    ``model_kwargs`` (the arguments it was called with), whether it is called through :func:`build_model`
+    or directly, so that a checkpoint can rebuild the same model.
+    """
     name = fn.__name__
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = fn
-    return fn
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def builder(*args: Any, **kwargs: Any) -> Supernet:
+        bound = signature.bind(*args, **kwargs)
+        model = fn(*args, **kwargs)
+        model.model_name = name
+        model.model_kwargs = dict(bound.arguments)
+        return model
+
+    _REGISTRY[name] = builder
+    return builder
 
 
 def _ensure_loaded() -> None:
@@ -56,7 +72,4 @@ def build_model(name: str, **kwargs: Any) -> Supernet:
     bad = sorted(set(kwargs) - set(allowed))
     if bad:
         raise DsctlError(f"model {name!r} has no option {', '.join(bad)} (allowed: {', '.join(allowed)})")
-    model = _REGISTRY[name](**kwargs)
-    model.model_name = name
-    model.model_kwargs = dict(kwargs)
-    return model
+    return _REGISTRY[name](**kwargs)

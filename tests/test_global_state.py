@@ -49,3 +49,15 @@ def test_report_plots_do_not_switch_the_matplotlib_backend(tmp_path) -> None:
     paths = plot_report(rows, tmp_path, "t")
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     assert matplotlib.get_backend() == before
+
+
+def test_a_builder_called_directly_stamps_its_model() -> None:
+    """Not only build_model: calling a registered builder gives a model a checkpoint can rebuild."""
+    import dsctl
+    from dsctl.models.slim_resnet import tiny_ds_resnet
+
+    model = tiny_ds_resnet(num_classes=7, gate_after=2)
+    assert model.model_name == "tiny_ds_resnet"
+    assert model.model_kwargs == {"num_classes": 7, "gate_after": 2}
+    twin = dsctl.build_model(model.model_name, **model.model_kwargs)
+    assert twin.model_kwargs == model.model_kwargs and twin.num_classes == 7
