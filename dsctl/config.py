@@ -82,6 +82,7 @@ class DataConfig(BaseModel):
 
     source: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"] = "fashion_mnist"
     root: str | None = None
+    channels: Literal[1, 3] = 3  # image folders only: 1 reads every image as grayscale, 3 as RGB
     input_size: int = Field(default=224, gt=0)
     batch_size: int = Field(default=64, gt=0)
     eval_batch_size: int | None = Field(default=None, gt=0)  # None: same as batch_size
@@ -105,7 +106,7 @@ class OptimConfig(BaseModel):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     sched: str = "cosine"
-    epochs: int = Field(default=150, ge=0)
+    epochs: int = Field(default=150, gt=0)
     warmup_epochs: int = Field(default=5, ge=0)
     warmup_lr: float = Field(default=1e-6, ge=0.0)
     min_lr: float = Field(default=1e-6, ge=0.0)

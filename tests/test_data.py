@@ -256,6 +256,28 @@ def test_image_folder(tmp_path: Path) -> None:
     assert val[5][1] == 1
 
 
+def test_image_folder_grayscale_for_one_channel_models(tmp_path: Path) -> None:
+    _make_folder(tmp_path, ["cat", "dog"], ["cat", "dog"])
+    train, val, info = build_datasets(DataConfig(source="folder", root=str(tmp_path), input_size=16, channels=1))
+    assert info.in_chans == 1 and len(info.mean) == 1
+    assert tuple(train[0][0].shape) == (1, 16, 16) and tuple(val[5][0].shape) == (1, 16, 16)
+
+
+def test_image_folder_corrupt_image_names_the_file(tmp_path: Path) -> None:
+    _make_folder(tmp_path, ["cat", "dog"], ["cat", "dog"])
+    bad = tmp_path / "val" / "dog" / "2.png"
+    bad.write_bytes(b"not a png at all")
+    _, val, _ = build_datasets(DataConfig(source="folder", root=str(tmp_path), input_size=16))
+    with pytest.raises(DataError, match=r"2\.png: not a readable image"):
+        val[5]
+
+
+def test_explicit_idx_root_is_never_replaced_by_the_system_copy(tmp_path: Path) -> None:
+    """An empty root errors even where /usr/share/datasets/fashion-mnist exists (no silent fallback)."""
+    with pytest.raises(DataError, match=r"data.root=.*no fashion_mnist IDX files there"):
+        build_datasets(DataConfig(source="fashion_mnist", root=str(tmp_path), input_size=28))
+
+
 def test_image_folder_class_mismatch(tmp_path: Path) -> None:
     _make_folder(tmp_path, ["cat", "dog"], ["bird", "cat"])
     with pytest.raises(DataError, match=r"only in train: \['dog'\]; only in val: \['bird'\]"):

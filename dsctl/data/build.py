@@ -117,8 +117,14 @@ def build_datasets(cfg: DataConfig, *, augment_train: bool = True) -> tuple[Data
         if source == "folder":
             if cfg.root is None:
                 raise DataError("data.source='folder' needs data.root (a folder with train/ and val/ inside)")
-            train, val, names = build_image_folders(cfg.root, train_tf, eval_tf)
-            num_classes, in_chans = len(names), 3
+            if cfg.channels == 1:  # grayscale: the mean and std of ImageNet's three channels, averaged
+                mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+                eval_tf = build_eval_transform(cfg.input_size, mean, std, native_size=native,
+                                               crop_pct=cfg.augment.crop_pct)
+                train_tf = (build_train_transform(cfg.augment, cfg.input_size, mean, std, native_size=native)
+                            if augment_train else eval_tf)
+            train, val, names = build_image_folders(cfg.root, train_tf, eval_tf, cfg.channels)
+            num_classes, in_chans = len(names), cfg.channels
         else:
             if source in ("fashion_mnist", "mnist"):
                 (tr_x, tr_y), (va_x, va_y), names = load_idx_dataset(source, cfg.root)

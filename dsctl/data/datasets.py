@@ -117,24 +117,44 @@ class SyntheticDataset(Dataset):
         return self.patterns[label] + self.noise * noise, label
 
 
+class _ImageLoader:
+    """Opens one image file as PIL in ``mode`` ("RGB" or "L"); an unreadable file is a DataError naming it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                return img.convert(self.mode)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
 def build_image_folders(
     root: str | Path,
     train_transform: Callable[[Image.Image], Any] | None,
     val_transform: Callable[[Image.Image], Any] | None,
+    channels: int = 3,
 ) -> tuple[Dataset, Dataset, list[str]]:
     """ImageNet-style folders `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg`.
 
     Args:
         root: Folder holding `train` and `val`.
-        train_transform: Transform for training images (PIL RGB in).
+        train_transform: Transform for training images (PIL in, RGB or grayscale by `channels`).
         val_transform: Transform for validation images.
+        channels: 3 (images converted to RGB) or 1 (converted to grayscale, for 1-channel models).
 
     Returns:
         `(train_dataset, val_dataset, class_names)`.
 
     Raises:
-        DataError: A folder is missing or empty, or the class folders of train and val differ.
+        DataError: A folder is missing or empty, the class folders of train and val differ, or `channels`
+            is not 1 or 3. Reading an unreadable image later raises DataError naming the file.
     """
+    if channels not in (1, 3):
+        raise DataError(f"image folders: channels={channels} is not allowed (allowed: 1, 3)")
+    loader = _ImageLoader("L" if channels == 1 else "RGB")
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -146,8 +166,8 @@ def build_image_folders(
                 f"image folder dataset: {folder} not found; expected {root}/train/<class>/ and {root}/val/<class>/"
             )
     try:
-        train = ImageFolder(str(splits["train"]), transform=train_transform)
-        val = ImageFolder(str(splits["val"]), transform=val_transform)
+        train = ImageFolder(str(splits["train"]), transform=train_transform, loader=loader)
+        val = ImageFolder(str(splits["val"]), transform=val_transform, loader=loader)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(
             f"image folder dataset under {root}: {exc} (allowed extensions: {', '.join(IMG_EXTENSIONS)})"

@@ -176,8 +176,9 @@ def _try_download(name: str) -> Path | None:
 def find_idx_dir(name: str, root: str | Path | None, *, download: bool = True) -> Path:
     """Find the folder holding the four IDX files of `name`.
 
-    Lookup order: `root` (the files directly in it, or in its `fashion-mnist` / `FashionMNIST/raw`
-    sub-folder; for MNIST `mnist` / `MNIST/raw`); for Fashion-MNIST the Debian package
+    An explicit `root` is the only place looked (the files directly in it, or in its `fashion-mnist` /
+    `FashionMNIST/raw` sub-folder; for MNIST `mnist` / `MNIST/raw`): a root without them is an error,
+    never replaced by another copy. Without `root`: for Fashion-MNIST the Debian package
     `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`); a previous download in
     `~/.cache/dsctl`; finally a torchvision download there (skipped if `download` is False or the
     environment variable `DSCTL_NO_DOWNLOAD=1` is set).
@@ -196,15 +197,20 @@ def find_idx_dir(name: str, root: str | Path | None, *, download: bool = True) -
     if name not in _LAYOUTS:
         raise DataError(f"unknown IDX dataset {name!r}; allowed: {', '.join(_LAYOUTS)}")
     subdirs, tv_name = _LAYOUTS[name]
-    root_candidates = [Path(root) / sub if sub else Path(root) for sub in subdirs] if root is not None else []
-    candidates = list(root_candidates)
-    if name == "fashion_mnist":
-        candidates += list(FASHION_MNIST_SYSTEM_DIRS)
+    if root is not None:  # an explicit root is never silently replaced by another copy
+        candidates = [Path(root) / sub if sub else Path(root) for sub in subdirs]
+        for folder in candidates:
+            if _has_all_files(folder):
+                return folder
+        looked = ", ".join(str(c) for c in candidates)
+        raise DataError(f"data.root={root}: no {name} IDX files there (looked in {looked}; expected "
+                        f"{', '.join(n for pair in IDX_FILES.values() for n in pair)}, plain or .gz); "
+                        + ("drop data.root to use the system copy (apt-get install dataset-fashion-mnist)"
+                           if name == "fashion_mnist" else "drop data.root to use a downloaded copy"))
+    candidates = list(FASHION_MNIST_SYSTEM_DIRS) if name == "fashion_mnist" else []
     candidates.append(cache_dir() / tv_name / "raw")
     for folder in candidates:
         if _has_all_files(folder):
-            if root is not None and folder not in root_candidates:
-                log.warning("%s not found under data root %s; using %s", name, root, folder)
             return folder
     if download:
         folder = _try_download(name)
