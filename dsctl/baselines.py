@@ -94,13 +94,14 @@ def resolve_target_macs(supernet: Supernet, cfg: BaselineConfig, input_size: int
 
 
 def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
-                    progress: Progress | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+                    progress: Progress | None = None, stop: StopFlag | None = None,
+                    allow_changed: bool = False) -> dict[str, Any]:
     """Run one static baseline end to end in ``out``; returns its summary (also written to summary.json)."""
     from dsctl.train.launch import build_supernet_for, prepare_run
     from dsctl.train.static import static_from_checkpoint, train_static
 
     cfg = recipe.baseline
-    prep = prepare_run(recipe, out, device=device, resume=resume)
+    prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
     supernet = build_supernet_for(recipe, prep.data)
     size, chans = prep.data.input_size, supernet.in_chans
     meta = {"model_name": supernet.model_name, "model_kwargs": supernet.model_kwargs, "method": cfg.method}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsctl.config import Recipe
+from dsctl.provenance import Provenance, check_provenance
 from dsctl.train.progress import Progress
 from dsctl.train.run import StopFlag
 
@@ -18,8 +19,15 @@ __all__ = ["run_pipeline", "stage_runs"]
 logger = logging.getLogger(__name__)
 
 
-def _stage(run_dir: Path, name: str, launch) -> None:
+def _stage(run_dir: Path, name: str, launch, now: Provenance, allow_changed: bool) -> None:
+    """Skip a finished stage made from the same inputs as now, else resume or start it.
+
+    Raises:
+        ProvenanceError: the finished (or interrupted) stage was made from another recipe, data or code,
+            so this report would not describe it (``allow_changed`` keeps it and records that).
+    """
     if (run_dir / "final.pt").is_file():
+        check_provenance(run_dir, now, allow_changed=allow_changed, what=f"quickstart stage {name}:")
         logger.info("%s: done already (%s)", name, run_dir)
         return
     resume = any(run_dir.rglob("last.pt"))  # pruning baselines keep theirs in dense/ and finetune/
@@ -43,18 +51,24 @@ def stage_runs(recipe: Recipe, out: Path) -> dict[str, Path]:
 
 def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: Progress | None = None,
                  stop: StopFlag | None = None, report_dir: str | Path | None = None, command: str = "",
-                 machine: str = "") -> list[Any]:
-    """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``)."""
+                 machine: str = "", allow_changed: bool = False) -> list[Any]:
+    """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``).
+
+    Each stage's inputs are compared with its run folder's provenance record before it is skipped or
+    resumed (see :mod:`dsctl.provenance`)."""
     from dsctl.baselines import launch_baseline
     from dsctl.checkpoint import load_checkpoint
     from dsctl.report import build_report, write_report
-    from dsctl.train.launch import launch_gate, launch_supernet
+    from dsctl.train.data import build_train_data
+    from dsctl.train.launch import current_provenance, launch_gate, launch_supernet
 
     out = Path(out)
     p = recipe.pipeline
     runs = stage_runs(recipe, out)
-    _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(
-        recipe, runs["supernet"], device=device, resume=resume, progress=progress, stop=stop))
+    data = build_train_data(recipe.data)  # the data identity every stage's record is compared with
+    common = {"device": device, "progress": progress, "stop": stop, "allow_changed": allow_changed}
+    _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(recipe, runs["supernet"], resume=resume, **common),
+           current_provenance(recipe, data), allow_changed)
     if not (runs["supernet"] / "analysis" / "analysis.json").is_file():
         from dsctl.analyze import analyze_checkpoint
 
@@ -69,15 +83,15 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
             "complexity_weight": p.gate_complexity_weight})})
         key = f"gate@{f:g}"
         _stage(runs[key], key, lambda resume, r=gate_recipe, k=key: launch_gate(
-            r, runs["supernet"], runs[k], device=device, resume=resume, progress=progress, stop=stop))
+            r, runs["supernet"], runs[k], resume=resume, **common), current_provenance(gate_recipe, data), allow_changed)
     for key, run_dir in runs.items():
         if key == "supernet" or key.startswith("gate@"):
             continue
         method, width = key.split("@")
         b_recipe = recipe.model_copy(update={"baseline": recipe.baseline.model_copy(update={
             "method": method, "width": width, "target_macs_m": None})})
-        _stage(run_dir, key, lambda resume, r=b_recipe, d=run_dir: launch_baseline(
-            r, d, device=device, resume=resume, progress=progress, stop=stop))
+        _stage(run_dir, key, lambda resume, r=b_recipe, d=run_dir: launch_baseline(r, d, resume=resume, **common),
+               current_provenance(b_recipe, data), allow_changed)
     rows = build_report(list(runs.values()), batch_n=p.report_batch, device="cpu" if device == "auto" else device,
                         min_run_time_s=p.report_min_run_time_s)
     write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart", machine=machine,

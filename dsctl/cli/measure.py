@@ -200,6 +200,9 @@ def quickstart_cmd(
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")] = False,
+    allow_changed: Annotated[bool, typer.Option(
+        "--allow-changed", help="Keep finished stages and resume interrupted ones even if their recipe, data or "
+                                "code differ from now (recorded in each stage's provenance.json).")] = False,
 ) -> None:
     """The whole experiment: supernet, gates at two MACs targets, three static baselines, bench and report.
 
@@ -220,7 +223,7 @@ def quickstart_cmd(
     machine = f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     progress = make_progress(quiet)
     try:
-        rows = run_pipeline(cfg, out, device=device, progress=progress, report_dir=report,
+        rows = run_pipeline(cfg, out, device=device, progress=progress, report_dir=report, allow_changed=allow_changed,
                             command="dsctl " + " ".join(shlex.quote(a) for a in sys.argv[1:]), machine=machine)
     except TrainingInterrupted as err:
         raise interrupted(err) from None

@@ -17,6 +17,9 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="SOURCE[:ROOT], e.g.
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set optim.lr=0.1 (repeatable).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")]
+AllowChangedOpt = Annotated[bool, typer.Option(
+    "--allow-changed", help="Resume even if the recipe, data or code differ from the run's record "
+                            "(the differences are appended to its provenance.json).")]
 
 
 def data_overrides(data: str | None, seed: int | None) -> list[str]:
@@ -68,6 +71,7 @@ def train_supernet_cmd(
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from a full-width state dict "
                                                                        "(e.g. torchvision/timm ResNet-50).")] = None,
     quiet: QuietOpt = False,
+    allow_changed: AllowChangedOpt = False,
 ) -> None:
     """Stage I: train a supernet with the sandwich rule and in-place bootstrapping; ends with BN recalibration."""
     from dsctl.train.launch import launch_supernet, resolve_recipe
@@ -78,7 +82,8 @@ def train_supernet_cmd(
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "supernet")
     progress = make_progress(quiet)
     try:
-        result = launch_supernet(cfg, run_dir, device=device, resume=resume is not None, progress=progress)
+        result = launch_supernet(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
+                                 allow_changed=allow_changed)
     except TrainingInterrupted as err:
         raise interrupted(err) from None
     finally:
@@ -134,6 +139,7 @@ def train_gate_cmd(
     device: DeviceOpt = "auto",
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
     quiet: QuietOpt = False,
+    allow_changed: AllowChangedOpt = False,
 ) -> None:
     """Stage II: train the gate's slimming head with the supernet frozen (SGS targets + complexity loss)."""
     from dsctl.checkpoint import load_checkpoint
@@ -152,7 +158,8 @@ def train_gate_cmd(
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "gate")
     progress = make_progress(quiet)
     try:
-        result = launch_gate(cfg, supernet, run_dir, device=device, resume=resume is not None, progress=progress)
+        result = launch_gate(cfg, supernet, run_dir, device=device, resume=resume is not None, progress=progress,
+                                 allow_changed=allow_changed)
     except TrainingInterrupted as err:
         raise interrupted(err) from None
     finally:
@@ -190,6 +197,7 @@ def baseline_cmd(
     device: DeviceOpt = "auto",
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
     quiet: QuietOpt = False,
+    allow_changed: AllowChangedOpt = False,
 ) -> None:
     """Train a static baseline with the same recipe: uniform width, L1-pruned, or network-slimmed."""
     from dsctl.baselines import launch_baseline
@@ -210,7 +218,8 @@ def baseline_cmd(
     run_dir = resume or out or Path("runs") / f"{recipe.stem if recipe else 'baseline'}-{cfg.baseline.method}"
     progress = make_progress(quiet)
     try:
-        s = launch_baseline(cfg, run_dir, device=device, resume=resume is not None, progress=progress)
+        s = launch_baseline(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
+                                 allow_changed=allow_changed)
     except TrainingInterrupted as err:
         raise interrupted(err) from None
     finally:

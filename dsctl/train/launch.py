@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,14 @@ from dsctl.checkpoint import load_pretrained
 from dsctl.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
+from dsctl.provenance import Provenance, check_provenance, data_identity, record_provenance, release_lock, run_lock
 from dsctl.registry import build_model
 from dsctl.train.common import Dist, setup_dist
 from dsctl.train.data import TrainData, build_train_data
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag
 
-__all__ = ["PreparedRun", "prepare_run", "resolve_recipe", "build_supernet_for", "launch_supernet", "launch_gate",
+__all__ = ["PreparedRun", "prepare_run", "current_provenance", "resolve_recipe", "build_supernet_for", "launch_supernet", "launch_gate",
            "default_window"]
 
 logger = logging.getLogger(__name__)
@@ -64,25 +66,55 @@ def build_supernet_for(recipe: Recipe, data: TrainData) -> Supernet:
     return model
 
 
-def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False) -> PreparedRun:
-    """Join torchrun's process group if any, build the data, create (or reopen) the run folder."""
+def current_provenance(recipe: Recipe, data: TrainData) -> Provenance:
+    """What a run of ``recipe`` on ``data`` is made from now (compared with a run folder's record)."""
+    from dsctl.train.run import git_commit
+
+    return Provenance(recipe_to_dict(recipe), data_identity(recipe.data, data.info.train_size, data.info.val_size),
+                      commit=git_commit())
+
+
+def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
+                allow_changed: bool = False) -> PreparedRun:
+    """Join torchrun's process group if any, build the data, lock and create (or reopen) the run folder.
+
+    Raises:
+        RunLockedError: another live process writes ``out``.
+        ProvenanceError: resuming a folder made from another recipe, data or code (unless ``allow_changed``).
+        DsctlError: ``out`` holds a run and ``resume`` is False.
+    """
     dist, dev = setup_dist(device)
-    run = RunDir(out, main=dist.main)
-    if not resume and any(run.path.rglob("last.pt")):
-        raise DsctlError(f"{out} already holds a run (last.pt); use --resume {out} or another --out")
-    torch.manual_seed(recipe.seed)
-    data = build_train_data(recipe.data, dist)
-    if dist.main:
-        save_recipe(recipe, run / "recipe.yaml")
+    path = Path(out)
+    created = dist.main and not path.exists()
+    try:
+        if dist.main:
+            run_lock(path)
+        run = RunDir(path, main=dist.main)
+        if not resume and any(run.path.rglob("last.pt")):
+            raise DsctlError(f"{out} already holds a run (last.pt); use --resume {out} or another --out")
+        torch.manual_seed(recipe.seed)
+        data = build_train_data(recipe.data, dist)
+        if dist.main:
+            now = current_provenance(recipe, data)
+            if resume:
+                check_provenance(path, now, allow_changed=allow_changed)
+            record_provenance(path, now)
+            save_recipe(recipe, run / "recipe.yaml")
+    except BaseException:
+        if created:  # a run that failed before it began leaves no folder behind
+            release_lock(path)
+            if all(p.name == ".lock" for p in path.iterdir()):
+                shutil.rmtree(path, ignore_errors=True)
+        raise
     return PreparedRun(recipe, run, data, dev, dist, resume)
 
 
 def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
-                    progress: Progress | None = None, stop: StopFlag | None = None):
+                    progress: Progress | None = None, stop: StopFlag | None = None, allow_changed: bool = False):
     """Stage I end to end. Example: ``launch_supernet(load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml"), "runs/r")``."""
     from dsctl.train.supernet import train_supernet
 
-    prep = prepare_run(recipe, out, device=device, resume=resume)
+    prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
     model = build_supernet_for(recipe, prep.data)
     return train_supernet(model, prep.data, recipe.supernet, recipe.optim, prep.run, device=prep.device,
                           dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), resume=resume,
@@ -90,7 +122,7 @@ def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", re
 
 
 def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device: str = "auto", resume: bool = False,
-                progress: Progress | None = None, stop: StopFlag | None = None):
+                progress: Progress | None = None, stop: StopFlag | None = None, allow_changed: bool = False):
     """Stage II end to end: load (and if needed recalibrate) the supernet, then train the gate over the window."""
     from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
     from dsctl.data import split_holdout
@@ -104,7 +136,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
         raise DsctlError(f"{ckpt['path']}: expected a supernet checkpoint, got kind {ckpt.get('kind')!r}")
     if ckpt["model_name"] != recipe.model.name:
         raise DsctlError(f"recipe model {recipe.model.name!r} does not match the supernet's {ckpt['model_name']!r}")
-    prep = prepare_run(recipe, out, device=device, resume=resume)
+    prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
     model, _ = model_from_checkpoint(ckpt["path"])
     model.to(prep.device)
     if not ckpt.get("calibrated"):

@@ -3,6 +3,8 @@
 Layout of a run folder::
 
     recipe.yaml     the resolved recipe (after overrides)
+    provenance.json what made the folder: recipe, data identity, dsctl version, commit (dsctl.provenance)
+    .lock           held (flock) while a process writes the folder
     metrics.csv     one row per epoch and evaluated sub-network
     last.pt         latest state, written atomically (resume point, also mid-epoch on interruption)
     best.pt         best epoch so far
