@@ -1,3 +1,3 @@
-from dsctl.cli import app
+from dsctl.cli import main
 
-app(prog_name="dsctl")
+main()

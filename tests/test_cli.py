@@ -132,3 +132,34 @@ def test_conflicting_or_bad_flags_are_one_line_errors(args, text) -> None:
     result = runner.invoke(app, args)
     out = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert result.exit_code == 1 and text in out and "Traceback" not in out, out
+
+
+def test_command_line_that_does_not_parse_is_one_line_and_exit_2() -> None:
+    """Through the installed entry point (``dsctl.cli:main``), not the test runner."""
+    import subprocess
+    import sys
+
+    for args, text in ((["flops", "tiny_ds_resnet", "--widht", "0.5"], "No such option: --widht"),
+                       (["flops"], "Missing argument")):
+        r = subprocess.run([sys.executable, "-m", "dsctl", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0] and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "dsctl", "flops", "tiny_ds_resnet", "--width", "0.3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_in_any_command_exits_130() -> None:
+    """Every command is wrapped by handle_errors (quickstart too): KeyboardInterrupt means exit 130, not 1."""
+    import typer
+
+    from dsctl.cli._common import handle_errors
+
+    @handle_errors
+    def command() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as info:
+        command()
+    assert info.value.exit_code == 130

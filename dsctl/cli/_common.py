@@ -27,7 +27,8 @@ def fail(message: str) -> typer.Exit:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn DsctlError (and recipe validation errors) into one red line on stderr and exit code 1."""
+    """Turn DsctlError (and recipe validation errors) into one red line on stderr and exit code 1;
+    Ctrl-C into exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -36,7 +37,9 @@ def handle_errors(fn: F) -> F:
         except DsctlError as err:
             raise fail(str(err)) from None
         except KeyboardInterrupt:
-            raise fail("interrupted (a resumable checkpoint is kept where one was written)") from None
+            err_console.print("[yellow]interrupted[/] (a resumable checkpoint is kept where one was written)",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
