@@ -163,3 +163,18 @@ def test_ctrl_c_in_any_command_exits_130() -> None:
     with pytest.raises(typer.Exit) as info:
         command()
     assert info.value.exit_code == 130
+
+
+def test_models_table_never_cuts_a_model_name_at_80_columns() -> None:
+    import os
+    import subprocess
+    import sys
+
+    import dsctl
+
+    r = subprocess.run([sys.executable, "-m", "dsctl", "models"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    for name in dsctl.list_models():
+        assert f" {name} " in r.stdout

@@ -80,8 +80,11 @@ def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     t = Table(title=title, title_justify="left")
+    names = ("model", "subnet", "method", "variant")  # identifiers: never cut (two names may share a prefix)
     for c in columns:
-        t.add_column(c, justify="right" if c not in ("model", "subnet", "stages", "method", "routed stages", "gate after") else "left")
+        left = c in (*names, "stages", "routed stages", "gate after")
+        t.add_column(c, justify="left" if left else "right", no_wrap=c in names, min_width=None,
+                     overflow="fold" if c in names else "ellipsis")
     for r in rows:
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
     return t
