@@ -9,6 +9,7 @@ no dsctl: ``torch.export.load(path).module()`` or ``torch.jit.load(path)``.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsctl.checkpoint import atomic_write_bytes
 from dsctl.errors import CheckpointError, DsctlError
 from dsctl.flops import count_macs, count_params
 from dsctl.models.base import Supernet
@@ -123,23 +125,39 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
     if fmt not in EXPORT_FORMATS:
         raise DsctlError(f"unknown export format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pt2" and out.suffix != ".pt2":
+        raise DsctlError(f"--out {out}: a pt2 export must end in .pt2 (torch.export.load needs it); use "
+                         f"{out.with_suffix('.pt2')}, or --format torchscript for another name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DsctlError(f"--out {out}: cannot create its folder ({err.strerror})") from None
+    if out.is_dir():
+        raise DsctlError(f"--out {out}: is a folder; give a file name")
     input_size = input_size or model.default_input_size
     model = model.eval().cpu()
     static = export_subnet(model, spec)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, model.in_chans, input_size, input_size, generator=gen)
-    _save(static, x, out, fmt)
-    with torch.no_grad():
-        expected = model(x, spec)
-        got = _onnx_output(out, x) if fmt == "onnx" else load_subnet(out)(x)
-    if got is None:
-        out.unlink(missing_ok=True)
-        raise DsctlError("ONNX exports are verified with onnxruntime, which is not installed: pip install onnxruntime")
-    diff = float((got - expected).abs().max())
-    if not diff < MAX_ABS_DIFF:
-        out.unlink(missing_ok=True)
-        raise DsctlError(f"export check failed: max |exported - supernet| = {diff:.3g} >= {MAX_ABS_DIFF:g}")
+    # written and verified under a temporary name, then renamed: a failure leaves neither a half-written
+    # file nor a damaged older export at ``out``
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
+    try:
+        try:
+            _save(static, x, tmp, fmt)
+        except OSError as err:
+            raise DsctlError(f"--out {out}: cannot write ({err.strerror})") from None
+        with torch.no_grad():
+            expected = model(x, spec)
+            got = _onnx_output(tmp, x) if fmt == "onnx" else load_subnet(tmp)(x)
+        if got is None:
+            raise DsctlError("ONNX exports are verified with onnxruntime, which is not installed: pip install onnxruntime")
+        diff = float((got - expected).abs().max())
+        if not diff < MAX_ABS_DIFF:
+            raise DsctlError(f"export check failed: max |exported - supernet| = {diff:.3g} >= {MAX_ABS_DIFF:g}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     label = model.space.label(spec)
     report = ExportReport(
         path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs), subnet=label,
@@ -149,7 +167,7 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
         params=count_params(static), max_abs_diff=diff, torch_version=torch.__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    Path(report.sidecar).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    atomic_write_bytes(report.sidecar, (json.dumps(asdict(report), indent=2) + "\n").encode())
     return report
 
 

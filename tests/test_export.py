@@ -75,3 +75,25 @@ def test_dynamic_export_applies_route_bias(tmp_path) -> None:
     assert torch.equal(exported_routes + 1, routes)
     torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, plain_logits, atol=1e-4)
+
+
+def test_export_refuses_a_pt2_under_another_name_and_never_leaves_a_broken_file(tmp_path, monkeypatch) -> None:
+    import dsctl.export as export_mod
+    from dsctl.errors import DsctlError
+
+    model = dsctl.build_model("tiny_ds_resnet")
+    spec = model.space.resolve(0.5)
+    with pytest.raises(DsctlError, match=r"must end in \.pt2"):
+        export_to_file(model, spec, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+    good = export_to_file(model, spec, tmp_path / "m.pt2")
+    before = (tmp_path / "m.pt2").read_bytes()
+    monkeypatch.setattr(export_mod, "MAX_ABS_DIFF", -1.0)  # every verification now fails
+    with pytest.raises(DsctlError, match="export check failed"):
+        export_to_file(model, model.space.resolve(0.25), tmp_path / "m.pt2")
+    assert (tmp_path / "m.pt2").read_bytes() == before  # the older export is untouched ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "m.pt2.json"]  # ... and no temporary is left
+    assert good.max_abs_diff < 1e-4
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DsctlError, match="cannot create its folder"):
+        export_to_file(model, spec, tmp_path / "file" / "m.pt2")
