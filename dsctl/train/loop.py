@@ -7,6 +7,7 @@ step, or None after a gradient-accumulation micro-batch), ``evaluate(epoch)`` (m
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +17,12 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dsctl.errors import DsctlError
 from dsctl.train.data import TrainData
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag, TrainingInterrupted, catch_signals
 
-__all__ = ["Position", "run_epochs"]
+__all__ = ["NonFiniteLoss", "Position", "run_epochs"]
 
 
 def _batches(loader, stop: StopFlag):
@@ -38,14 +40,18 @@ def _batches(loader, stop: StopFlag):
         yield batch
 
 
-def _stop_requested(stop: StopFlag, data: TrainData) -> bool:
-    """Whether any rank was asked to stop (all ranks must stop at the same step, or the others hang)."""
+class NonFiniteLoss(DsctlError):
+    """A training loss became NaN or infinite; the run stopped without saving the damaged weights."""
+
+
+def _any_rank(local: bool, data: TrainData) -> bool:
+    """Whether ``local`` holds on any rank (all ranks must stop at the same step, or the others hang)."""
     if not data.dist.enabled:
-        return bool(stop)
+        return local
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if stop else 0.0])
+    flag = torch.tensor([1.0 if local else 0.0])
     if dist.get_backend() == "nccl":
         flag = flag.cuda()
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -91,9 +97,16 @@ def run_epochs(*, data: TrainData, run: RunDir, pos: Position, epochs: int, step
                 if metrics is None:
                     continue
                 pos.global_step += 1
+                if _any_rank(not all(math.isfinite(v) for v in metrics.values()), data):
+                    progress.finish()
+                    bad = ", ".join(f"{k}={v}" for k, v in metrics.items() if not math.isfinite(v)) or "another rank"
+                    kept = f"{run.last} is the last good checkpoint" if run.last.is_file() else "no checkpoint yet"
+                    raise NonFiniteLoss(f"training stopped at epoch {pos.epoch + 1}, batch {pos.batch}: {bad} "
+                                        f"({kept}; nothing was saved after it); try a lower optim.lr, "
+                                        "optim.clip_grad, or optim.amp=false")
                 last_metrics = metrics
                 progress.advance(1, **metrics, img_s=seen * data.dist.world / max(time.monotonic() - t_epoch, 1e-9))
-                if _stop_requested(stop, data):
+                if _any_rank(bool(stop), data):
                     save(run.last, pos, False)
                     progress.finish()
                     raise TrainingInterrupted(f"interrupted at epoch {pos.epoch + 1}, batch {pos.batch}; "

@@ -1,4 +1,4 @@
-"""A run folder records what made it; resumes and re-runs with other inputs are refused; one writer at a time."""
+"""Run folders tell the truth and survive faults: provenance, one writer at a time, no folder from a failed start, NaN stops."""
 
 from __future__ import annotations
 
@@ -104,3 +104,20 @@ def test_quickstart_refuses_a_finished_stage_made_from_other_inputs(tmp_path: Pa
         _stage(out, "supernet", ran.append, now, allow_changed=False)
     _stage(out, "supernet", ran.append, current_provenance(prep.recipe, prep.data), allow_changed=False)
     assert ran == []  # same inputs: skipped as done
+
+
+def test_a_nan_loss_stops_training_with_one_line_and_saves_nothing_damaged(tmp_path: Path) -> None:
+    import torch
+
+    from dsctl.checkpoint import load_checkpoint
+    from dsctl.train.launch import launch_supernet
+    from dsctl.train.loop import NonFiniteLoss
+
+    out = tmp_path / "r"
+    recipe = load_recipe(SMOKE, ["optim.lr=1e30", "supernet.checkpoint_every=1", "optim.epochs=1"])
+    with pytest.raises(NonFiniteLoss, match=r"training stopped at epoch 1, batch \d+: loss_\w+=(nan|inf)"):
+        launch_supernet(recipe, out, device="cpu")
+    assert not (out / "final.pt").exists()
+    if (out / "last.pt").exists():
+        state = load_checkpoint(out / "last.pt")["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
