@@ -39,6 +39,16 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,7 +56,9 @@ def _atomic(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        _fsync(tmp)  # the data is on disk before the rename makes it the file ...
         os.replace(tmp, path)
+        _fsync(path.parent)  # ... and the rename is on disk before we report success
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
