@@ -81,6 +81,8 @@ def _load_run(run_dir: Path) -> list[_Entry]:
     from dsctl.train.static import rebuild_static
 
     final = run_dir / "final.pt"
+    if not run_dir.is_dir():
+        raise DsctlError(f"{run_dir}: no such run folder")
     if not final.is_file():
         raise DsctlError(f"{run_dir}: no final.pt (the run has not finished; resume it first)")
     ckpt = load_checkpoint(final)

@@ -178,3 +178,13 @@ def test_models_table_never_cuts_a_model_name_at_80_columns() -> None:
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
     for name in dsctl.list_models():
         assert f" {name} " in r.stdout
+
+
+def test_out_and_csv_that_name_a_folder_or_an_impossible_place_are_one_line(tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    for args in (["flops", "tiny_ds_resnet", "--csv", str(tmp_path)],
+                 ["flops", "tiny_ds_resnet", "--csv", str(tmp_path / "file" / "x.csv")],
+                 ["report", str(tmp_path / "missing"), "--out", str(tmp_path / "rep")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert r.output.strip().splitlines()[-1].startswith("error:") and r.output.count("error:") == 1, r.output

@@ -121,3 +121,34 @@ def test_a_nan_loss_stops_training_with_one_line_and_saves_nothing_damaged(tmp_p
     if (out / "last.pt").exists():
         state = load_checkpoint(out / "last.pt")["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_to_its_end(tmp_path: Path, monkeypatch) -> None:
+    """The disk fills while an epoch's checkpoint is written: exit 1 with one line, no temporary left,
+    and the same command with --resume finishes the run."""
+    import errno
+
+    import torch
+    from typer.testing import CliRunner
+
+    from dsctl.cli import app
+
+    out = tmp_path / "r"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk_once(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint write (after epoch 2's last.pt was due)
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_once)
+    args = ["train-supernet", str(SMOKE), "--out", str(out), "--device", "cpu", "-q"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1, r.output
+    assert "No space left on device" in r.output and "disk is full" in r.output and "Traceback" not in r.output
+    assert not list(out.glob(".*.tmp"))
+    r = CliRunner().invoke(app, ["train-supernet", str(SMOKE), "--resume", str(out), "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (out / "final.pt").is_file()

@@ -26,6 +26,20 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _os_error_line(err: OSError) -> str:
+    import errno
+
+    where = err.filename if err.filename is not None else "a file"
+    text = f"{where}: {err.strerror or err}"
+    if err.errno == errno.ENOSPC:
+        text += " (the disk is full: free space, then run the same command again; finished work is kept)"
+    elif err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        text += " (choose a writable place)"
+    elif err.errno in (errno.EISDIR, errno.EEXIST, errno.ENOTDIR):
+        text += " (a file and a folder are confused: check --out/--csv)"
+    return text
+
+
 def handle_errors(fn: F) -> F:
     """Turn DsctlError (and recipe validation errors) into one red line on stderr and exit code 1;
     Ctrl-C into exit code 130."""
@@ -36,6 +50,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except DsctlError as err:
             raise fail(str(err)) from None
+        except OSError as err:  # a path that is a folder, missing, read-only; a full disk
+            raise fail(_os_error_line(err)) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/] (a resumable checkpoint is kept where one was written)",
                               highlight=False, soft_wrap=True)
