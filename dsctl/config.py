@@ -177,7 +177,7 @@ class GateConfig(BaseModel):
     @classmethod
     def _check_window(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
         if v is not None and not (0 <= v[0] < v[1]):
-            raise ValueError("window must be [a, b] with 0 <= a < b")
+            raise ValueError("window must be [A, B] with 0 <= A < B (B at most the model's last sub-network index)")
         return v
 
 

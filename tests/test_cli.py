@@ -188,3 +188,13 @@ def test_out_and_csv_that_name_a_folder_or_an_impossible_place_are_one_line(tmp_
         r = runner.invoke(app, args)
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert r.output.strip().splitlines()[-1].startswith("error:") and r.output.count("error:") == 1, r.output
+
+
+def test_error_lines_keep_bracketed_values() -> None:
+    """Rich markup must not eat '[0, 3]'-like text of a message (the --window message lost its rule)."""
+    r = runner.invoke(app, ["train-gate", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--supernet", "x",
+                            "--set", "gate.window=[3,1]"])
+    assert r.exit_code == 1 and "[A, B] with 0 <= A < B" in r.output and "(got [3, 1])" in r.output, r.output
+    r = runner.invoke(app, ["train-gate", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--supernet", "x",
+                            "--window", "3:1"])
+    assert r.exit_code == 1 and "0 <= A < B <= K-1" in r.output, r.output
