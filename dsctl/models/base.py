@@ -38,6 +38,8 @@ class Supernet(nn.Module):
     num_classes: int
     in_chans: int
     default_input_size: int
+    needs_bn_calibration: bool = True
+    """False for families without BatchNorm (DS-ViT): BN recalibration has nothing to estimate for them."""
 
     def forward(self, x: Tensor, spec: SliceSpec | None = None) -> Tensor:
         """Logits of the sub-network ``spec`` (default: the full-width network)."""
