@@ -144,8 +144,12 @@ def test_timm_state_dict_loads_strictly(tmp_path, ours: str, timm_name: str) -> 
 
 def test_input_size_is_fixed_at_build() -> None:
     model = dsctl.build_model("tiny_ds_vit")
-    with pytest.raises(ValueError, match="takes 28x28 inputs"):
+    with pytest.raises(ValueError, match="takes 28x28 inputs, got 32x32"):
         model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(dsctl.DsctlError, match="build the model with img_size=32"):  # before any tracing
+        count_subnet(model, model.space.full, 32)
+    with pytest.raises(ValueError, match="takes 28 px inputs"):  # the exported network checks too
+        export_subnet(model, model.space.full)(torch.randn(1, 1, 32, 32))
     assert dsctl.build_model("tiny_ds_vit", img_size=32)(torch.randn(1, 1, 32, 32)).shape == (1, 10)
 
 

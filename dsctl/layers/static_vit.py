@@ -89,7 +89,7 @@ class TokenEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
             raise ValueError("this network takes " + str(self.img_size) + " px inputs (its position embedding "
-                             "fixes the input size), got " + str(x.shape[-2]) + "x" + str(x.shape[-1]))
+                             "fixes the input size), got " + str(int(x.shape[-2])) + "x" + str(int(x.shape[-1])))
         x = self.proj(x).flatten(2).transpose(1, 2)                        # (N, T - 1, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # (N, T, D)
         return x + self.pos_embed

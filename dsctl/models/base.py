@@ -79,6 +79,13 @@ class Supernet(nn.Module):
         space = self.space
         return space.subnets[0].widths[space.ratio_stage - 1]
 
+    def check_input_size(self, input_size: int) -> int:
+        """Return ``input_size`` if this model runs square images of that size; DsctlError otherwise.
+
+        Default: any size. Families whose input size is fixed when built (DS-ViT) override it.
+        """
+        return input_size
+
     def gate_in_size(self, input_size: int) -> int:
         """Height (= width) of the features the gate reads, for a square ``input_size`` image.
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dsctl.errors import DsctlError
 from dsctl.layers.gate import SlimGate
 from dsctl.layers.slim_vit import SlimAttention, SlimLayerNorm, SlimMlp
 from dsctl.layers.static_vit import IdleSliced, TokenEmbed, TokenExcite, TokenHead, TransformerBlock
@@ -183,12 +184,20 @@ class DSViT(Supernet):
         """Side of the patch grid (the token gate's MACs do not depend on it)."""
         return input_size // self.cfg.patch_size
 
+    def _size_error(self, height: int, width: int) -> str:
+        size = self.cfg.img_size
+        return (f"{self.model_name or type(self).__name__} takes {size}x{size} inputs, got {height}x{width} (its "
+                f"position embedding fixes the size: build the model with img_size={height} for that size)")
+
+    def check_input_size(self, input_size: int) -> int:
+        if input_size != self.cfg.img_size:
+            raise DsctlError(self._size_error(input_size, input_size))
+        return input_size
+
     def _embed(self, x: Tensor) -> Tensor:
         size = self.cfg.img_size
         if x.shape[-2:] != (size, size):
-            raise ValueError(f"{self.model_name or type(self).__name__} takes {size}x{size} inputs (built with "
-                             f"img_size={size}; its position embedding fixes the size), got "
-                             f"{x.shape[-2]}x{x.shape[-1]}")
+            raise ValueError(self._size_error(x.shape[-2], x.shape[-1]))
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
         return x + self.pos_embed  # (N, T, D), T = grid * grid + 1
