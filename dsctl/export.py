@@ -134,7 +134,7 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
         raise DsctlError(f"--out {out}: cannot create its folder ({err.strerror})") from None
     if out.is_dir():
         raise DsctlError(f"--out {out}: is a folder; give a file name")
-    input_size = input_size or model.default_input_size
+    input_size = model.check_input_size(input_size or model.default_input_size)
     model = model.eval().cpu()
     static = export_subnet(model, spec)
     gen = torch.Generator().manual_seed(seed)
@@ -201,7 +201,7 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    input_size = input_size or model.default_input_size
+    input_size = model.check_input_size(input_size or model.default_input_size)
     model = model.eval().cpu()
     routed = export_routed(model, window)
     with warnings.catch_warnings():

@@ -136,7 +136,7 @@ def count_params(module: nn.Module) -> int:
 
 def count_subnet(model: Supernet, spec: SliceSpec, input_size: int | None = None) -> MacsReport:
     """MACs and parameters of ``spec`` counted on its exported static network (gate excluded)."""
-    input_size = input_size or model.default_input_size
+    input_size = model.check_input_size(input_size or model.default_input_size)
     static = model.to_static(spec)
     label = model.space.label(spec)
     width = None if label == "largest" and spec not in model.space.subnets else model.space.ratio(spec)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import dsctl
 from dsctl.flops import count_macs, count_subnet, gate_macs
+from tests.conftest import cpu_sized_model
 
 
 def _conv(h: int, c_in: int, c_out: int, k: int, groups: int = 1) -> int:
@@ -183,8 +184,7 @@ def test_only_average_pooling_over_space_counts(fn: Callable[[torch.Tensor], tor
 
 @pytest.mark.parametrize("name", dsctl.list_models())
 def test_macs_never_decrease_with_width(name: str) -> None:
-    model = dsctl.build_model(name)
-    size = model.default_input_size if name.startswith("tiny_") else 64
+    model, size = cpu_sized_model(name)
     macs = [count_subnet(model, s, size).macs for s in (*model.space.subnets, model.space.full)]
     assert all(a <= b for a, b in zip(macs, macs[1:])), macs
     assert macs[0] < macs[-1]

@@ -10,13 +10,13 @@ import torch
 
 import dsctl
 from dsctl.export import export_subnet
-from tests.conftest import TINY_MODELS, image_batch
+from tests.conftest import TINY_MODELS, cpu_sized_model, image_batch
 
 
 @pytest.mark.parametrize("name", dsctl.list_models())
 def test_forward_backward_smallest_and_largest(name: str) -> None:
-    model = dsctl.build_model(name).train()
-    size = model.default_input_size if name.startswith("tiny_") else 64  # reduced resolution on CPU
+    model, size = cpu_sized_model(name)  # reduced resolution on CPU
+    model.train()
     x = image_batch(model, 2, size)
     for spec in (model.space.smallest(), model.space.largest()):
         model.zero_grad()

@@ -54,19 +54,31 @@ class StaticGate(nn.Module):
 
     ``pool_first``: encoder = ReLU(reduce(mean(x))) (1x1 on the pooled vector); otherwise
     mean(ReLU(reduce(x))) (a conv on the map). Routes = argmax(head(e) + route_bias), within the window.
+    ``tokens``: x is a token sequence (N, T, C); the encoder reads the first ``reduce.in_channels``
+    channels of the class token, and the attention head scales those channels of every token (the
+    remaining channels pass unchanged).
     """
 
     def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d | None, head: nn.Linear, route_bias: Tensor,
-                 pool_first: bool = True) -> None:
+                 pool_first: bool = True, tokens: bool = False) -> None:
         super().__init__()
         self.reduce = reduce
         self.expand = expand if expand is not None else nn.Identity()
         self.attention = expand is not None
         self.pool_first = pool_first
+        self.tokens = tokens
+        self.width = reduce.in_channels
         self.head = head
         self.register_buffer("route_bias", route_bias.detach().clone().float())
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.tokens:
+            active = x.narrow(-1, 0, self.width)
+            e = torch.relu(self.reduce(active[:, 0].unsqueeze(-1).unsqueeze(-1)))
+            if self.attention:
+                active = active * torch.sigmoid(self.expand(e)).flatten(1).unsqueeze(1)
+                x = torch.cat([active, x.narrow(-1, self.width, x.shape[-1] - self.width)], -1)
+            return x, (self.head(e.flatten(1)) + self.route_bias).argmax(1)
         if self.pool_first:
             e = torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))
         else:

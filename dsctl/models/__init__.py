@@ -1,6 +1,6 @@
 """Model families; importing this package registers their builders."""
 
-from dsctl.models import slim_mobilenet, slim_resnet  # noqa: F401
+from dsctl.models import slim_mobilenet, slim_resnet, slim_vit  # noqa: F401
 from dsctl.models.base import BoundSubnet, GatePoint, Supernet, bind
 
 __all__ = ["BoundSubnet", "GatePoint", "Supernet", "bind"]

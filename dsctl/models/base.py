@@ -38,6 +38,8 @@ class Supernet(nn.Module):
     num_classes: int
     in_chans: int
     default_input_size: int
+    needs_bn_calibration: bool = True
+    """False for families without BatchNorm (DS-ViT): BN recalibration has nothing to estimate for them."""
 
     def forward(self, x: Tensor, spec: SliceSpec | None = None) -> Tensor:
         """Logits of the sub-network ``spec`` (default: the full-width network)."""
@@ -76,6 +78,13 @@ class Supernet(nn.Module):
         """
         space = self.space
         return space.subnets[0].widths[space.ratio_stage - 1]
+
+    def check_input_size(self, input_size: int) -> int:
+        """Return ``input_size`` if this model runs square images of that size; DsctlError otherwise.
+
+        Default: any size. Families whose input size is fixed when built (DS-ViT) override it.
+        """
+        return input_size
 
     def gate_in_size(self, input_size: int) -> int:
         """Height (= width) of the features the gate reads, for a square ``input_size`` image.

@@ -271,7 +271,8 @@ def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run
         save_checkpoint(run.final, {
             "kind": "supernet", "model_name": model.model_name, "model_kwargs": model.model_kwargs,
             "space": space.to_dict(), "state_dict": model.state_dict(), "recipe": recipe or {},
-            "data_info": asdict(data.info), "calibrated": used > 0, "calib_batches": used, "subnets": rows,
+            "data_info": asdict(data.info), "calibrated": used > 0 or not model.needs_bn_calibration,
+            "calib_batches": used, "subnets": rows,
         })
         run.write_csv("subnets.csv", rows)
     return rows

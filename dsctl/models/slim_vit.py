@@ -1,0 +1,296 @@
+"""DS-ViT: DeiT with dynamic idle slicing of the embedding width (DESIGN.md section 3, "DS-ViT").
+
+Layout: patch embedding (conv, stride = patch) + class token + absolute position embedding, ``depth``
+pre-norm blocks (attention, MLP ratio 4), final LayerNorm, linear head on the class token. Only the
+blocks are sliced. A block at width d reads the first d channels of the (N, T, D) token stream,
+normalises over those d channels (affine sliced ``[:d]``), runs d / head_dim heads (head_dim fixed) and
+an MLP of hidden width 4d, and adds its result to those d channels; channels d..D are *idle* and pass
+through unchanged, bit for bit. Patch embedding, position embedding, class token, final norm and head
+always use all D channels.
+
+Search space (three stages): ``embed`` (D, fixed); the ``gate_after`` blocks before the gate (the
+smallest width in every indexed sub-network, D in the full network); the blocks after it, routed over
+widths ``min_heads * head_dim, ..., D`` in steps of one head. The gate reads the class token after the
+blocks before it (:class:`~dsctl.layers.gate.SlimGate` in token mode). By default it has no attention
+head, so the full network is exactly timm's DeiT: same parameter names and shapes
+(``timm.create_model("deit_small_patch16_224")``), and ``load_pretrained`` / ``--init-from`` loads its
+state dict. The family has no BatchNorm, so it needs no BN recalibration.
+
+The input size is fixed when the model is built (``img_size``): the position embedding has one entry per
+patch, and another size raises ValueError rather than silently resampling it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dsctl.errors import DsctlError
+from dsctl.layers.gate import SlimGate
+from dsctl.layers.slim_vit import SlimAttention, SlimLayerNorm, SlimMlp
+from dsctl.layers.static_vit import IdleSliced, TokenEmbed, TokenExcite, TokenHead, TransformerBlock
+from dsctl.models.base import GatePoint, Supernet
+from dsctl.models.common import StageConfig, build_space
+from dsctl.registry import register_model
+from dsctl.spec import SliceSpec
+
+__all__ = ["ViTConfig", "DSViT", "SlimViTBlock", "ds_deit_tiny", "ds_deit_small", "tiny_ds_vit"]
+
+LN_EPS = 1e-6  # timm's ViT LayerNorm
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a DS-ViT: D = ``embed_dim`` channels, ``embed_dim // head_dim`` heads at full width.
+
+    ``min_heads``: heads of the narrowest width (the blocks before the gate in every indexed
+    sub-network, and the first routed choice). ``gate_after``: blocks before the gate (1 .. depth - 1).
+    """
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    head_dim: int
+    min_heads: int
+    gate_after: int
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.head_dim:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of head_dim {self.head_dim}")
+        if not 1 <= self.min_heads <= self.num_heads:
+            raise ValueError(f"min_heads={self.min_heads} is not a head count (allowed: 1..{self.num_heads})")
+        if not 1 <= self.gate_after < self.depth:
+            raise ValueError(f"gate_after={self.gate_after} is not a gate position "
+                             f"(allowed: 1..{self.depth - 1}: the number of blocks before the gate)")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.embed_dim // self.head_dim
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Routed width choices: ``min_heads`` heads up to all of them, one head per step."""
+        return tuple(h * self.head_dim for h in range(self.min_heads, self.num_heads + 1))
+
+    def stages(self) -> tuple[StageConfig, ...]:
+        d_min, full, g = self.widths[0], self.embed_dim, self.gate_after
+        return (
+            StageConfig("embed", 1, self.patch_size, (full,)),
+            StageConfig(_blocks_name(0, g), g, 1, tuple(sorted({d_min, full}))),
+            StageConfig(_blocks_name(g, self.depth), self.depth - g, 1, self.widths, routed=True),
+        )
+
+
+def _blocks_name(start: int, stop: int) -> str:
+    return f"blocks.{start}" if stop - start == 1 else f"blocks.{start}-{stop - 1}"
+
+
+def _drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: drop a residual branch per sample with probability ``p`` (training only)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+def _with_idle(active: Tensor, x: Tensor) -> Tensor:
+    """``active`` (the first d channels, processed) followed by ``x``'s untouched channels d..D."""
+    d = active.shape[-1]
+    return active if d == x.shape[-1] else torch.cat([active, x[..., d:]], -1)
+
+
+class SlimViTBlock(nn.Module):
+    """Pre-norm transformer block with dynamic idle slicing (timm ``Block`` names: norm1, attn, norm2, mlp)."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = SlimLayerNorm(dim, eps=LN_EPS)
+        self.attn = SlimAttention(dim, head_dim)
+        self.norm2 = SlimLayerNorm(dim, eps=LN_EPS)
+        self.mlp = SlimMlp(dim, mlp_ratio)
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor, width: int) -> Tensor:
+        """x: (N, T, D) -> (N, T, D); only channels [:width] change."""
+        h = x[..., :width]
+        h = h + _drop_path(self.attn(self.norm1(h)), self.drop_path, self.training)
+        h = h + _drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training)
+        return _with_idle(h, x)
+
+    def to_static(self, width: int) -> TransformerBlock:
+        """The block as an ordinary width-``width`` transformer block (idle channels: see IdleSliced)."""
+        return TransformerBlock(self.norm1.to_static(width), self.attn.to_static(width),
+                                self.norm2.to_static(width), self.mlp.to_static(width))
+
+
+class _PatchEmbed(nn.Module):
+    """Non-overlapping patches -> D channels per token (timm name ``patch_embed.proj``)."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, grid * grid, D)
+
+
+class DSViT(Supernet):
+    """DS-ViT supernet over ``cfg``; ``gate_attention`` adds the gate's attention head (then the full
+    network is DeiT plus that head, no longer exactly DeiT)."""
+
+    needs_bn_calibration = False
+
+    def __init__(self, cfg: ViTConfig, num_classes: int = 1000, in_chans: int = 3, *, gate_attention: bool = False,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes, self.in_chans, self.default_input_size = num_classes, in_chans, cfg.img_size
+        self.space = build_space(cfg.stages(), gate_after=f"blocks.{cfg.gate_after - 1}")
+        dim = cfg.embed_dim
+        self.patch_embed = _PatchEmbed(in_chans, dim, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2 + 1, dim))
+        rates = torch.linspace(0, drop_path_rate, cfg.depth).tolist()  # timm's linear stochastic-depth rule
+        self.blocks = nn.ModuleList(SlimViTBlock(dim, cfg.head_dim, cfg.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.head = nn.Linear(dim, num_classes)
+        self._init_weights()
+        # without attention the gate runs only in indexed sub-networks, whose class token it reads at the
+        # smallest width; with it, the gate is part of every sub-network, the full one included
+        gate_in = dim if gate_attention else self.gate_in_channels
+        self.gate = SlimGate(gate_in, max(16, dim // 4), self.space.num_subnets, attention=gate_attention, tokens=True)
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def gate_in_size(self, input_size: int) -> int:
+        """Side of the patch grid (the token gate's MACs do not depend on it)."""
+        return input_size // self.cfg.patch_size
+
+    def _size_error(self, height: int, width: int) -> str:
+        size = self.cfg.img_size
+        return (f"{self.model_name or type(self).__name__} takes {size}x{size} inputs, got {height}x{width} (its "
+                f"position embedding fixes the size: build the model with img_size={height} for that size)")
+
+    def check_input_size(self, input_size: int) -> int:
+        if input_size != self.cfg.img_size:
+            raise DsctlError(self._size_error(input_size, input_size))
+        return input_size
+
+    def _embed(self, x: Tensor) -> Tensor:
+        size = self.cfg.img_size
+        if x.shape[-2:] != (size, size):
+            raise ValueError(self._size_error(x.shape[-2], x.shape[-1]))
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        return x + self.pos_embed  # (N, T, D), T = grid * grid + 1
+
+    def _blocks(self, routed: bool) -> nn.ModuleList:
+        g = self.cfg.gate_after
+        return self.blocks[g:] if routed else self.blocks[:g]  # type: ignore[return-value]
+
+    def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
+        width = spec.widths[1]
+        x = self._embed(x)
+        for block in self._blocks(routed=False):
+            x = block(x, width)
+        if not (encode or self.gate.attention):
+            return GatePoint(x, None)
+        active = x[..., :width]
+        e = self.gate.encode(active)
+        return GatePoint(_with_idle(self.gate.attend(active, e), x), e)
+
+    def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
+        width = spec.widths[2]
+        for block in self._blocks(routed=True):
+            h = block(h, width)
+        return self.head(self.norm(h[:, 0]))  # LayerNorm is per token: norm(h)[:, 0] == norm(h[:, 0])
+
+    @torch.no_grad()
+    def probe_points(self, x: Tensor, spec: SliceSpec) -> dict[str, Tensor]:
+        """The class token's active channels, (N, d), after every block but the last (``blocks.i``)."""
+        w = self.space.check(spec).widths
+        x = self._embed(x)
+        points: dict[str, Tensor] = {}
+        for i, block in enumerate(self.blocks[:-1]):
+            width = w[1] if i < self.cfg.gate_after else w[2]
+            x = block(x, width)
+            points[f"blocks.{i}"] = x[:, 0, :width]
+        return points
+
+    def routed_blocks(self) -> list[tuple[int, nn.Module]]:
+        raise NotImplementedError("DS-ViT has no masked-routing simulation: a narrower block leaves the other "
+                                  "channels idle, so zeroing them is not the narrower network")
+
+    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
+        """``pre``: embedding, the blocks before the gate (and the gate's attention head, if any);
+        ``post``: the routed blocks, final norm and head. Idle channels: see :class:`IdleSliced`."""
+        _, pre_w, post_w = self.space.check(spec).widths
+        dim = self.cfg.embed_dim
+        embed = TokenEmbed(copy.deepcopy(self.patch_embed.proj), self.cls_token, self.pos_embed, self.cfg.img_size)
+        pre: list[nn.Module] = [embed, IdleSliced(nn.Sequential(*(b.to_static(pre_w) for b in self._blocks(False))),
+                                                  pre_w, dim)]
+        if self.gate.expand is not None:
+            pre.append(TokenExcite(self.gate.reduce.to_static(pre_w),
+                                   self.gate.expand.to_static(self.gate.reduce.out_channels, pre_w), pre_w, dim))
+        post = [IdleSliced(nn.Sequential(*(b.to_static(post_w) for b in self._blocks(True))), post_w, dim),
+                TokenHead(copy.deepcopy(self.norm), copy.deepcopy(self.head))]
+        return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
+
+
+def _build(cfg: ViTConfig, num_classes: int, in_chans: int, gate_attention: bool, drop_path_rate: float) -> DSViT:
+    return DSViT(cfg, num_classes, in_chans, gate_attention=gate_attention, drop_path_rate=drop_path_rate)
+
+
+@register_model
+def ds_deit_tiny(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, gate_after: int = 4,
+                 min_heads: int = 1, gate_attention: bool = False, drop_path_rate: float = 0.0) -> DSViT:
+    """DS-DeiT-Ti: D = 192, 3 heads of 64, 12 blocks, patch 16; routed widths 64, 128, 192 (1-3 heads).
+
+    Args:
+        gate_after: blocks before the gate (they run at the smallest width in indexed sub-networks).
+        min_heads: heads of the narrowest width.
+        gate_attention: give the gate an attention head on the tokens (the full network is then not DeiT).
+        drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks, as timm).
+    """
+    cfg = ViTConfig(img_size, 16, 192, 12, 64, min_heads, gate_after)
+    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate)
+
+
+@register_model
+def ds_deit_small(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, gate_after: int = 4,
+                  min_heads: int = 3, gate_attention: bool = False, drop_path_rate: float = 0.0) -> DSViT:
+    """DS-DeiT-S: D = 384, 6 heads of 64, 12 blocks, patch 16; routed widths 192, 256, 320, 384 (3-6 heads).
+
+    Options as in :func:`ds_deit_tiny`.
+    """
+    cfg = ViTConfig(img_size, 16, 384, 12, 64, min_heads, gate_after)
+    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate)
+
+
+@register_model
+def tiny_ds_vit(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, patch_size: int = 4,
+                embed_dim: int = 64, depth: int = 4, head_dim: int = 16, min_heads: int = 2, gate_after: int = 1,
+                gate_attention: bool = False, drop_path_rate: float = 0.0) -> DSViT:
+    """CPU-sized DS-ViT for 28-32 px inputs: patch 4 (7 x 7 + 1 tokens at 28 px), D = 64, 4 heads of 16,
+    4 blocks, gate after the first; routed widths 32, 48, 64 (2-4 heads). Options as in :func:`ds_deit_tiny`.
+    """
+    cfg = ViTConfig(img_size, patch_size, embed_dim, depth, head_dim, min_heads, gate_after)
+    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate)
