@@ -125,11 +125,13 @@ def run_epochs(*, data: TrainData, run: RunDir, pos: Position, epochs: int, step
             s = score(rows) if rows else float("-inf")
             improved = s > pos.best
             pos.best = max(pos.best, s)
+            # metrics, then best.pt, then last.pt: a kill between the writes leaves files that the resumed
+            # epoch rewrites, never an epoch that last.pt counts as done with its rows or best.pt missing
+            run.append_metrics(rows, keep_before_epoch=pos.epoch)
             pos.epoch, pos.batch = pos.epoch + 1, 0
-            save(run.last, pos, pos.epoch == epochs)
             if improved:
                 save(run.best, pos, pos.epoch == epochs)
-            run.append_metrics(rows, keep_before_epoch=pos.epoch - 1)
+            save(run.last, pos, pos.epoch == epochs)
             progress.finish(f"epoch {pos.epoch}/{epochs}: " + ", ".join(
                 f"{r.get('subnet', r.get('model', ''))} top1 {r['top1']:.2f}" for r in rows))
     return pos
