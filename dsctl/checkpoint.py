@@ -18,10 +18,9 @@ import torch
 
 from dsctl.errors import CheckpointError
 from dsctl.models.base import Supernet
-from dsctl.registry import build_model
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_pretrained",
-           "atomic_write_bytes", "find_checkpoint"]
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_pretrained", "atomic_write_bytes",
+           "find_checkpoint"]
 
 FORMAT_VERSION = 2  # 2: typed artifacts (dsctl.artifacts); format 1 still loads
 _UMASK = os.umask(0)
@@ -105,21 +104,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"(format {FORMAT_VERSION}); upgrade dsctl")
     ckpt["path"] = str(p)
     return ckpt
-
-
-def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Supernet, dict[str, Any]]:
-    """Rebuild the supernet of a checkpoint and load its weights (EMA weights when stored)."""
-    ckpt = load_checkpoint(path, map_location)
-    model = build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
-    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{ckpt['path']}: weights do not match model {ckpt['model_name']!r}: {str(err)[:300]}") from None
-    size = (ckpt.get("recipe") or {}).get("data", {}).get("input_size")
-    if size:  # MACs and export checks default to the resolution the model was trained at
-        model.default_input_size = int(size)
-    return model, ckpt
 
 
 _DSCTL_ONLY = re.compile(r"(^gate\.)|(_c\d+$)")

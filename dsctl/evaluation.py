@@ -1,14 +1,15 @@
-"""``evaluate_checkpoint``: evaluate a saved supernet (at a width) or dynamic model on its validation data."""
+"""``evaluate_checkpoint``: evaluate a saved supernet (at a width), dynamic model or baseline on its
+validation data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
-from dsctl.config import apply_overrides, recipe_from_dict
-from dsctl.errors import CheckpointError, DsctlError
-from dsctl.flops import count_subnet, gate_macs, macs_table
+from dsctl.artifacts import Artifact, GateArtifact, StaticArtifact, read_artifact
+from dsctl.config import Recipe
+from dsctl.errors import DsctlError
+from dsctl.flops import count_subnet
 from dsctl.train.common import evaluate, resolve_device
 from dsctl.train.data import build_train_data
 from dsctl.train.gate import evaluate_dynamic
@@ -16,19 +17,17 @@ from dsctl.train.gate import evaluate_dynamic
 __all__ = ["evaluate_checkpoint"]
 
 
-def _evaluate_static(ckpt: dict[str, Any], recipe, dev, *, width: str | None, dynamic: bool) -> dict[str, Any]:
+def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | None) -> dict[str, Any]:
     from dsctl.flops import count_macs, count_params
-    from dsctl.train.static import rebuild_static
 
-    if width is not None or dynamic:
-        raise DsctlError(f"{ckpt['path']}: a baseline network has one fixed width (drop --width / --dynamic)")
-    meta = ckpt["meta"]
-    net = rebuild_static(meta, ckpt["state_dict"])
+    if width is not None:
+        raise DsctlError(f"{art.path}: a baseline network has one fixed width (drop --width)")
+    net = art.build_network()
     data = build_train_data(recipe.data)
     macs = count_macs(net, data.input_size, data.info.in_chans)
     r = evaluate(net.to(dev), data.val, None, dev)
-    return {"model": meta["model_name"], "data": data.info.name, "checkpoint": ckpt["path"],
-            "subnet": f"{meta['method']} {meta.get('variant', '')}", "width": str(meta.get("width") or "-"),
+    return {"model": art.model_name, "data": data.info.name, "checkpoint": art.path,
+            "subnet": f"{art.meta.method} {art.meta.variant}", "width": art.meta.width_label,
             "top1": r.top1, "top5": r.top5, "loss": r.loss, "samples": r.samples, "macs": macs,
             "params": count_params(net)}
 
@@ -37,29 +36,24 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
                         overrides: list[str] = (), device: str = "auto") -> dict[str, Any]:  # type: ignore[assignment]
     """Evaluate a checkpoint on the validation split of its recipe's data (``overrides`` may change it).
 
-    Gate checkpoints are evaluated dynamically (argmax routing, grouped sliced inference) unless a width
-    is given; supernet checkpoints need a width (default: the full network) and cannot be ``dynamic``.
+    Gate checkpoints are evaluated dynamically (the gate's decision rule, grouped sliced inference) unless
+    a width is given; supernet checkpoints need a width (default: the full network) and cannot be
+    ``dynamic``; baseline checkpoints take neither.
     """
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("recipe"):
-        raise CheckpointError(f"{ckpt['path']}: holds no recipe, so its data is unknown")
-    recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], list(overrides)))
+    art = read_artifact(path, GateArtifact if dynamic else Artifact, why="--dynamic" if dynamic else "")
+    recipe = art.recipe_config(overrides)
     dev = resolve_device(device)
-    if ckpt.get("kind") == "static":
-        return _evaluate_static(ckpt, recipe, dev, width=width, dynamic=dynamic)
-    model, _ = model_from_checkpoint(ckpt["path"])
+    if isinstance(art, StaticArtifact):
+        return _evaluate_static(art, recipe, dev, width=width)
+    model = art.build_model()
     model.to(dev).eval()
     data = build_train_data(recipe.data)
-    is_gate = ckpt.get("kind") == "gate"
-    if dynamic and not is_gate:
-        raise DsctlError(f"{ckpt['path']}: --dynamic needs a gate checkpoint (from train-gate); this is a supernet")
-    base = {"model": model.model_name, "data": data.info.name, "checkpoint": ckpt["path"]}
-    if is_gate and width is None:
-        window = tuple(ckpt["window"])
-        route_macs = ckpt.get("route_macs") or macs_table(model, data.input_size)
-        g = ckpt.get("gate_macs", gate_macs(model, data.input_size))
-        r = evaluate_dynamic(model, data.val, window, dev, route_macs=route_macs, gate_macs=g)  # type: ignore[arg-type]
-        return {**base, "subnet": f"dynamic[{window[0]}:{window[1]}]", "width": "dynamic", "top1": r.top1,
+    base = {"model": model.model_name, "data": data.info.name, "checkpoint": art.path}
+    if isinstance(art, GateArtifact) and width is None:
+        lo, hi = art.window
+        r = evaluate_dynamic(model, data.val, art.window, dev, route_macs=list(art.costs.route_macs),
+                             gate_macs=art.costs.gate_macs)
+        return {**base, "subnet": f"dynamic[{lo}:{hi}]", "width": "dynamic", "top1": r.top1,
                 "top5": r.top5, "loss": r.loss, "samples": r.samples, "macs": r.avg_macs, "histogram": r.histogram,
                 "gate_sgs_acc": r.gate_sgs_acc}
     spec = model.space.resolve(width or "largest")

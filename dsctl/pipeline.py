@@ -45,8 +45,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
                  stop: StopFlag | None = None, report_dir: str | Path | None = None, command: str = "",
                  machine: str = "") -> list[Any]:
     """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``)."""
+    from dsctl.artifacts import SupernetArtifact, read_artifact
     from dsctl.baselines import launch_baseline
-    from dsctl.checkpoint import load_checkpoint
     from dsctl.report import build_report, write_report
     from dsctl.train.launch import launch_gate, launch_supernet
 
@@ -60,8 +60,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
 
         logger.info("analysis: oracle router and gate-position probes on the validation split")
         analyze_checkpoint(runs["supernet"] / "final.pt", device=device, progress=progress)
-    subnets = load_checkpoint(runs["supernet"] / "final.pt")["subnets"]
-    widest = max(r["macs"] for r in subnets)  # the full-width network (the report's "largest")
+    subnets = read_artifact(runs["supernet"] / "final.pt", SupernetArtifact).subnets
+    widest = max(r.macs for r in subnets)  # the full-width network (the report's "largest")
     for f in p.gate_targets:
         target_m = f * widest / 1e6
         gate_recipe = recipe.model_copy(update={"optim": p.gate_optim, "gate": recipe.gate.model_copy(update={

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import dsctl
+from dsctl.artifacts import StaticArtifact, read_artifact
 from dsctl.baselines import launch_baseline, prune_to_macs
 from dsctl.bench import BenchSettings, bench_dynamic, bench_widths
 from dsctl.config import load_recipe
 from dsctl.flops import count_macs
 from dsctl.report import build_report, write_report
 from dsctl.train.launch import launch_gate, launch_supernet
-from dsctl.train.static import fit_to_state_dict, static_from_checkpoint
+from dsctl.train.static import fit_to_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
@@ -44,8 +45,9 @@ def test_baseline_runs_and_checkpoint_rebuilds(tmp_path, method: str) -> None:
     recipe = load_recipe(SMOKE, ["optim.epochs=1", f"baseline.method={method}", "baseline.width='0.5'",
                                  "baseline.finetune_epochs=1"])
     summary = launch_baseline(recipe, tmp_path / method, device="cpu")
-    net, ckpt = static_from_checkpoint(tmp_path / method / "final.pt")
-    assert ckpt["meta"]["method"] == method and summary["macs"] == count_macs(net, 16, 1)
+    art = read_artifact(tmp_path / method / "final.pt", StaticArtifact)
+    net = art.build_network()
+    assert art.meta.method == method and summary["macs"] == count_macs(net, 16, 1)
     supernet = dsctl.build_model("tiny_ds_resnet")
     half = count_macs(supernet.to_static(supernet.space.resolve(0.5)), 16, 1)
     assert summary["macs"] <= half * 1.001
