@@ -3,6 +3,7 @@ validation data."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,35 @@ from dsctl.train.common import evaluate, resolve_device
 from dsctl.train.data import build_train_data
 from dsctl.train.gate import evaluate_dynamic
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["EvalReport", "evaluate_checkpoint"]
 
 
-def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalReport:
+    """One model evaluated on its validation data. ``macs``: fused multiply-adds of one image (for a
+    dynamic model, the average over the data, the gate's own included); ``params`` for static networks,
+    ``histogram`` (routes over all K sub-networks) and ``gate_sgs_acc`` for dynamic ones."""
+
+    model: str
+    data: str
+    checkpoint: str
+    subnet: str
+    width: float | str
+    top1: float
+    top5: float
+    loss: float
+    samples: int
+    macs: float
+    params: int | None = None
+    histogram: list[int] | None = None
+    gate_sgs_acc: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``dsctl eval --json``: the fields that apply to this kind of model."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | None) -> EvalReport:
     from dsctl.flops import count_macs, count_params
 
     if width is not None:
@@ -26,14 +52,12 @@ def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | N
     data = build_train_data(recipe.data)
     macs = count_macs(net, data.input_size, data.info.in_chans)
     r = evaluate(net.to(dev), data.val, None, dev)
-    return {"model": art.model_name, "data": data.info.name, "checkpoint": art.path,
-            "subnet": f"{art.meta.method} {art.meta.variant}", "width": art.meta.width_label,
-            "top1": r.top1, "top5": r.top5, "loss": r.loss, "samples": r.samples, "macs": macs,
-            "params": count_params(net)}
+    return EvalReport(art.model_name, data.info.name, art.path, f"{art.meta.method} {art.meta.variant}",
+                      art.meta.width_label, r.top1, r.top5, r.loss, r.samples, macs, params=count_params(net))
 
 
 def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: bool = False,
-                        overrides: list[str] = (), device: str = "auto") -> dict[str, Any]:  # type: ignore[assignment]
+                        overrides: list[str] = (), device: str = "auto") -> EvalReport:  # type: ignore[assignment]
     """Evaluate a checkpoint on the validation split of its recipe's data (``overrides`` may change it).
 
     Gate checkpoints are evaluated dynamically (the gate's decision rule, grouped sliced inference) unless
@@ -48,16 +72,15 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
     model = art.build_model()
     model.to(dev).eval()
     data = build_train_data(recipe.data)
-    base = {"model": model.model_name, "data": data.info.name, "checkpoint": art.path}
     if isinstance(art, GateArtifact) and width is None:
         lo, hi = art.window
         r = evaluate_dynamic(model, data.val, art.window, dev, route_macs=list(art.costs.route_macs),
                              gate_macs=art.costs.gate_macs)
-        return {**base, "subnet": f"dynamic[{lo}:{hi}]", "width": "dynamic", "top1": r.top1,
-                "top5": r.top5, "loss": r.loss, "samples": r.samples, "macs": r.avg_macs, "histogram": r.histogram,
-                "gate_sgs_acc": r.gate_sgs_acc}
+        return EvalReport(model.model_name, data.info.name, art.path, f"dynamic[{lo}:{hi}]", "dynamic", r.top1,
+                          r.top5, r.loss, r.samples, r.avg_macs, histogram=r.histogram, gate_sgs_acc=r.gate_sgs_acc)
     spec = model.space.resolve(width or "largest")
     r = evaluate(model, data.val, spec, dev)
     m = count_subnet(model, spec, data.input_size)
-    return {**base, "subnet": model.space.label(spec), "width": m.width if m.width is not None else "largest",
-            "top1": r.top1, "top5": r.top5, "loss": r.loss, "samples": r.samples, "macs": m.macs, "params": m.params}
+    return EvalReport(model.model_name, data.info.name, art.path, model.space.label(spec),
+                      m.width if m.width is not None else "largest", r.top1, r.top5, r.loss, r.samples, m.macs,
+                      params=m.params)

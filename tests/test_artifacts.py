@@ -248,3 +248,11 @@ def test_training_state_is_required_to_resume(supernet_file: Path) -> None:
     with pytest.raises(CheckpointError, match="no training state"):
         art.require_training()
 
+
+def test_evaluate_checkpoint_returns_a_report_with_the_json_keys(supernet_file: Path) -> None:
+    from dsctl.evaluation import evaluate_checkpoint
+
+    r = evaluate_checkpoint(supernet_file, width="0.5", device="cpu")
+    assert (r.subnet, r.width, r.samples) == ("k2", 0.5, 32)
+    assert list(r.to_dict()) == ["model", "data", "checkpoint", "subnet", "width", "top1", "top5", "loss", "samples",
+                                 "macs", "params"]

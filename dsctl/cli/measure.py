@@ -40,15 +40,15 @@ def eval_cmd(
     result = evaluate_checkpoint(checkpoint, width=width, dynamic=dynamic,
                                  overrides=[*(set_ or []), *data_overrides(data, None)], device=device)
     if as_json:
-        console.print_json(json.dumps(result))
+        console.print_json(json.dumps(result.to_dict()))
         return
     cols = ["model", "subnet", "width", "top1", "top5", "loss", "MACs (M)"]
-    row = [result["model"], result["subnet"], result["width"], f"{result['top1']:.2f}", f"{result['top5']:.2f}",
-           f"{result['loss']:.4f}", f"{result['macs'] / 1e6:.3f}"]
-    if "histogram" in result:
+    row = [result.model, result.subnet, result.width, f"{result.top1:.2f}", f"{result.top5:.2f}",
+           f"{result.loss:.4f}", f"{result.macs / 1e6:.3f}"]
+    if result.histogram is not None:
         cols.append("routes")
-        row.append(" ".join(f"k{k}:{c}" for k, c in enumerate(result["histogram"]) if c))
-    console.print(table(f"eval {checkpoint} on {result['data']} ({result['samples']} images)", cols, [row]))
+        row.append(" ".join(f"k{k}:{c}" for k, c in enumerate(result.histogram) if c))
+    console.print(table(f"eval {checkpoint} on {result.data} ({result.samples} images)", cols, [row]))
 
 
 def _read_target(path: Path, *, exported: bool, dynamic: bool) -> Artifact | None:
