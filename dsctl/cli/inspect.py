@@ -140,5 +140,5 @@ def _export_dynamic(checkpoint: str | None, out: Path | None, input_size: int | 
     with console.status("exporting dynamic model..."):
         r = export_dynamic_to_file(model, gate.window, out, source=gate.path, input_size=input_size,
                                    route_macs=list(gate.costs.route_macs), gate_macs=gate.costs.gate_macs)
-    console.print(table(f"exported {r['path']} (load with torch.jit.load)", ["model", "window", "max |diff|"],
-                        [[r["model"], f"{lo}:{hi}", f"{r['max_abs_diff']:.2e}"]]))
+    console.print(table(f"exported {r.path} (load with torch.jit.load)", ["model", "window", "max |diff|"],
+                        [[r.model, f"{lo}:{hi}", f"{r.max_abs_diff:.2e}"]]))
