@@ -272,9 +272,9 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
     5. every dynamic model with a MACs target spends it within 2% on the evaluation set.
     """
     out: list[dict[str, Any]] = []
-    sup = {r.width: r for r in rows if r.method == "supernet"}
+    sup = {_ratio(r.width): r for r in rows if r.method == "supernet" and _ratio(r.width) is not None}
     for u in (r for r in rows if r.method == "uniform"):
-        s = sup.get(u.width) or sup.get(f"{float(u.width):g}") if u.width not in ("-", "") else None
+        s = sup.get(_ratio(u.width))
         if s is None:
             continue
         gap = s.top1 - u.top1
@@ -312,6 +312,14 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
                         "subject": f"dynamic {d.variant}", "versus": f"target {d.target_macs / 1e6:.4g}M",
                         "value": round(100 * err, 3), "threshold": 2.0, "met": abs(err) <= 0.02})
     return out
+
+
+def _ratio(width: str) -> float | None:
+    """The slimming ratio a row's width column holds (None for "largest", "dynamic", "-")."""
+    try:
+        return round(float(width), 6)
+    except ValueError:
+        return None
 
 
 def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str, machine: str,

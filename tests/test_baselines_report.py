@@ -116,3 +116,12 @@ def test_targets_compare_dynamic_models_with_cheaper_statics_only() -> None:
     assert not near["met"] and near["macs_fraction"] == 0.63  # 252/400 > 60%: missed despite -0.2 points
     budget = next(x for x in t if "spends its MACs target" in x["target"])
     assert budget["met"] and budget["value"] == 0.8
+
+
+def test_targets_match_uniform_baselines_to_sub_networks_by_ratio() -> None:
+    from dsctl.report import ReportRow, check_targets
+
+    rows = [ReportRow("supernet", "m", "k6", "1.0", 400, 0, 86.0, 99.0),
+            ReportRow("uniform", "m", "w1", "1", 400, 0, 86.5, 99.0)]  # --width 1: the same ratio, other text
+    same = [x for x in check_targets(rows) if "same width" in x["target"]]
+    assert [(x["subject"], x["value"]) for x in same] == [("supernet k6 (w1)", -0.5)]
