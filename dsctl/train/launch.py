@@ -118,6 +118,9 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
         train_part, held = split_holdout(recipe.data, recipe.gate.holdout)
         data = dataclasses.replace(prep.data, train=train_part)
         holdout = DataLoader(held, batch_size=prep.data.val.batch_size or 256, num_workers=0)
+    # the gate's Gumbel noise depends on the seed alone, not on what was built or measured above
+    # (stored route costs skip the sub-network exports whose layer inits drew from torch's generator)
+    torch.manual_seed(recipe.seed)
     return train_gate(model, data, recipe.gate, recipe.optim, prep.run, window=window, route_macs=route_macs,
                       gate_macs=g_macs, device=prep.device, dist=prep.dist, seed=recipe.seed,
                       recipe=recipe_to_dict(recipe), source=sup.path, resume=resume, progress=progress, stop=stop,
