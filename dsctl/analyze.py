@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dsctl.config import DataConfig
-from dsctl.errors import CheckpointError, DsctlError
+from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
 from dsctl.train.progress import Progress
 
@@ -373,26 +373,21 @@ def analyze_checkpoint(path: str | Path, *, split: str = "val", out_dir: str | P
         >>> a = analyze_checkpoint("runs/supernet", max_batches=20)  # doctest: +SKIP
         >>> a.summary["oracle"]["top1"], a.summary["probes"][0]["auc"]  # doctest: +SKIP
     """
-    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
-    from dsctl.config import apply_overrides, recipe_from_dict
-    from dsctl.flops import gate_macs, macs_table
+    from dsctl.artifacts import ModelArtifact, SupernetArtifact, read_artifact, route_costs
     from dsctl.train.common import resolve_device
     from dsctl.train.run import git_commit
 
     if split not in SPLITS:
         raise DsctlError(f"unknown split {split!r} (allowed: {', '.join(SPLITS)})")
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") not in ("supernet", "gate"):
-        raise DsctlError(f"{ckpt['path']}: analyze needs a supernet (or gate) checkpoint, not {ckpt.get('kind')!r}")
-    if not ckpt.get("recipe"):
-        raise CheckpointError(f"{ckpt['path']}: holds no recipe, so its data is unknown")
-    if ckpt.get("kind") == "supernet" and not ckpt.get("calibrated"):
-        logger.warning("%s: BN statistics were not recalibrated; use the run's final.pt", ckpt["path"])
-    recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], list(overrides)))
+    art = read_artifact(path, ModelArtifact, why="analyze")
+    recipe = art.recipe_config(overrides)
+    if isinstance(art, SupernetArtifact) and not art.calibrated:
+        logger.warning("%s: BN statistics were not recalibrated; use the run's final.pt", art.path)
     dev = resolve_device(device)
-    model, _ = model_from_checkpoint(ckpt["path"])
+    model = art.build_model()
     size = recipe.data.input_size
-    macs, g_macs = macs_table(model, size), gate_macs(model)
+    costs = route_costs(art, model, size)
+    macs, g_macs = list(costs.route_macs), costs.gate_macs
     ds, indices, data_meta = _split_data(recipe.data, split, holdout_fraction)
     batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=recipe.data.workers)
@@ -413,7 +408,7 @@ def analyze_checkpoint(path: str | Path, *, split: str = "val", out_dir: str | P
                 "top1": round(100.0 * float(correct[:, k].double().mean()), 3), "oracle_samples": oracle.histogram[k]}
                for k, s in enumerate(space.subnets)]
     summary = {
-        "format_version": FORMAT_VERSION, "checkpoint": ckpt["path"], "model": model.model_name,
+        "format_version": FORMAT_VERSION, "checkpoint": art.path, "model": model.model_name,
         "data": {**data_meta, "root": recipe.data.root, "input_size": size, "samples": n, "max_batches": max_batches},
         "commit": git_commit(), "torch_version": torch.__version__, "device": str(dev),
         "macs_convention": "fused multiply-adds (fvcore); oracle MACs exclude the gate", "gate_macs": g_macs,
@@ -423,14 +418,14 @@ def analyze_checkpoint(path: str | Path, *, split: str = "val", out_dir: str | P
         "smallest_wrong": round(float((~correct[:, 0]).double().mean()), 5),
         "probe_budget_macs": round(budget), "probe_seed": seed, "probes": probes,
     }
-    out = Path(out_dir) if out_dir is not None else Path(ckpt["path"]).parent / (
+    out = Path(out_dir) if out_dir is not None else Path(art.path).parent / (
         "analysis" if split == "val" else "analysis-holdout")
     tensors = {"format_version": FORMAT_VERSION, "correct": correct, "labels": labels, "indices": indices[:n],
                "macs": torch.tensor(macs, dtype=torch.int64), "gate_macs": g_macs,
                "subnets": [r["subnet"] for r in subnets], "probe_scores": scores}
     analysis = Analysis(correct, macs, curve, summary, out)
     analysis.paths = _write(analysis, tensors, probes)
-    logger.info("analysis of %s (%d samples) written to %s", ckpt["path"], n, out)
+    logger.info("analysis of %s (%d samples) written to %s", art.path, n, out)
     return analysis
 
 

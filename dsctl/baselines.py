@@ -12,6 +12,7 @@ that meets the MACs target is found by bisection, counting MACs with fvcore like
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dsctl.artifacts import StaticArtifact, StaticMeta, StaticReport, read_artifact
 from dsctl.config import BaselineConfig, Recipe, recipe_to_dict
 from dsctl.errors import DsctlError
 from dsctl.flops import count_macs, count_params, count_subnet
@@ -98,36 +100,36 @@ def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", re
                     allow_changed: bool = False) -> dict[str, Any]:
     """Run one static baseline end to end in ``out``; returns its summary (also written to summary.json)."""
     from dsctl.train.launch import build_supernet_for, prepare_run
-    from dsctl.train.static import static_from_checkpoint, train_static
+    from dsctl.train.static import train_static
 
     cfg = recipe.baseline
     prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
     supernet = build_supernet_for(recipe, prep.data)
     size, chans = prep.data.input_size, supernet.in_chans
-    meta = {"model_name": supernet.model_name, "model_kwargs": supernet.model_kwargs, "method": cfg.method}
-    common = dict(device=prep.device, dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe),
-                  progress=progress, stop=stop, label_smoothing=cfg.label_smoothing)
+    common = dict(model_name=supernet.model_name, model_kwargs=supernet.model_kwargs, device=prep.device,
+                  dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), progress=progress, stop=stop,
+                  label_smoothing=cfg.label_smoothing)
     if cfg.method == "uniform":
         if cfg.width is None:
             raise DsctlError("--method uniform needs --width W (a slimming ratio of the supernet's space)")
         spec = supernet.space.resolve(cfg.width)
-        meta.update(base_spec=list(spec.widths), width=cfg.width, variant=f"w{cfg.width}")
+        meta = StaticMeta(method=cfg.method, base_spec=spec, variant=f"w{cfg.width}", width=supernet.space.ratio(spec))
         net, final = train_static(supernet.to_static(spec), prep.data, recipe.optim, prep.run, meta=meta,
                                   resume=resume, **common)
     else:
         target, variant = resolve_target_macs(supernet, cfg, size)
         full = supernet.space.full
-        meta.update(base_spec=list(full.widths), variant=variant, target_macs=target)
+        meta = StaticMeta(method=cfg.method, base_spec=full, variant=variant, target_macs=target)
         dense_run = RunDir(prep.run / "dense", main=prep.dist.main)
         penalty = bn_l1_penalty(cfg.slimming_lambda) if cfg.method == "slimming" else None
         if dense_run.final.is_file():
-            dense, _ = static_from_checkpoint(dense_run.final)
+            dense = read_artifact(dense_run.final, StaticArtifact).build_network()
         else:
-            dense, _ = train_static(supernet.to_static(full), prep.data, recipe.optim, dense_run, meta=dict(meta),
+            dense, _ = train_static(supernet.to_static(full), prep.data, recipe.optim, dense_run, meta=meta,
                                     extra_loss=penalty, resume=resume and dense_run.last.is_file(), **common)
         ft_run = RunDir(prep.run / "finetune", main=prep.dist.main)
         pruned, ratio = prune_to_macs(dense, target, size, chans, cfg.method)
-        meta.update(pruning_ratio=round(ratio, 4))
+        meta = dataclasses.replace(meta, pruning_ratio=round(ratio, 4))
         ft_optim = recipe.optim.model_copy(update={"epochs": cfg.finetune_epochs, "warmup_epochs": 0,
                                                    "lr": cfg.finetune_lr or recipe.optim.lr / 10})
         if cfg.finetune_epochs > 0:
@@ -138,24 +140,18 @@ def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", re
 
             net = pruned.to(prep.device)
             r = evaluate(net, prep.data.val, None, prep.device)
-            final = {"top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5)}
+            final = StaticReport(top1=round(r.top1, 3), top5=round(r.top5, 3), loss=round(r.loss, 5))
         if prep.dist.main:
             import shutil
 
             shutil.copyfile(ft_run.final if ft_run.final.is_file() else dense_run.final, prep.run.final)
     net = net.cpu().eval()
-    summary = {"kind": "static", "method": cfg.method, "model": supernet.model_name, "variant": meta["variant"],
-               "width": cfg.width, "macs": count_macs(net, size, chans), "params": count_params(net), **final,
-               "meta": meta}
-    if cfg.method != "uniform" and prep.dist.main:
-        from dsctl.checkpoint import load_checkpoint, save_checkpoint
-
-        ckpt = load_checkpoint(prep.run.final)
-        ckpt.pop("path")
-        ckpt.pop("format_version")
-        ckpt["meta"] = meta
-        ckpt["state_dict"] = net.state_dict()
-        ckpt["final"] = final
-        save_checkpoint(prep.run.final, ckpt)
+    summary = {"kind": "static", "method": cfg.method, "model": supernet.model_name, "variant": meta.variant,
+               "width": cfg.width, "macs": count_macs(net, size, chans), "params": count_params(net),
+               **final.to_dict(), "meta": {"model_name": supernet.model_name, "model_kwargs": supernet.model_kwargs,
+                                           **{k: v for k, v in meta.to_dict().items() if v is not None}}}
+    if cfg.method != "uniform" and prep.dist.main:  # the pruned network, whichever run wrote final.pt
+        copied = read_artifact(prep.run.final, StaticArtifact)
+        dataclasses.replace(copied, meta=meta, state_dict=net.state_dict(), final=final).save(prep.run.final)
     prep.run.write_json("summary.json", summary)
     return summary

@@ -1,8 +1,8 @@
-"""Versioned, atomically written checkpoints that load without unpickling code.
+"""Low-level checkpoint files: atomic writes, and loads that never unpickle code.
 
-A checkpoint is a plain dict of tensors and JSON-like values: ``format_version``, ``kind``,
-``model_name``, ``model_kwargs``, ``space``, ``state_dict`` and whatever the writer adds (optimizer,
-epoch, recipe, ...). Loading always uses ``torch.load(..., weights_only=True)``.
+A checkpoint is a plain dict of tensors and JSON-like values stamped with ``format_version``; loading
+always uses ``torch.load(..., weights_only=True)``. Which keys a run kind stores, and what they mean, is
+:mod:`dsctl.artifacts`' business (``read_artifact``, ``Artifact.save``); this module only moves dicts.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import torch
 
 from dsctl.errors import CheckpointError
 from dsctl.models.base import Supernet
-from dsctl.registry import build_model
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "load_pretrained",
-           "atomic_write_bytes", "find_checkpoint"]
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_pretrained", "atomic_write_bytes",
+           "find_checkpoint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: typed artifacts (dsctl.artifacts); format 1 still loads
 
 
 def _umask() -> int:
@@ -113,30 +112,21 @@ def _load_weights_only(p: Path, map_location: str | torch.device, what: str) -> 
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a dsctl checkpoint with ``weights_only=True``; CheckpointError on anything else."""
+    """Read a dsctl checkpoint's dict with ``weights_only=True`` (plus ``path``: the file read); CheckpointError
+    on anything else. Use :func:`dsctl.artifacts.read_artifact` for a typed, validated run artifact."""
     p = find_checkpoint(path)
     ckpt = _load_weights_only(p, map_location, "checkpoint")
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "model_name" not in ckpt:
         raise CheckpointError(f"{p}: not a dsctl checkpoint (no format_version/model_name)")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{p}: format_version {ckpt['format_version']} is newer than this dsctl ({FORMAT_VERSION})")
+    version = ckpt["format_version"]
+    if not isinstance(version, int):
+        raise CheckpointError(f"{p}: not a dsctl checkpoint (format_version {version!r})")
+    if version > FORMAT_VERSION:
+        writer = f" (written by dsctl {ckpt['dsctl_version']})" if ckpt.get("dsctl_version") else ""
+        raise CheckpointError(f"{p}: checkpoint format {version!r}{writer} is newer than this dsctl reads "
+                              f"(format {FORMAT_VERSION}); upgrade dsctl")
     ckpt["path"] = str(p)
     return ckpt
-
-
-def model_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Supernet, dict[str, Any]]:
-    """Rebuild the supernet of a checkpoint and load its weights (EMA weights when stored)."""
-    ckpt = load_checkpoint(path, map_location)
-    model = build_model(ckpt["model_name"], **ckpt.get("model_kwargs", {}))
-    state = ckpt.get("ema_state_dict") or ckpt["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{ckpt['path']}: weights do not match model {ckpt['model_name']!r}: {str(err)[:300]}") from None
-    size = (ckpt.get("recipe") or {}).get("data", {}).get("input_size")
-    if size:  # MACs and export checks default to the resolution the model was trained at
-        model.default_input_size = int(size)
-    return model, ckpt
 
 
 _DSCTL_ONLY = re.compile(r"(^gate\.)|(_c\d+$)")

@@ -24,7 +24,8 @@ from dsctl.flops import count_macs, count_params
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 
-__all__ = ["ExportReport", "export_subnet", "export_to_file", "load_subnet", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
+__all__ = ["ExportReport", "DynamicExportReport", "export_subnet", "export_to_file", "export_dynamic_to_file",
+           "load_subnet", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
 
 EXPORT_FORMATS = ("pt2", "torchscript", "onnx")
 MAX_ABS_DIFF = 1e-4
@@ -49,6 +50,34 @@ class ExportReport:
     macs: int
     params: int
     max_abs_diff: float
+    torch_version: str
+    created: str
+
+    @property
+    def sidecar(self) -> str:
+        return self.path + ".json"
+
+
+@dataclass(frozen=True)
+class DynamicExportReport:
+    """What ``export_dynamic_to_file`` wrote and measured; also the content of the JSON sidecar. ``routes``
+    maps ``k<index>`` to each window member's width and channels; ``route_macs`` are the window's."""
+
+    path: str
+    format: str
+    model: str
+    model_kwargs: dict
+    kind: str
+    window: tuple[int, int]
+    routes: dict[str, dict]
+    source: str
+    input_size: int
+    in_chans: int
+    num_classes: int
+    route_macs: list[int] | None
+    gate_macs: int | None
+    max_abs_diff: float
+    check_routes: list[int]
     torch_version: str
     created: str
 
@@ -190,7 +219,7 @@ def export_routed(model: Supernet, window: tuple[int, int]) -> nn.Module:
 
 def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | Path, *, source: str,
                            input_size: int | None = None, route_macs: list[int] | None = None,
-                           gate_macs: int | None = None, seed: int = 0) -> dict:
+                           gate_macs: int | None = None, seed: int = 0) -> DynamicExportReport:
     """Write the dynamic model as TorchScript (``torch.jit.load`` runs it without dsctl), verified against
     dsctl's grouped inference on random input; sidecar ``<out>.json``.
 
@@ -217,15 +246,15 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
         out.unlink(missing_ok=True)
         raise DsctlError(f"dynamic export check failed: max |exported - supernet| = {diff:.3g} >= {MAX_ABS_DIFF:g}")
     lo, hi = window
-    report = {
-        "path": str(out), "format": "torchscript", "model": model.model_name, "model_kwargs": dict(model.model_kwargs),
-        "kind": "dynamic", "window": [lo, hi], "routes": {f"k{k}": {"width": model.space.ratio(model.space.subnets[k]),
-                                                                     "channels": model.static_channels(model.space.subnets[k])}
-                                                          for k in range(lo, hi + 1)},
-        "source": source, "input_size": input_size, "in_chans": model.in_chans, "num_classes": model.num_classes,
-        "route_macs": route_macs[lo : hi + 1] if route_macs else None, "gate_macs": gate_macs,
-        "max_abs_diff": diff, "check_routes": torch.bincount(routes - lo, minlength=hi - lo + 1).tolist(),
-        "torch_version": torch.__version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    Path(str(out) + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    report = DynamicExportReport(
+        path=str(out), format="torchscript", model=model.model_name, model_kwargs=dict(model.model_kwargs),
+        kind="dynamic", window=(lo, hi), routes={f"k{k}": {"width": model.space.ratio(model.space.subnets[k]),
+                                                           "channels": model.static_channels(model.space.subnets[k])}
+                                                 for k in range(lo, hi + 1)},
+        source=source, input_size=input_size, in_chans=model.in_chans, num_classes=model.num_classes,
+        route_macs=list(route_macs[lo : hi + 1]) if route_macs else None, gate_macs=gate_macs,
+        max_abs_diff=diff, check_routes=torch.bincount(routes - lo, minlength=hi - lo + 1).tolist(),
+        torch_version=torch.__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    Path(report.sidecar).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report

@@ -56,8 +56,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
 
     Each stage's inputs are compared with its run folder's provenance record before it is skipped or
     resumed (see :mod:`dsctl.provenance`)."""
+    from dsctl.artifacts import SupernetArtifact, read_artifact
     from dsctl.baselines import launch_baseline
-    from dsctl.checkpoint import load_checkpoint
     from dsctl.report import build_report, write_report
     from dsctl.train.data import build_train_data
     from dsctl.train.launch import current_provenance, launch_gate, launch_supernet
@@ -74,8 +74,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
 
         logger.info("analysis: oracle router and gate-position probes on the validation split")
         analyze_checkpoint(runs["supernet"] / "final.pt", device=device, progress=progress)
-    subnets = load_checkpoint(runs["supernet"] / "final.pt")["subnets"]
-    widest = max(r["macs"] for r in subnets)  # the full-width network (the report's "largest")
+    subnets = read_artifact(runs["supernet"] / "final.pt", SupernetArtifact).subnets
+    widest = max(r.macs for r in subnets)  # the full-width network (the report's "largest")
     for f in p.gate_targets:
         target_m = f * widest / 1e6
         gate_recipe = recipe.model_copy(update={"optim": p.gate_optim, "gate": recipe.gate.model_copy(update={

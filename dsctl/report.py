@@ -75,62 +75,58 @@ class _Entry:
 
 
 def _load_run(run_dir: Path) -> list[_Entry]:
-    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from dsctl.artifacts import GateArtifact, StaticArtifact, SupernetArtifact, read_artifact
     from dsctl.export import export_routed, export_subnet
     from dsctl.flops import count_params, count_subnet
-    from dsctl.train.static import rebuild_static
 
     final = run_dir / "final.pt"
     if not run_dir.is_dir():
         raise DsctlError(f"{run_dir}: no such run folder")
     if not final.is_file():
         raise DsctlError(f"{run_dir}: no final.pt (the run has not finished; resume it first)")
-    ckpt = load_checkpoint(final)
-    info = ckpt.get("data_info", {})
-    size = (ckpt.get("recipe") or {}).get("data", {}).get("input_size", 0)
-    base = dict(data=f"{info.get('name')}:{info.get('train_size')}/{info.get('val_size')}", input_size=size,
+    art = read_artifact(final)
+    info = art.data_info
+    size = art.input_size or 0
+    base = dict(data=f"{info.name}:{info.train_size}/{info.val_size}" if info else "unknown", input_size=size,
                 run=str(run_dir))
-    kind = ckpt.get("kind")
     entries: list[_Entry] = []
-    if kind == "supernet":
-        model, _ = model_from_checkpoint(final)
-        model.eval()
-        for r in ckpt["subnets"]:
-            spec = model.space.resolve("largest" if r["width"] == "largest" else r["width"])
-            entries.append(_Entry(ReportRow("supernet", model.model_name, r["subnet"], str(r["width"]), r["macs"],
-                                            r["params"], r["top1"], r["top5"], **base), export_subnet(model, spec)))
-    elif kind == "gate":
-        model, _ = model_from_checkpoint(final)
-        f = ckpt["final"]
-        lo, hi = f["window"]
-        variant = f"[{lo}:{hi}]" + (f" target {f['target_macs_m']:g}M" if f.get("target_macs_m") else "")
+    if isinstance(art, SupernetArtifact):
+        model = art.build_model().eval()
+        for r in art.subnets:
+            entries.append(_Entry(ReportRow("supernet", model.model_name, r.label, r.width_label, r.macs,
+                                            r.params, r.top1, r.top5, **base), export_subnet(model, r.spec)))
+    elif isinstance(art, GateArtifact):
+        model = art.build_model()
+        f = art.final
+        if f is None:
+            raise DsctlError(f"{final}: holds no final evaluation (the gate run has not finished)")
+        lo, hi = f.window
+        variant = f"[{lo}:{hi}]" + (f" target {f.target_macs_m:g}M" if f.target_macs_m else "")
         # the widest route of the window plus what only routing uses (what a deployment must hold)
         params = count_subnet(model, model.space.subnets[hi], size).params + sum(
             p.numel() for p in model.gate.routing_parameters())
-        target = f["target_macs_m"] * 1e6 if f.get("target_macs_m") else float("nan")
-        entries.append(_Entry(ReportRow("dynamic", model.model_name, variant, "dynamic", int(f["avg_macs"]), params,
-                                        f["top1"], f["top5"], target_macs=target, **base),
+        target = f.target_macs_m * 1e6 if f.target_macs_m else float("nan")
+        entries.append(_Entry(ReportRow("dynamic", model.model_name, variant, "dynamic", int(f.avg_macs), params,
+                                        f.top1, f.top5, target_macs=target, **base),
                               export_routed(model.eval(), (lo, hi))))  # what `dsctl export --dynamic` deploys
-    elif kind == "static":
+    elif isinstance(art, StaticArtifact):
         from dsctl.flops import count_macs
 
-        meta = ckpt["meta"]
-        net = rebuild_static(meta, ckpt["state_dict"])
-        chans = info.get("in_chans", 3)
-        entries.append(_Entry(ReportRow(meta["method"], meta["model_name"], meta.get("variant", ""),
-                                        str(meta.get("width") or "-"), count_macs(net, size, chans), count_params(net),
-                                        ckpt["final"]["top1"], ckpt["final"]["top5"], **base), net))
-    else:
-        raise DsctlError(f"{final}: unknown run kind {kind!r}")
+        if art.final is None:
+            raise DsctlError(f"{final}: holds no final evaluation (the baseline run has not finished)")
+        net = art.build_network()
+        chans = info.in_chans if info else 3
+        entries.append(_Entry(ReportRow(art.meta.method, art.model_name, art.meta.variant, art.meta.width_label,
+                                        count_macs(net, size, chans), count_params(net), art.final.top1,
+                                        art.final.top5, **base), net))
     return entries
 
 
 def _images(run_dir: Path, n: int) -> torch.Tensor:
-    from dsctl.checkpoint import load_checkpoint
-    from dsctl.config import recipe_from_dict
+    from dsctl.artifacts import read_artifact
     from dsctl.train.data import build_train_data
 
-    data = build_train_data(recipe_from_dict(load_checkpoint(run_dir / "final.pt")["recipe"]).data)
+    data = build_train_data(read_artifact(run_dir / "final.pt").recipe_config().data)
     chunks, seen = [], 0
     for x, _ in data.val:
         chunks.append(x)
@@ -274,9 +270,9 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
     5. every dynamic model with a MACs target spends it within 2% on the evaluation set.
     """
     out: list[dict[str, Any]] = []
-    sup = {r.width: r for r in rows if r.method == "supernet"}
+    sup = {_ratio(r.width): r for r in rows if r.method == "supernet" and _ratio(r.width) is not None}
     for u in (r for r in rows if r.method == "uniform"):
-        s = sup.get(u.width) or sup.get(f"{float(u.width):g}") if u.width not in ("-", "") else None
+        s = sup.get(_ratio(u.width))
         if s is None:
             continue
         gap = s.top1 - u.top1
@@ -314,6 +310,14 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
                         "subject": f"dynamic {d.variant}", "versus": f"target {d.target_macs / 1e6:.4g}M",
                         "value": round(100 * err, 3), "threshold": 2.0, "met": abs(err) <= 0.02})
     return out
+
+
+def _ratio(width: str) -> float | None:
+    """The slimming ratio a row's width column holds (None for "largest", "dynamic", "-")."""
+    try:
+        return round(float(width), 6)
+    except ValueError:
+        return None
 
 
 def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str, machine: str,

@@ -141,17 +141,14 @@ def test_collect_correctness_columns_are_the_indexed_subnets() -> None:
 def supernet_run(tmp_path_factory) -> Path:
     """A supernet run folder whose final.pt holds an untrained tiny DS-MobileNetV1 (what analyze reads of a
     trained one: weights, recipe, kind), written directly so the tests take seconds."""
-    from dsctl.checkpoint import save_checkpoint
+    from dsctl.artifacts import SupernetArtifact
     from dsctl.config import load_recipe, recipe_to_dict
 
     run = tmp_path_factory.mktemp("analyze") / "sup"
     recipe = load_recipe(SMOKE, ["model.name=tiny_ds_mobilenetv1", "data.synthetic_train_size=64",
                                  "data.synthetic_val_size=48"])
     model = dsctl.build_model("tiny_ds_mobilenetv1", num_classes=10, in_chans=1)
-    save_checkpoint(run / "final.pt", {"kind": "supernet", "model_name": model.model_name,
-                                       "model_kwargs": model.model_kwargs, "space": model.space.to_dict(),
-                                       "state_dict": model.state_dict(), "recipe": recipe_to_dict(recipe),
-                                       "calibrated": True})
+    SupernetArtifact.from_model(model, recipe=recipe_to_dict(recipe), calibrated=True).save(run / "final.pt")
     return run
 
 

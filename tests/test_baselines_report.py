@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import dsctl
+from dsctl.artifacts import StaticArtifact, read_artifact
 from dsctl.baselines import launch_baseline, prune_to_macs
 from dsctl.bench import BenchSettings, bench_dynamic, bench_widths
 from dsctl.config import load_recipe
 from dsctl.flops import count_macs
 from dsctl.report import build_report, write_report
 from dsctl.train.launch import launch_gate, launch_supernet
-from dsctl.train.static import fit_to_state_dict, static_from_checkpoint
+from dsctl.train.static import fit_to_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
@@ -44,8 +45,9 @@ def test_baseline_runs_and_checkpoint_rebuilds(tmp_path, method: str) -> None:
     recipe = load_recipe(SMOKE, ["optim.epochs=1", f"baseline.method={method}", "baseline.width='0.5'",
                                  "baseline.finetune_epochs=1"])
     summary = launch_baseline(recipe, tmp_path / method, device="cpu")
-    net, ckpt = static_from_checkpoint(tmp_path / method / "final.pt")
-    assert ckpt["meta"]["method"] == method and summary["macs"] == count_macs(net, 16, 1)
+    art = read_artifact(tmp_path / method / "final.pt", StaticArtifact)
+    net = art.build_network()
+    assert art.meta.method == method and summary["macs"] == count_macs(net, 16, 1)
     supernet = dsctl.build_model("tiny_ds_resnet")
     half = count_macs(supernet.to_static(supernet.space.resolve(0.5)), 16, 1)
     assert summary["macs"] <= half * 1.001
@@ -114,3 +116,12 @@ def test_targets_compare_dynamic_models_with_cheaper_statics_only() -> None:
     assert not near["met"] and near["macs_fraction"] == 0.63  # 252/400 > 60%: missed despite -0.2 points
     budget = next(x for x in t if "spends its MACs target" in x["target"])
     assert budget["met"] and budget["value"] == 0.8
+
+
+def test_targets_match_uniform_baselines_to_sub_networks_by_ratio() -> None:
+    from dsctl.report import ReportRow, check_targets
+
+    rows = [ReportRow("supernet", "m", "k6", "1.0", 400, 0, 86.0, 99.0),
+            ReportRow("uniform", "m", "w1", "1", 400, 0, 86.5, 99.0)]  # --width 1: the same ratio, other text
+    same = [x for x in check_targets(rows) if "same width" in x["target"]]
+    assert [(x["subject"], x["value"]) for x in same] == [("supernet k6 (w1)", -0.5)]

@@ -168,8 +168,8 @@ def test_calibrated_gate_meets_its_budget_when_hard_samples_are_rare(tmp_path) -
     g_optim = OptimConfig(lr=0.05, epochs=4, warmup_epochs=0, weight_decay=0.0, amp=False)
     result = train_gate(model, data, cfg, g_optim, RunDir(tmp_path / "gate"), window=window, route_macs=route_macs,
                         gate_macs=g_macs, device=torch.device("cpu"), holdout=DataLoader(held, batch_size=256))
-    cal = result.final["decision_calibration"]
-    assert cal["met"] and abs(cal["error"]) <= 0.02, cal
+    cal = result.final.calibration
+    assert cal is not None and cal.met and abs(cal.error) <= 0.02, cal
     on_test = evaluate_dynamic(model, data.val, window, torch.device("cpu"), route_macs=route_macs, gate_macs=g_macs)
     assert abs(on_test.avg_macs / target - 1) <= 0.05, (on_test.avg_macs, target)
     _, routes = dynamic_forward(model.eval(), val.x, window)
@@ -183,7 +183,7 @@ def test_calibrated_gate_meets_its_budget_when_hard_samples_are_rare(tmp_path) -
 def test_gate_run_resumes_to_identical_head(tmp_path) -> None:
     from pathlib import Path
 
-    from dsctl.checkpoint import load_checkpoint
+    from dsctl.artifacts import GateArtifact, read_artifact
     from dsctl.config import load_recipe
     from dsctl.train.launch import launch_gate, launch_supernet
     from dsctl.train.progress import Progress
@@ -211,7 +211,7 @@ def test_gate_run_resumes_to_identical_head(tmp_path) -> None:
     else:
         raise AssertionError("expected an interruption")
     launch_gate(recipe, tmp_path / "sup", tmp_path / "b", device="cpu", resume=True)
-    a = load_checkpoint(tmp_path / "a" / "final.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "b" / "final.pt")["state_dict"]
+    a = read_artifact(tmp_path / "a" / "final.pt", GateArtifact).state_dict
+    b = read_artifact(tmp_path / "b" / "final.pt", GateArtifact).state_dict
     assert torch.equal(a["gate.head.weight"], b["gate.head.weight"])
     assert torch.equal(a["gate.reduce.weight"], b["gate.reduce.weight"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dsctl
-from dsctl.checkpoint import model_from_checkpoint, save_checkpoint
+from dsctl.artifacts import GateArtifact, RouteCosts, read_artifact
 from dsctl.dynamic import DynamicNet, dynamic_forward, masked_forward
 from dsctl.export import export_routed, export_subnet
 from dsctl.flops import gate_macs
@@ -202,9 +202,8 @@ def test_route_bias_survives_checkpoints_and_old_state_dicts_load(tmp_path) -> N
     model.gate.route_bias.copy_(bias)
     state = model.state_dict()
     assert torch.equal(state["gate.route_bias"], bias)
-    save_checkpoint(tmp_path / "c.pt", {"kind": "gate", "model_name": model.model_name,
-                                        "model_kwargs": model.model_kwargs, "state_dict": state})
-    loaded, _ = model_from_checkpoint(tmp_path / "c.pt")
+    GateArtifact.from_model(model, window=(0, 3), costs=RouteCosts((1, 2, 3, 4, 5, 6, 7), 1)).save(tmp_path / "c.pt")
+    loaded = read_artifact(tmp_path / "c.pt", GateArtifact).build_model()
     assert torch.equal(loaded.gate.route_bias, bias)
     old = {k: v for k, v in state.items() if k != "gate.route_bias"}  # written before route_bias existed
     loaded.load_state_dict(old)  # strict

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import dsctl
-from dsctl.checkpoint import load_checkpoint
+from dsctl.artifacts import SupernetArtifact, read_artifact
 from dsctl.config import SupernetConfig, load_recipe, recipe_to_dict
 from dsctl.train.launch import build_supernet_for, launch_supernet
 from dsctl.train.progress import Progress
@@ -78,8 +78,9 @@ def test_run_folder_contents(tmp_path) -> None:
     rows = list(csv.DictReader((run / "subnets.csv").open()))
     assert {"subnet", "width", "macs", "params", "top1", "top5", "loss"} <= set(rows[0]) and len(rows) == 7
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
-    final = load_checkpoint(run / "final.pt")
-    assert final["calibrated"] and final["kind"] == "supernet" and len(result.subnets) == 7
+    final = read_artifact(run / "final.pt", SupernetArtifact)
+    assert final.calibrated and final.subnets == tuple(result.subnets) and len(result.subnets) == 7
+    assert final.costs is not None and final.costs.route_macs == tuple(r.macs for r in result.subnets)
 
 
 class _StopAt(Progress):
@@ -98,11 +99,11 @@ def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path) -> None:
     flag = StopFlag()
     with pytest.raises(TrainingInterrupted, match="resume with --resume"):
         launch_supernet(recipe, tmp_path / "b", device="cpu", progress=_StopAt(flag, 9), stop=flag)
-    pos = load_checkpoint(tmp_path / "b" / "last.pt")["position"]
-    assert pos == {"epoch": 1, "batch": 3, "global_step": 9}
+    state = read_artifact(tmp_path / "b" / "last.pt", SupernetArtifact).require_training()
+    assert (state.epoch, state.batch, state.global_step) == (1, 3, 9)
     launch_supernet(recipe, tmp_path / "b", device="cpu", resume=True)
-    a = load_checkpoint(tmp_path / "a" / "final.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "b" / "final.pt")["state_dict"]
+    a = read_artifact(tmp_path / "a" / "final.pt", SupernetArtifact).state_dict
+    b = read_artifact(tmp_path / "b" / "final.pt", SupernetArtifact).state_dict
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -148,5 +149,5 @@ def test_torchrun_two_processes_gloo_with_sync_bn(tmp_path) -> None:
 def test_gradient_accumulation_steps_once_per_group(tmp_path) -> None:
     recipe = load_recipe(SMOKE, ["optim.epochs=1", "optim.grad_accum=2", "data.batch_size=8"])
     launch_supernet(recipe, tmp_path / "acc", device="cpu")
-    pos = load_checkpoint(tmp_path / "acc" / "last.pt")["position"]
-    assert pos == {"epoch": 1, "batch": 0, "global_step": 8}  # 128 images / 8 per batch / 2 per step
+    state = read_artifact(tmp_path / "acc" / "last.pt", SupernetArtifact).require_training()
+    assert (state.epoch, state.batch, state.global_step) == (1, 0, 8)  # 128 images / 8 per batch / 2 per step

@@ -75,7 +75,8 @@ def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int 
     """A registered model name (random weights, or ``init_from`` a full-width state dict) or a checkpoint
     file / run folder. Returns (model, source): the checkpoint path, the init file, or "random init".
     """
-    from dsctl.checkpoint import load_pretrained, model_from_checkpoint
+    from dsctl.artifacts import ModelArtifact, read_artifact
+    from dsctl.checkpoint import load_pretrained
     from dsctl.registry import build_model, list_models
 
     if target in list_models():
@@ -92,8 +93,8 @@ def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int 
     if init_from is not None:
         raise DsctlError("--init-from applies to a model name, not to a checkpoint")
     if Path(target).exists():
-        model, ckpt = model_from_checkpoint(target)
-        return model, ckpt["path"]
+        art = read_artifact(target, ModelArtifact)
+        return art.build_model(), art.path
     raise DsctlError(f"{target!r} is neither a registered model ({', '.join(list_models())}) nor an existing file")
 
 

@@ -108,12 +108,11 @@ def export_cmd(
         raise DsctlError(f"unknown --format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
     model, source = resolve_model(checkpoint or model_name, init_from=init_from)  # type: ignore[arg-type]
     if checkpoint is not None and (width is None or fmt is None):
-        from dsctl.checkpoint import load_checkpoint
-        from dsctl.config import recipe_from_dict
+        from dsctl.artifacts import read_artifact
 
-        recipe = load_checkpoint(checkpoint).get("recipe")
-        if recipe:
-            cfg = recipe_from_dict(recipe).export
+        art = read_artifact(checkpoint)
+        if art.recipe:
+            cfg = art.recipe_config().export
             width, fmt = width or cfg.width, fmt or cfg.format
     width, fmt = width or "largest", fmt or "pt2"
     spec = model.space.resolve(width)
@@ -128,20 +127,18 @@ def export_cmd(
 
 
 def _export_dynamic(checkpoint: str | None, out: Path | None, input_size: int | None) -> None:
-    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from dsctl.artifacts import GateArtifact, read_artifact
     from dsctl.errors import DsctlError
     from dsctl.export import export_dynamic_to_file
 
     if checkpoint is None:
         raise DsctlError("--dynamic needs a gate CHECKPOINT (a train-gate run folder or final.pt)")
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("kind") != "gate":
-        raise DsctlError(f"{ckpt['path']}: --dynamic needs a gate checkpoint (from train-gate), not {ckpt.get('kind')!r}")
-    model, _ = model_from_checkpoint(ckpt["path"])
-    lo, hi = ckpt["window"]
+    gate = read_artifact(checkpoint, GateArtifact, why="--dynamic")
+    model = gate.build_model()
+    lo, hi = gate.window
     out = out or Path(f"{model.model_name}_dynamic_{lo}-{hi}.ts.pt")
     with console.status("exporting dynamic model..."):
-        r = export_dynamic_to_file(model, (lo, hi), out, source=ckpt["path"], input_size=input_size,
-                                   route_macs=ckpt.get("route_macs"), gate_macs=ckpt.get("gate_macs"))
-    console.print(table(f"exported {r['path']} (load with torch.jit.load)", ["model", "window", "max |diff|"],
-                        [[r["model"], f"{lo}:{hi}", f"{r['max_abs_diff']:.2e}"]]))
+        r = export_dynamic_to_file(model, gate.window, out, source=gate.path, input_size=input_size,
+                                   route_macs=list(gate.costs.route_macs), gate_macs=gate.costs.gate_macs)
+    console.print(table(f"exported {r.path} (load with torch.jit.load)", ["model", "window", "max |diff|"],
+                        [[r.model, f"{lo}:{hi}", f"{r.max_abs_diff:.2e}"]]))

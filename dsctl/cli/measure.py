@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
 
 from dsctl.cli._common import console, handle_errors, table
 from dsctl.cli.train import DataOpt, DeviceOpt, SetOpt, data_overrides
+
+if TYPE_CHECKING:
+    from dsctl.artifacts import Artifact, GateArtifact, StaticArtifact
+    from dsctl.bench import BenchSettings
 
 app = typer.Typer()
 
@@ -36,27 +40,25 @@ def eval_cmd(
     result = evaluate_checkpoint(checkpoint, width=width, dynamic=dynamic,
                                  overrides=[*(set_ or []), *data_overrides(data, None)], device=device)
     if as_json:
-        console.print_json(json.dumps(result))
+        console.print_json(json.dumps(result.to_dict()))
         return
     cols = ["model", "subnet", "width", "top1", "top5", "loss", "MACs (M)"]
-    row = [result["model"], result["subnet"], result["width"], f"{result['top1']:.2f}", f"{result['top5']:.2f}",
-           f"{result['loss']:.4f}", f"{result['macs'] / 1e6:.3f}"]
-    if "histogram" in result:
+    row = [result.model, result.subnet, result.width, f"{result.top1:.2f}", f"{result.top5:.2f}",
+           f"{result.loss:.4f}", f"{result.macs / 1e6:.3f}"]
+    if result.histogram is not None:
         cols.append("routes")
-        row.append(" ".join(f"k{k}:{c}" for k, c in enumerate(result["histogram"]) if c))
-    console.print(table(f"eval {checkpoint} on {result['data']} ({result['samples']} images)", cols, [row]))
+        row.append(" ".join(f"k{k}:{c}" for k, c in enumerate(result.histogram) if c))
+    console.print(table(f"eval {checkpoint} on {result.data} ({result.samples} images)", cols, [row]))
 
 
-def _measure_defaults(path: Path):
-    """The measure section of a checkpoint's recipe (library defaults for model names and exported files)."""
-    from dsctl.checkpoint import find_checkpoint, load_checkpoint
-    from dsctl.config import MeasureConfig, recipe_from_dict
+def _read_target(path: Path, *, exported: bool, dynamic: bool) -> Artifact | None:
+    """The run artifact a bench TARGET names (a gate's for --dynamic), or None for a model name or an
+    exported file."""
+    from dsctl.artifacts import Artifact, GateArtifact, read_artifact
 
-    if path.exists() and not Path(str(path) + ".json").is_file():
-        recipe = load_checkpoint(find_checkpoint(path)).get("recipe")
-        if recipe:
-            return recipe_from_dict(recipe).measure
-    return MeasureConfig()
+    if exported or not (dynamic or path.exists()):
+        return None
+    return read_artifact(path, GateArtifact if dynamic else Artifact, why="--dynamic" if dynamic else "")
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -87,24 +89,28 @@ def bench_cmd(
     csv: Annotated[Path | None, typer.Option(help="Write the rows to this CSV file.")] = None,
 ) -> None:
     """Latency (median, p90) and throughput with torch.utils.benchmark, candidates timed side by side."""
+    from dsctl.artifacts import ModelArtifact, StaticArtifact
     from dsctl.bench import BenchSettings, bench_exported, bench_widths
+    from dsctl.config import MeasureConfig
     from dsctl.report import write_csv
 
     path = Path(target)
-    measure = _measure_defaults(path)
+    exported = path.is_file() and Path(str(path) + ".json").is_file()  # an exported file and its sidecar
+    art = _read_target(path, exported=exported, dynamic=dynamic)
+    measure = art.recipe_config().measure if art is not None and art.recipe else MeasureConfig()
     settings = BenchSettings(_batches(batch) if batch else measure.batch_sizes, device, threads or measure.threads,
                              measure.warmup, min_run_time or measure.min_run_time_s, input_size)
     with console.status("benchmarking..."):
-        if path.is_file() and Path(str(path) + ".json").is_file():  # an exported file and its sidecar
+        if exported:
             rows = bench_exported(path, settings)
         elif dynamic:
-            rows = _bench_gate(target, settings)
-        elif _is_static_run(path):
-            rows = _bench_static(path, settings)
+            rows = _bench_gate(art, settings)
+        elif isinstance(art, StaticArtifact):
+            rows = _bench_static(art, settings)
         else:
             from dsctl.cli._common import resolve_model
 
-            model, _ = resolve_model(target)
+            model = art.build_model() if isinstance(art, ModelArtifact) else resolve_model(target)[0]
             specs = _bench_specs(model, widths)
             rows = bench_widths(model, specs, settings)
     console.print(table(f"bench {target} ({rows[0].device}, {rows[0].threads} threads, {rows[0].dtype}; "
@@ -130,21 +136,15 @@ def _bench_specs(model, widths: str | None):
     return [space.resolve(w) for w in widths.split(",")]
 
 
-def _bench_gate(target: str, settings):
+def _bench_gate(gate: GateArtifact, settings: BenchSettings):
     from dsctl.bench import bench_dynamic
-    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
-    from dsctl.config import recipe_from_dict
-    from dsctl.errors import DsctlError
     from dsctl.train.data import build_train_data
 
-    ckpt = load_checkpoint(target)
-    if ckpt.get("kind") != "gate":
-        raise DsctlError(f"{ckpt['path']}: --dynamic needs a gate checkpoint (from train-gate)")
-    model, _ = model_from_checkpoint(ckpt["path"])
-    data = build_train_data(recipe_from_dict(ckpt["recipe"]).data)
+    model = gate.build_model()
+    data = build_train_data(gate.recipe_config().data)
     n = max(512, 16 * max(settings.batches))
     images = torch.cat([x for x, _ in _take(data.val, n)])[:n]
-    return bench_dynamic(model, tuple(ckpt["window"]), images, settings, route_macs=ckpt.get("route_macs"))
+    return bench_dynamic(model, gate.window, images, settings, route_macs=list(gate.costs.route_macs))
 
 
 def _take(loader, n: int):
@@ -235,22 +235,12 @@ def quickstart_cmd(
          f"{r.latency_ms_bN:.3f}"] for r in rows]))
 
 
-def _is_static_run(path: Path) -> bool:
-    from dsctl.checkpoint import find_checkpoint, load_checkpoint
-
-    if not path.exists():
-        return False
-    return load_checkpoint(find_checkpoint(path)).get("kind") == "static"
-
-
-def _bench_static(path: Path, settings):
+def _bench_static(art: StaticArtifact, settings: BenchSettings):
     """A baseline network (uniform / pruned) from its run folder or checkpoint."""
     from dsctl.bench import bench_module
-    from dsctl.checkpoint import find_checkpoint
-    from dsctl.train.static import static_from_checkpoint
 
-    net, ckpt = static_from_checkpoint(find_checkpoint(path))
-    meta, info = ckpt["meta"], ckpt.get("data_info", {})
-    size = settings.input_size or ckpt["recipe"]["data"]["input_size"]
-    return bench_module(f"{meta['model_name']}:{meta['method']}", net, info.get("in_chans", 3), size, settings,
-                        kind=meta["method"], subnet=meta.get("variant", "-"), width=str(meta.get("width") or "-"))
+    meta = art.meta
+    size = settings.input_size or art.input_size
+    return bench_module(f"{art.model_name}:{meta.method}", art.build_network(),
+                        art.data_info.in_chans if art.data_info else 3, size, settings, kind=meta.method,
+                        subnet=meta.variant or "-", width=meta.width_label)

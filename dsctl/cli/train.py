@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from dsctl.cli._common import console, handle_errors, setup_logging, table
+
+if TYPE_CHECKING:
+    from dsctl.artifacts import SubnetRow
 
 app = typer.Typer()
 
@@ -47,10 +50,10 @@ def make_progress(quiet: bool):
     return RichProgress()
 
 
-def print_subnets(title: str, rows: list[dict]) -> None:
+def print_subnets(title: str, rows: list[SubnetRow]) -> None:
     console.print(table(title, ["subnet", "width", "MACs (M)", "params (M)", "top1", "top5", "loss"], [
-        [r["subnet"], r["width"], f"{r['macs'] / 1e6:.2f}", f"{r['params'] / 1e6:.3f}", f"{r['top1']:.2f}",
-         f"{r['top5']:.2f}", f"{r['loss']:.4f}"] for r in rows]))
+        [r.label, r.width if r.width is not None else "largest", f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
+         f"{r.top1:.2f}", f"{r.top5:.2f}", f"{r.loss:.4f}"] for r in rows]))
 
 
 def interrupted(err) -> typer.Exit:
@@ -145,7 +148,7 @@ def train_gate_cmd(
     allow_changed: AllowChangedOpt = False,
 ) -> None:
     """Stage II: train the gate's slimming head with the supernet frozen (SGS targets + complexity loss)."""
-    from dsctl.checkpoint import load_checkpoint
+    from dsctl.artifacts import GateArtifact, read_artifact
     from dsctl.errors import DsctlError
     from dsctl.train.launch import launch_gate, resolve_recipe
     from dsctl.train.run import TrainingInterrupted
@@ -157,7 +160,7 @@ def train_gate_cmd(
     if supernet is None:
         if resume is None:
             raise DsctlError("give --supernet RUN_DIR|CHECKPOINT")
-        supernet = Path(load_checkpoint(resume / "last.pt")["supernet"])
+        supernet = Path(read_artifact(resume / "last.pt", GateArtifact, why="--resume").supernet)
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "gate")
     progress = make_progress(quiet)
     try:
@@ -168,14 +171,14 @@ def train_gate_cmd(
     finally:
         progress.close()
     f = result.final
-    lo, hi = f["window"]
-    cal = f.get("decision_calibration")
-    target = f"{f['target_macs_m']:.3f}" if f.get("target_macs_m") else "-"
-    held = f"{cal['avg_macs'] / 1e6 + f['gate_macs'] / 1e6:.3f} ({100 * cal['error']:+.1f}%)" if cal else "argmax"
+    lo, hi = f.window
+    cal = f.calibration
+    target = f"{f.target_macs_m:.3f}" if f.target_macs_m else "-"
+    held = f"{cal.avg_macs / 1e6 + f.gate_macs / 1e6:.3f} ({100 * cal.error:+.1f}%)" if cal else "argmax"
     console.print(table(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", "target (M)",
                                                             "held-out MACs (M)", "gate target acc", "routes"], [
-        [f"{lo}:{hi}", f"{f['top1']:.2f}", f"{f['top5']:.2f}", f"{f['avg_macs'] / 1e6:.3f}", target, held,
-         f"{f['gate_sgs_acc']:.1f}", " ".join(str(c) for c in f["histogram"][lo: hi + 1])]]))
+        [f"{lo}:{hi}", f"{f.top1:.2f}", f"{f.top5:.2f}", f"{f.avg_macs / 1e6:.3f}", target, held,
+         f"{f.gate_sgs_acc:.1f}", " ".join(str(c) for c in f.histogram[lo: hi + 1])]]))
 
 
 class BaselineMethod(str, Enum):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
 
-from dsctl.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from dsctl.config import recipe_from_dict
-from dsctl.config import apply_overrides
-from dsctl.errors import CheckpointError
+from dsctl.artifacts import SubnetRow, SupernetArtifact, read_artifact
+from dsctl.flops import gate_macs
 from dsctl.train.common import calibrate_bn, resolve_device
 from dsctl.train.data import build_train_data
 from dsctl.train.progress import Progress
@@ -19,17 +17,15 @@ __all__ = ["recalibrate_checkpoint"]
 
 def recalibrate_checkpoint(path: str | Path, *, overrides: list[str] = (), batches: int | None = None,  # type: ignore[assignment]
                            out: str | Path | None = None, device: str = "auto",
-                           progress: Progress | None = None) -> tuple[Path, list[dict[str, Any]]]:
+                           progress: Progress | None = None) -> tuple[Path, list[SubnetRow]]:
     """Reset and re-estimate BN statistics of every sub-network on the checkpoint's training data.
 
     The data comes from the recipe stored in the checkpoint (``overrides`` may change it, e.g. the root).
     Writes the checkpoint (in place, or to ``out``) with ``calibrated=True`` and the per-sub-network table.
     """
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("recipe"):
-        raise CheckpointError(f"{ckpt['path']}: holds no recipe, so its training data is unknown")
-    recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], list(overrides)))
-    model, _ = model_from_checkpoint(ckpt["path"])
+    sup = read_artifact(path, SupernetArtifact, why="calibrate-bn")
+    recipe = sup.recipe_config(overrides)
+    model = sup.build_model()
     dev = resolve_device(device)
     model.to(dev)
     data = build_train_data(recipe.data)
@@ -37,8 +33,9 @@ def recalibrate_checkpoint(path: str | Path, *, overrides: list[str] = (), batch
     n = batches or recipe.supernet.calib_batches
     calibrate_bn(model, data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), specs, dev, num_batches=n)
     rows = subnet_table(model, data, dev, input_size=data.input_size, progress=progress)
-    target = Path(out) if out else Path(ckpt["path"])
-    payload = {k: v for k, v in ckpt.items() if k not in ("path", "format_version", "ema_state_dict")}
-    payload.update(state_dict=model.cpu().state_dict(), calibrated=True, calib_batches=n, subnets=rows)
-    save_checkpoint(target, payload)
+    target = Path(out) if out else Path(sup.path)
+    same_size = data.input_size == sup.input_size  # route costs are stored for the recipe's input size only
+    dataclasses.replace(sup, state_dict=model.cpu().state_dict(), ema_state_dict=None, calibrated=True,
+                        calib_batches=n, subnets=tuple(rows),
+                        gate_macs=gate_macs(model, data.input_size) if same_size else None).save(target)
     return target, rows

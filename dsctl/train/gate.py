@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.checkpoint import load_checkpoint, save_checkpoint
+from dsctl.artifacts import GateArtifact, GateReport, RouteCosts, read_artifact
 from dsctl.config import GateConfig, OptimConfig
 from dsctl.dynamic import average_macs, forward_routed, gate_logits
 from dsctl.routing import Calibration, calibrate_offsets, class_weights, gate_targets
@@ -160,7 +160,7 @@ def calibrate_gate(model: Supernet, loader, window: tuple[int, int], device: tor
 class GateResult:
     run_dir: str
     window: tuple[int, int]
-    final: dict[str, Any] = field(default_factory=dict)
+    final: GateReport
     elapsed_s: float = 0.0
 
 
@@ -202,12 +202,13 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
     rng = random.Random(seed)
     pos = Position()
     if resume and run.last.is_file():
-        ckpt = load_checkpoint(run.last, map_location=device)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(rng, ckpt["rng"])
-        pos = Position.from_checkpoint(ckpt)
+        last = read_artifact(run.last, GateArtifact, map_location=device, why="--resume")
+        state = last.require_training()
+        model.load_state_dict(last.state_dict)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        set_rng_state(rng, state.rng)
+        pos = Position.from_state(state)
     running: dict[str, float] = {}
     calibration: Calibration | None = None
 
@@ -247,21 +248,14 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
                  "loss": round(r.loss, 5), "avg_macs": round(r.avg_macs), "gate_sgs_acc": round(r.gate_sgs_acc, 2),
                  "histogram": " ".join(str(c) for c in r.histogram[lo : hi + 1])}]
 
-    def payload(p: Position, completed: bool) -> dict[str, Any]:
-        return {
-            "kind": "gate", "model_name": model.model_name, "model_kwargs": model.model_kwargs,
-            "space": model.space.to_dict(), "state_dict": model.state_dict(), "window": [lo, hi],
-            "route_macs": list(route_macs), "gate_macs": gate_macs, "input_size": data.input_size,
-            "supernet": source, "recipe": recipe or {}, "calibrated": True, "data_info": asdict(data.info),
-            "decision": cfg.decision if calibration is not None else "argmax",
-            "decision_calibration": calibration.to_dict() if calibration is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": get_rng_state(rng),
-            "position": p.to_dict(), "best_score": p.best, "completed": completed,
-        }
+    def artifact(completed: bool, **fields: Any) -> GateArtifact:
+        return GateArtifact.from_model(model, window=(lo, hi), costs=RouteCosts(tuple(route_macs), gate_macs),
+                                       supernet=source, recipe=recipe or {}, data_info=data.info, completed=completed,
+                                       **fields)
 
     def save(path, p: Position, completed: bool) -> None:
         if dist.main:
-            save_checkpoint(path, payload(p, completed))
+            artifact(completed, training=p.training_state(optimizer, scheduler, get_rng_state(rng))).save(path)
 
     pos = run_epochs(data=data, run=run, pos=pos, epochs=epochs, steps_per_epoch=steps, grad_accum=optim.grad_accum,
                      seed=seed, step=step, evaluate=evaluate_epoch, save=save, score=lambda rows: rows[0]["top1"],
@@ -276,21 +270,17 @@ def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimCo
                         f"{calibration.target_macs / 1e6:.4g}M target ({100 * calibration.error:+.2f}%)")
     r = evaluate_dynamic(model, data.val, window, device, route_macs=route_macs, gate_macs=gate_macs, amp=optim.amp,
                          rule=cfg.sgs_target)
-    final = {"window": [lo, hi], "top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5),
-             "avg_macs": round(r.avg_macs), "gate_macs": gate_macs, "histogram": r.histogram,
-             "gate_sgs_acc": round(r.gate_sgs_acc, 2), "complexity": cfg.complexity,
-             "target_macs_m": cfg.target_macs_m, "complexity_weight": cfg.complexity_weight,
-             "sgs_target": cfg.sgs_target, "decision": "calibrated" if calibration is not None else "argmax",
-             "decision_calibration": calibration.to_dict() if calibration is not None else None}
+    final = GateReport(window=(lo, hi), top1=round(r.top1, 3), top5=round(r.top5, 3), loss=round(r.loss, 5),
+                       avg_macs=round(r.avg_macs), gate_macs=gate_macs, histogram=tuple(r.histogram),
+                       gate_sgs_acc=round(r.gate_sgs_acc, 2), complexity=cfg.complexity,
+                       target_macs_m=cfg.target_macs_m, complexity_weight=cfg.complexity_weight,
+                       sgs_target=cfg.sgs_target, decision="calibrated" if calibration is not None else "argmax",
+                       calibration=calibration)
     if dist.main:
-        final_payload = payload(pos, True)
-        for key in ("optimizer", "scheduler", "rng"):
-            final_payload.pop(key)
-        final_payload["final"] = final
-        save_checkpoint(run.final, final_payload)
+        artifact(True, final=final).save(run.final)
     elapsed = time.monotonic() - t0
     run.write_json("summary.json", {"kind": "gate", "model": model.model_name, "supernet": source, "epochs": epochs,
                                     "elapsed_s": round(elapsed, 1), "environment": environment(device),
-                                    "data": asdict(data.info), "final": final})
+                                    "data": asdict(data.info), "final": final.to_dict()})
     return GateResult(str(run.path), window, final, elapsed)
 

@@ -124,38 +124,38 @@ def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", re
 def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device: str = "auto", resume: bool = False,
                 progress: Progress | None = None, stop: StopFlag | None = None, allow_changed: bool = False):
     """Stage II end to end: load (and if needed recalibrate) the supernet, then train the gate over the window."""
-    from dsctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from dsctl.artifacts import SupernetArtifact, read_artifact, route_costs
     from dsctl.data import split_holdout
-    from dsctl.flops import gate_macs, macs_table
     from dsctl.train.common import calibrate_bn
     from dsctl.train.gate import train_gate
     from dsctl.train.supernet import CALIBRATION_EPOCH
 
-    ckpt = load_checkpoint(supernet)
-    if ckpt.get("kind") != "supernet":
-        raise DsctlError(f"{ckpt['path']}: expected a supernet checkpoint, got kind {ckpt.get('kind')!r}")
-    if ckpt["model_name"] != recipe.model.name:
-        raise DsctlError(f"recipe model {recipe.model.name!r} does not match the supernet's {ckpt['model_name']!r}")
+    sup = read_artifact(supernet, SupernetArtifact, why="train-gate --supernet")
+    if sup.model_name != recipe.model.name:
+        raise DsctlError(f"recipe model {recipe.model.name!r} does not match the supernet's {sup.model_name!r}")
     prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
-    model, _ = model_from_checkpoint(ckpt["path"])
+    model = sup.build_model()
     model.to(prep.device)
-    if not ckpt.get("calibrated"):
-        logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", ckpt["path"],
+    if not sup.calibrated:
+        logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", sup.path,
                     recipe.supernet.calib_batches)
         specs = list(model.space.subnets) + [model.space.full]
         calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), list(dict.fromkeys(specs)),
                      prep.device, num_batches=recipe.supernet.calib_batches)
-    route_macs = macs_table(model, prep.data.input_size)
-    g_macs = gate_macs(model, prep.data.input_size)
+    costs = route_costs(sup, model, prep.data.input_size)  # stored by train-supernet at its input size
+    route_macs, g_macs = list(costs.route_macs), costs.gate_macs
     window = default_window(model, recipe.gate, route_macs, g_macs)
     data, holdout = prep.data, None
     if recipe.gate.decision == "calibrated" and recipe.gate.target_macs_m is not None:
         train_part, held = split_holdout(recipe.data, recipe.gate.holdout)
         data = dataclasses.replace(prep.data, train=train_part)
         holdout = DataLoader(held, batch_size=prep.data.val.batch_size or 256, num_workers=0)
+    # the gate's Gumbel noise depends on the seed alone, not on what was built or measured above
+    # (stored route costs skip the sub-network exports whose layer inits drew from torch's generator)
+    torch.manual_seed(recipe.seed)
     return train_gate(model, data, recipe.gate, recipe.optim, prep.run, window=window, route_macs=route_macs,
                       gate_macs=g_macs, device=prep.device, dist=prep.dist, seed=recipe.seed,
-                      recipe=recipe_to_dict(recipe), source=ckpt["path"], resume=resume, progress=progress, stop=stop,
+                      recipe=recipe_to_dict(recipe), source=sup.path, resume=resume, progress=progress, stop=stop,
                       holdout=holdout)
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from dsctl.artifacts import TrainingState
 from dsctl.errors import DsctlError
 from dsctl.train.data import TrainData
 from dsctl.train.progress import Progress
@@ -71,9 +73,13 @@ class Position:
         return {"epoch": self.epoch, "batch": self.batch, "global_step": self.global_step}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any]) -> Position:
-        p = ckpt["position"]
-        return cls(p["epoch"], p["batch"], p["global_step"], ckpt.get("best_score", float("-inf")))
+    def from_state(cls, state: TrainingState) -> Position:
+        return cls(state.epoch, state.batch, state.global_step, state.best_score)
+
+    def training_state(self, optimizer: Optimizer, scheduler: Any, rng: dict[str, Any]) -> TrainingState:
+        """What a resumable checkpoint stores at this position."""
+        return TrainingState(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng,
+                             epoch=self.epoch, batch=self.batch, global_step=self.global_step, best_score=self.best)
 
 
 def run_epochs(*, data: TrainData, run: RunDir, pos: Position, epochs: int, steps_per_epoch: int, grad_accum: int,

@@ -1,9 +1,10 @@
 """Training plain (static) networks: the width-multiplier baseline and the train / fine-tune phases of the
 pruning baselines. Same run folders, resume, metrics and progress as the supernet trainer.
 
-A static network's checkpoint stores how to rebuild it without pickling modules: the supernet it was
-cut from (``model_name``, ``model_kwargs``, ``base_spec``) plus a ``state_dict`` whose shapes give the
-(possibly pruned) channel counts; :func:`rebuild_static` shrinks the layers to those shapes.
+A static network's checkpoint (:class:`dsctl.artifacts.StaticArtifact`) stores how to rebuild it without
+pickling modules: the supernet it was cut from (``model_name``, ``model_kwargs``, ``meta.base_spec``) plus
+a ``state_dict`` whose shapes give the (possibly pruned) channel counts; :func:`fit_to_state_dict` shrinks
+the layers to those shapes.
 """
 
 from __future__ import annotations
@@ -11,28 +12,21 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.checkpoint import load_checkpoint, save_checkpoint
+from dsctl.artifacts import StaticArtifact, StaticMeta, StaticReport, read_artifact
 from dsctl.config import OptimConfig
-from dsctl.errors import CheckpointError
-from dsctl.registry import build_model
-from dsctl.spec import SliceSpec
 from dsctl.train.common import Dist, autocast, build_training, evaluate, get_rng_state, set_rng_state
 from dsctl.train.data import TrainData
 from dsctl.train.loop import Position, run_epochs
 from dsctl.train.progress import LogProgress, Progress
 from dsctl.train.run import RunDir, StopFlag
 
-__all__ = ["StaticMeta", "train_static", "rebuild_static", "static_from_checkpoint", "fit_to_state_dict"]
-
-StaticMeta = dict[str, Any]  # model_name, model_kwargs, base_spec, method, ... (stored in the checkpoint)
+__all__ = ["train_static", "fit_to_state_dict"]
 
 
 def fit_to_state_dict(module: nn.Module, state: dict[str, Tensor]) -> nn.Module:
@@ -59,31 +53,13 @@ def fit_to_state_dict(module: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     return module
 
 
-def rebuild_static(meta: StaticMeta, state: dict[str, Tensor]) -> nn.Module:
-    """The static network a checkpoint describes, with its weights loaded."""
-    supernet = build_model(meta["model_name"], **meta.get("model_kwargs", {}))
-    net = fit_to_state_dict(supernet.to_static(SliceSpec(tuple(meta["base_spec"]))), state)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"static network weights do not fit {meta['model_name']}: {str(err)[:200]}") from None
-    return net.eval()
-
-
-def static_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != "static":
-        raise CheckpointError(f"{ckpt['path']}: expected a static (baseline) checkpoint, got {ckpt.get('kind')!r}")
-    return rebuild_static(ckpt["meta"], ckpt["state_dict"]), ckpt
-
-
 def train_static(net: nn.Module, data: TrainData, optim: OptimConfig, run: RunDir, *, meta: StaticMeta,
-                 label_smoothing: float = 0.1, extra_loss: Callable[[nn.Module], Tensor] | None = None,
-                 device: torch.device = torch.device("cpu"), dist: Dist = Dist(), seed: int = 0,
-                 recipe: dict[str, Any] | None = None, resume: bool = False, progress: Progress | None = None,
-                 stop: StopFlag | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``net`` on labels (label smoothing, optional ``extra_loss(net)``); writes final.pt; returns the
-    trained network and its final metrics row."""
+                 model_name: str, model_kwargs: dict[str, Any], label_smoothing: float = 0.1,
+                 extra_loss: Callable[[nn.Module], Tensor] | None = None, device: torch.device = torch.device("cpu"),
+                 dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, resume: bool = False,
+                 progress: Progress | None = None, stop: StopFlag | None = None) -> tuple[nn.Module, StaticReport]:
+    """Train ``net`` (cut from the supernet ``model_name(**model_kwargs)`` as ``meta`` says) on labels (label
+    smoothing, optional ``extra_loss(net)``); writes final.pt; returns the trained network and its scores."""
     progress = progress or LogProgress()
     stop = stop if stop is not None else StopFlag()
     t0 = time.monotonic()
@@ -92,14 +68,15 @@ def train_static(net: nn.Module, data: TrainData, optim: OptimConfig, run: RunDi
     rng = random.Random(seed)
     pos = Position()
     if resume and run.last.is_file():
-        ckpt = load_checkpoint(run.last, map_location=device)
-        net = fit_to_state_dict(net, ckpt["state_dict"]).to(device)
-        net.load_state_dict(ckpt["state_dict"])
+        last = read_artifact(run.last, StaticArtifact, map_location=device, why="--resume")
+        state = last.require_training()
+        net = fit_to_state_dict(net, last.state_dict).to(device)
+        net.load_state_dict(last.state_dict)
         optimizer, scheduler, epochs, steps = build_training(net, optim, data.steps_per_epoch())
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(rng, ckpt["rng"])
-        pos = Position.from_checkpoint(ckpt)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        set_rng_state(rng, state.rng)
+        pos = Position.from_state(state)
     train_net: nn.Module = net
     if dist.enabled:
         train_net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -127,29 +104,23 @@ def train_static(net: nn.Module, data: TrainData, optim: OptimConfig, run: RunDi
 
     def evaluate_epoch(epoch: int) -> list[dict[str, Any]]:
         r = evaluate(net, data.val, None, device, amp=optim.amp)
-        return [{"model": meta.get("method", "static"), "top1": round(r.top1, 3), "top5": round(r.top5, 3),
+        return [{"model": meta.method, "top1": round(r.top1, 3), "top5": round(r.top5, 3),
                  "loss": round(r.loss, 5)}]
 
-    def payload(p: Position, completed: bool) -> dict[str, Any]:
-        return {"kind": "static", "model_name": meta["model_name"], "model_kwargs": meta.get("model_kwargs", {}),
-                "meta": meta, "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": get_rng_state(rng), "position": p.to_dict(),
-                "best_score": p.best, "recipe": recipe or {}, "data_info": asdict(data.info), "completed": completed}
+    def artifact(completed: bool, **fields: Any) -> StaticArtifact:
+        return StaticArtifact(model_name=model_name, model_kwargs=dict(model_kwargs), state_dict=net.state_dict(),
+                              meta=meta, recipe=recipe or {}, data_info=data.info, completed=completed, **fields)
 
     def save(path, p: Position, completed: bool) -> None:
         if dist.main:
-            save_checkpoint(path, payload(p, completed))
+            artifact(completed, training=p.training_state(optimizer, scheduler, get_rng_state(rng))).save(path)
 
     pos = run_epochs(data=data, run=run, pos=pos, epochs=epochs, steps_per_epoch=steps, grad_accum=optim.grad_accum,
                      seed=seed, step=step, evaluate=evaluate_epoch, save=save, score=lambda rows: rows[0]["top1"],
                      progress=progress, stop=stop)
     r = evaluate(net, data.val, None, device, amp=optim.amp)
-    final = {"top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5),
-             "elapsed_s": round(time.monotonic() - t0, 1)}
+    final = StaticReport(top1=round(r.top1, 3), top5=round(r.top5, 3), loss=round(r.loss, 5),
+                         elapsed_s=round(time.monotonic() - t0, 1))
     if dist.main:
-        out = payload(pos, True)
-        for key in ("optimizer", "scheduler", "rng"):
-            out.pop(key)
-        out["final"] = final
-        save_checkpoint(run.final, out)
+        artifact(True, final=final).save(run.final)
     return net, final

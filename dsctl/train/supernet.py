@@ -30,14 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.checkpoint import load_checkpoint, save_checkpoint
+from dsctl.artifacts import SubnetRow, SupernetArtifact, read_artifact
 from dsctl.config import OptimConfig, SupernetConfig
 from dsctl.data.resumable import TwoViews
+from dsctl.flops import MacsReport, gate_macs
 from dsctl.layers.slim import SlimBatchNorm2d
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 from dsctl.train.common import (
-    Dist, autocast, build_training, calibrate_bn, evaluate, get_rng_state, set_rng_state,
+    Dist, EvalResult, autocast, build_training, calibrate_bn, evaluate, get_rng_state, set_rng_state,
     soft_cross_entropy, unwrap,
 )
 from dsctl.train.data import TrainData
@@ -57,7 +58,7 @@ CALIBRATION_EPOCH = 1_000_000  # a data-order seed distinct from every training 
 class SupernetResult:
     run_dir: str
     epochs: int
-    subnets: list[dict[str, Any]] = field(default_factory=list)
+    subnets: list[SubnetRow] = field(default_factory=list)
     elapsed_s: float = 0.0
 
 
@@ -145,14 +146,15 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
     rng = random.Random(seed)
     pos = Position()
     if resume and run.last.is_file():
-        ckpt = load_checkpoint(run.last, map_location=device)
-        model.load_state_dict(ckpt["state_dict"])
-        if ema is not None and "ema_state_dict" in ckpt:
-            ema.module.load_state_dict(ckpt["ema_state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(rng, ckpt["rng"])
-        pos = Position.from_checkpoint(ckpt)
+        last = read_artifact(run.last, SupernetArtifact, map_location=device, why="--resume")
+        state = last.require_training()
+        model.load_state_dict(last.state_dict)
+        if ema is not None and last.ema_state_dict is not None:
+            ema.module.load_state_dict(last.ema_state_dict)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        set_rng_state(rng, state.rng)
+        pos = Position.from_state(state)
         logger.info("resuming %s at epoch %d, batch %d", run.path, pos.epoch + 1, pos.batch)
     train_model: nn.Module = model
     if cfg.sync_bn and dist.enabled:
@@ -202,16 +204,10 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
     def save(path, p: Position, completed: bool) -> None:
         if not dist.main:
             return
-        payload = {
-            "kind": "supernet", "model_name": model.model_name, "model_kwargs": model.model_kwargs,
-            "space": model.space.to_dict(), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": get_rng_state(rng), "recipe": recipe or {},
-            "position": p.to_dict(), "best_score": p.best, "data_info": asdict(data.info), "completed": completed,
-            "calibrated": False,
-        }
-        if ema is not None:
-            payload["ema_state_dict"] = ema.module.state_dict()
-        save_checkpoint(path, payload)
+        SupernetArtifact.from_model(
+            model, recipe=recipe or {}, data_info=data.info, completed=completed,
+            ema_state_dict=ema.module.state_dict() if ema is not None else None,
+            training=p.training_state(optimizer, scheduler, get_rng_state(rng))).save(path)
 
     pos = run_epochs(data=data, run=run, pos=pos, epochs=epochs, steps_per_epoch=steps, grad_accum=optim.grad_accum,
                      seed=seed, step=step, evaluate=evaluate_epoch, save=save,
@@ -225,7 +221,7 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
     run.write_json("summary.json", {"kind": "supernet", "model": model.model_name, "epochs": epochs,
                                     "steps_per_epoch": steps, "global_step": pos.global_step, "elapsed_s": round(elapsed, 1),
                                     "world_size": dist.world, "environment": environment(device),
-                                    "data": asdict(data.info), "final": subnets})
+                                    "data": asdict(data.info), "final": [r.to_row() for r in subnets]})
     return SupernetResult(str(run.path), epochs, subnets, elapsed)
 
 
@@ -233,9 +229,16 @@ def _width(model: Supernet, spec: SliceSpec) -> float | str:
     return model.space.ratio(spec) if spec in model.space.subnets else "largest"
 
 
+def _subnet_row(model: Supernet, spec: SliceSpec, r: EvalResult, m: MacsReport) -> SubnetRow:
+    indexed = spec in model.space.subnets
+    return SubnetRow(spec=spec, index=model.space.index(spec) if indexed else None,
+                     width=model.space.ratio(spec) if indexed else None, macs=m.macs, params=m.params,
+                     top1=round(r.top1, 3), top5=round(r.top5, 3), loss=round(r.loss, 5))
+
+
 def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp: bool = False,
-                 input_size: int | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Evaluate every indexed sub-network and the full network: subnet, width, macs, params, top1, top5, loss."""
+                 input_size: int | None = None, progress: Progress | None = None) -> list[SubnetRow]:
+    """Evaluate every indexed sub-network and the full network: spec, index, width, macs, params, top1, top5, loss."""
     from dsctl.flops import count_subnet
 
     space = model.space
@@ -246,8 +249,7 @@ def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp:
     for spec in specs:
         r = evaluate(model, data.val, spec, device, amp=amp)
         m = count_subnet(model, spec, input_size)
-        rows.append({"subnet": space.label(spec), "width": _width(model, spec), "macs": m.macs, "params": m.params,
-                     "top1": round(r.top1, 3), "top5": round(r.top5, 3), "loss": round(r.loss, 5)})
+        rows.append(_subnet_row(model, spec, r, m))
         progress.advance(1, top1=r.top1)
     progress.finish()
     return rows
@@ -255,7 +257,7 @@ def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp:
 
 def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run: RunDir, *, device: torch.device,
                       dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, amp: bool = False,
-                      progress: Progress | None = None) -> list[dict[str, Any]]:
+                      progress: Progress | None = None) -> list[SubnetRow]:
     """Recalibrate BN per sub-network, evaluate every one, write final.pt and subnets.csv."""
     progress = progress or Progress()
     model = unwrap(model)
@@ -268,11 +270,8 @@ def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run
     progress.finish(f"BN recalibrated on {used} batches per sub-network")
     rows = subnet_table(model, data, device, amp=amp, input_size=data.input_size, progress=progress)
     if dist.main:
-        save_checkpoint(run.final, {
-            "kind": "supernet", "model_name": model.model_name, "model_kwargs": model.model_kwargs,
-            "space": space.to_dict(), "state_dict": model.state_dict(), "recipe": recipe or {},
-            "data_info": asdict(data.info), "calibrated": used > 0 or not model.needs_bn_calibration,
-            "calib_batches": used, "subnets": rows,
-        })
-        run.write_csv("subnets.csv", rows)
+        SupernetArtifact.from_model(
+            model, recipe=recipe or {}, data_info=data.info, calibrated=used > 0 or not model.needs_bn_calibration, calib_batches=used,
+            subnets=tuple(rows), gate_macs=gate_macs(model, data.input_size)).save(run.final)
+        run.write_csv("subnets.csv", [r.to_row() for r in rows])
     return rows
