@@ -9,7 +9,6 @@ saying how the numbers were produced.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Sequence
@@ -17,27 +16,26 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from dsctl.errors import DsctlError
 
-__all__ = ["write_csv", "ReportRow", "build_report", "write_report", "plot_report", "check_targets", "OracleSeries",
-           "oracle_series"]
+__all__ = ["OracleSeries", "ReportRow", "build_report", "check_targets", "oracle_series", "plot_report", "report_frame",
+           "write_csv", "write_report"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("supernet", "dynamic", "uniform", "l1", "slimming")
 
 
-def write_csv(path: str | Path, rows: Sequence[Any]) -> None:
-    """Write dataclass instances or dicts as CSV; the header is every key, in first-seen order."""
-    dict_rows = [asdict(r) if is_dataclass(r) else dict(r) for r in rows]
+def write_csv(path: str | Path, rows: Sequence[Any] | pd.DataFrame) -> None:
+    """Write a data frame, or dataclass instances / dicts (columns: every key, first-seen order), as CSV."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(
+        [asdict(r) if is_dataclass(r) else dict(r) for r in rows])
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in dict_rows for k in r)), restval="")
-        writer.writeheader()
-        writer.writerows(dict_rows)
+    frame.to_csv(p, index=False)
 
 
 @dataclass
@@ -66,6 +64,12 @@ class ReportRow:
     commit: str = ""
     torch_version: str = ""
     target_macs: float = float("nan")  # dynamic models: the average MACs their gate was calibrated to spend
+    ratio: float = float("nan")  # slimming ratio of a fixed-width model (supernet sub-network, uniform); NaN otherwise
+
+
+def report_frame(rows: Sequence[ReportRow]) -> pd.DataFrame:
+    """The report as a data frame, one row per model, columns as :class:`ReportRow` (what report.csv holds)."""
+    return pd.DataFrame([asdict(r) for r in rows], columns=[f.name for f in fields(ReportRow)])
 
 
 @dataclass
@@ -94,7 +98,8 @@ def _load_run(run_dir: Path) -> list[_Entry]:
         model = art.build_model().eval()
         for r in art.subnets:
             entries.append(_Entry(ReportRow("supernet", model.model_name, r.label, r.width_label, r.macs,
-                                            r.params, r.top1, r.top5, **base), export_subnet(model, r.spec)))
+                                            r.params, r.top1, r.top5, **base, ratio=_nan_if_none(r.width)),
+                                  export_subnet(model, r.spec)))
     elif isinstance(art, GateArtifact):
         model = art.build_model()
         f = art.final
@@ -118,8 +123,12 @@ def _load_run(run_dir: Path) -> list[_Entry]:
         chans = info.in_chans if info else 3
         entries.append(_Entry(ReportRow(art.meta.method, art.model_name, art.meta.variant, art.meta.width_label,
                                         count_macs(net, size, chans), count_params(net), art.final.top1,
-                                        art.final.top5, **base), net))
+                                        art.final.top5, **base, ratio=_nan_if_none(art.meta.width)), net))
     return entries
+
+
+def _nan_if_none(width: float | None) -> float:
+    return float("nan") if width is None else float(width)
 
 
 def _images(run_dir: Path, n: int) -> torch.Tensor:
@@ -202,8 +211,8 @@ def oracle_series(rows: Sequence[ReportRow]) -> list[OracleSeries]:
         if data.get("source", source) != source:
             logger.warning("%s: analysed on %s, the run on %s; not plotted", path, data.get("source"), source)
             continue
-        with path.open() as f:
-            points = sorted({(float(r["avg_macs"]), float(r["top1"])) for r in csv.DictReader(f)})
+        curve = pd.read_csv(path)
+        points = sorted(set(zip(curve.avg_macs.astype(float), curve.top1.astype(float), strict=True)))
         out.append(OracleSeries(run, path, str(data.get("split", "?")), int(data.get("samples", 0)), points))
     return out
 
@@ -268,56 +277,81 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
     3. the same against the supernet's own static sub-networks;
     4. some dynamic model within 0.3 points of the largest sub-network at <= 60% of its MACs;
     5. every dynamic model with a MACs target spends it within 2% on the evaluation set.
+
+    Each target is a join or a filter over :func:`report_frame`; the result is one dict per comparison.
     """
-    out: list[dict[str, Any]] = []
-    sup = {_ratio(r.width): r for r in rows if r.method == "supernet" and _ratio(r.width) is not None}
-    for u in (r for r in rows if r.method == "uniform"):
-        s = sup.get(_ratio(u.width))
-        if s is None:
+    df = report_frame(rows)
+    sup, dyn = df[df.method == "supernet"], df[df.method == "dynamic"]
+    out: list[pd.DataFrame] = []
+    # 1. same ratio: uniform baselines joined with supernet sub-networks on the slimming ratio
+    pairs = df[df.method == "uniform"].dropna(subset=["ratio"]).merge(sup.dropna(subset=["ratio"]), on="ratio",
+                                                                       suffixes=("_u", "_s"))
+    if len(pairs):
+        out.append(pd.DataFrame({
+            "target": "supernet sub-network within 1 point of the same width trained alone",
+            "subject": "supernet " + pairs.variant_s + " (w" + pairs.width_u + ")",
+            "versus": "uniform w" + pairs.width_u, "value": (pairs.top1_s - pairs.top1_u).round(3),
+            "threshold": -1.0, "met": pairs.top1_s - pairs.top1_u >= -1.0}))
+    # 2-3. every dynamic model against every static model of equal (within 2%) or fewer MACs
+    for what, statics in (("static baselines", df[df.method.isin(["uniform", "l1", "slimming"])]),
+                          ("the supernet's own sub-networks", sup)):
+        pairs = dyn.merge(statics, how="cross", suffixes=("_d", "_b"))
+        pairs = pairs[pairs.macs_b <= 1.02 * pairs.macs_d]
+        if not len(pairs):
             continue
-        gap = s.top1 - u.top1
-        out.append({"target": "supernet sub-network within 1 point of the same width trained alone",
-                    "subject": f"supernet {s.variant} (w{u.width})", "versus": f"uniform w{u.width}",
-                    "value": round(gap, 3), "threshold": -1.0, "met": gap >= -1.0})
-    dynamics = [r for r in rows if r.method == "dynamic"]
-    groups = (("static baselines", [r for r in rows if r.method in ("uniform", "l1", "slimming")]),
-              ("the supernet's own sub-networks", [r for r in rows if r.method == "supernet"]))
-    for what, statics in groups:
-        for d in dynamics:
-            for b in statics:
-                if b.macs <= 1.02 * d.macs:
-                    gap = d.top1 - b.top1
-                    out.append({"target": f"dynamic at least as accurate as {what} of equal or fewer MACs",
-                                "subject": f"dynamic {d.variant}", "versus": f"{b.method} {b.variant}",
-                                "value": round(gap, 3), "threshold": 0.0, "met": gap >= 0.0})
-    subnets = [r for r in rows if r.method == "supernet"]
-    if subnets and dynamics:
-        largest = max(subnets, key=lambda r: r.macs)
-        best = None
-        for d in dynamics:
-            ok = d.top1 >= largest.top1 - 0.3 and d.macs <= 0.6 * largest.macs
-            cand = {"target": "a dynamic model within 0.3 points of the largest at <= 60% of its MACs",
-                    "subject": f"dynamic {d.variant}", "versus": f"supernet {largest.variant}",
-                    "value": round(d.top1 - largest.top1, 3), "threshold": -0.3,
-                    "macs_fraction": round(d.macs / largest.macs, 3), "met": ok}
-            if best is None or (ok and not best["met"]) or (ok == best["met"] and cand["value"] > best["value"]):
-                best = cand
-        out.append(best)  # type: ignore[arg-type]
-    for d in dynamics:
-        if d.target_macs == d.target_macs and d.target_macs > 0:  # not NaN
-            err = d.macs / d.target_macs - 1.0
-            out.append({"target": "dynamic model spends its MACs target within 2% on the evaluation set",
-                        "subject": f"dynamic {d.variant}", "versus": f"target {d.target_macs / 1e6:.4g}M",
-                        "value": round(100 * err, 3), "threshold": 2.0, "met": abs(err) <= 0.02})
-    return out
+        gap = (pairs.top1_d - pairs.top1_b).round(3)
+        out.append(pd.DataFrame({
+            "target": f"dynamic at least as accurate as {what} of equal or fewer MACs",
+            "subject": "dynamic " + pairs.variant_d, "versus": pairs.method_b + " " + pairs.variant_b,
+            "value": gap, "threshold": 0.0, "met": gap >= 0.0}))
+    # 4. the best dynamic model against the largest sub-network (met ones first, then the smallest gap)
+    if len(sup) and len(dyn):
+        largest = sup.loc[sup.macs.idxmax()]
+        near = pd.DataFrame({
+            "target": "a dynamic model within 0.3 points of the largest at <= 60% of its MACs",
+            "subject": "dynamic " + dyn.variant, "versus": f"supernet {largest.variant}",
+            "value": (dyn.top1 - largest.top1).round(3), "threshold": -0.3,
+            "macs_fraction": (dyn.macs / largest.macs).round(3),
+            "met": (dyn.top1 >= largest.top1 - 0.3) & (dyn.macs <= 0.6 * largest.macs)})
+        out.append(near.sort_values(["met", "value"], ascending=False, kind="stable").head(1))
+    # 5. budgets
+    budget = dyn[dyn.target_macs > 0]
+    err = budget.macs / budget.target_macs - 1.0
+    if len(budget):
+        out.append(pd.DataFrame({
+            "target": "dynamic model spends its MACs target within 2% on the evaluation set",
+            "subject": "dynamic " + budget.variant,
+            "versus": "target " + (budget.target_macs / 1e6).map("{:.4g}M".format),
+            "value": (100 * err).round(3), "threshold": 2.0, "met": err.abs() <= 0.02}))
+    frames = [f for f in out if len(f)]
+    if not frames:
+        return []
+    records = pd.concat(frames, ignore_index=True).to_dict("records")
+    return [{k: (bool(v) if k == "met" else v) for k, v in r.items() if not (isinstance(v, float) and pd.isna(v))}
+            for r in records]
 
 
-def _ratio(width: str) -> float | None:
-    """The slimming ratio a row's width column holds (None for "largest", "dynamic", "-")."""
-    try:
-        return round(float(width), 6)
-    except ValueError:
-        return None
+def _provenance_lines(frame: pd.DataFrame) -> list[str]:
+    """One line per run folder: when, at which commit and dsctl version, on which data it was made."""
+    lines = []
+    for run in dict.fromkeys(frame.run):
+        path = Path(run) / "provenance.json"
+        if not path.is_file():
+            lines.append(f"- `{run}`: no provenance record (made by a dsctl before records existed)")
+            continue
+        rec = json.loads(path.read_text())
+        data = rec.get("data", {})
+        changed = f"; {len(rec['changes'])} accepted change(s) recorded" if rec.get("changes") else ""
+        lines.append(f"- `{run}`: created {rec.get('created')} at commit `{rec.get('commit')}` (dsctl "
+                     f"{rec.get('dsctl_version')}), data {data.get('source')} hash {data.get('hash')}{changed}")
+    return lines
+
+
+def _markdown(frame: pd.DataFrame) -> list[str]:
+    """A Markdown table (floats to 4 significant digits)."""
+    cells = frame.map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
+    return ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns),
+            *("| " + " | ".join(r) + " |" for r in cells.itertuples(index=False))]
 
 
 def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str, machine: str,
@@ -325,13 +359,10 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
     """report.csv + plots + a README with the command, commit and machine that produced them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "report.csv", rows)
+    frame = report_frame(rows)
+    write_csv(out / "report.csv", frame)
     paths = [out / "report.csv", *plot_report(rows, out, title)]
-    header = [f.name for f in fields(ReportRow)][:10]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{getattr(r, h):.4g}" if isinstance(getattr(r, h), float) else str(getattr(r, h))
-                                       for h in header) + " |")
+    lines = _markdown(frame.iloc[:, :10])
     commit = rows[0].commit if rows else "unknown"
     targets = check_targets(rows)
     if targets:
@@ -358,6 +389,7 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
         "group of samples through its own static sub-network).\n\n"
         + "\n".join(lines) + "\n"
         + ("\n" + "\n".join(olines) + "\n" if olines else "")
+        + "\n## Runs (each folder's provenance.json: what made it)\n\n" + "\n".join(_provenance_lines(frame)) + "\n"
         + ("\n## Targets (computed from the rows above by `dsctl.report.check_targets`)\n\n" + "\n".join(tlines) + "\n"
            if tlines else ""))
     paths.append(out / "REPORT.md")

@@ -74,8 +74,12 @@ def test_report_rows_plots_and_refusal(tmp_path) -> None:
                                        "targets.csv"}
     header = next(csv.reader((tmp_path / "out" / "report.csv").open()))
     for col in ("method", "model", "variant", "width", "macs", "params", "top1", "top5", "latency_ms_b1",
-                "latency_ms_bN", "throughput", "device", "commit"):
+                "latency_ms_bN", "throughput", "device", "commit", "ratio"):
         assert col in header
+    targets = list(csv.DictReader((tmp_path / "out" / "targets.csv").open()))
+    assert any(t["versus"] == "uniform w0.5" and "same width" in t["target"] for t in targets)  # joined on ratio
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert all(f"`{r}`: created " in text for r in map(str, runs))  # every run's provenance is named
     other = load_recipe(SMOKE, ["optim.epochs=1", "data.input_size=20"])
     launch_supernet(other, tmp_path / "other", device="cpu")
     with pytest.raises(dsctl.DsctlError, match="cannot be compared"):
@@ -98,7 +102,8 @@ def test_targets_compare_dynamic_models_with_cheaper_statics_only() -> None:
     from dsctl.report import ReportRow, check_targets
 
     def row(method: str, variant: str, width: str, macs: int, top1: float, target: float = float("nan")) -> ReportRow:
-        return ReportRow(method, "m", variant, width, macs, 0, top1, 99.0, target_macs=target)
+        ratio = float(width) if method in ("supernet", "uniform") else float("nan")
+        return ReportRow(method, "m", variant, width, macs, 0, top1, 99.0, target_macs=target, ratio=ratio)
 
     rows = [row("supernet", "k0", "0.25", 100, 80.0), row("supernet", "k1", "0.5", 200, 84.0),
             row("supernet", "k2", "1.0", 400, 86.0),
@@ -121,7 +126,7 @@ def test_targets_compare_dynamic_models_with_cheaper_statics_only() -> None:
 def test_targets_match_uniform_baselines_to_sub_networks_by_ratio() -> None:
     from dsctl.report import ReportRow, check_targets
 
-    rows = [ReportRow("supernet", "m", "k6", "1.0", 400, 0, 86.0, 99.0),
-            ReportRow("uniform", "m", "w1", "1", 400, 0, 86.5, 99.0)]  # --width 1: the same ratio, other text
+    rows = [ReportRow("supernet", "m", "k6", "1.0", 400, 0, 86.0, 99.0, ratio=1.0),
+            ReportRow("uniform", "m", "w1", "1", 400, 0, 86.5, 99.0, ratio=1.0)]  # --width 1: same ratio, other text
     same = [x for x in check_targets(rows) if "same width" in x["target"]]
     assert [(x["subject"], x["value"]) for x in same] == [("supernet k6 (w1)", -0.5)]
