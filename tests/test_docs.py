@@ -38,6 +38,7 @@ def test_docs_have_python_examples() -> None:
     assert sum(len(_blocks(p)) for p in DOCS) >= 2
 
 
+@pytest.mark.slow  # trains the smoke recipe and exports three files
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_python_blocks_run_as_written(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = _blocks(path)

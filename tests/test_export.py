@@ -24,8 +24,8 @@ torch.save(m(x).detach(), sys.argv[4])
 """
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
-@pytest.mark.parametrize("name", ["tiny_ds_resnet", "tiny_ds_mobilenetv1"])
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("torchscript", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tiny_ds_resnet", pytest.param("tiny_ds_mobilenetv1", marks=pytest.mark.slow)])
 def test_export_loads_without_dsctl_and_matches(tmp_path, name: str, fmt: str) -> None:
     model = dsctl.build_model(name).eval()
     spec = model.space.resolve("0.5")

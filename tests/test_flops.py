@@ -182,7 +182,8 @@ def test_only_average_pooling_over_space_counts(fn: Callable[[torch.Tensor], tor
     assert count_macs(_Apply(fn), 6, in_chans=4) == expected
 
 
-@pytest.mark.parametrize("name", dsctl.list_models())
+@pytest.mark.parametrize("name", [n if n.startswith("tiny_") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in dsctl.list_models()])  # the 224 px families trace for seconds
 def test_macs_never_decrease_with_width(name: str) -> None:
     model, size = cpu_sized_model(name)
     macs = [count_subnet(model, s, size).macs for s in (*model.space.subnets, model.space.full)]

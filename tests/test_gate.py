@@ -180,6 +180,7 @@ def test_calibrated_gate_meets_its_budget_when_hard_samples_are_rare(tmp_path) -
     assert abs(argmax.avg_macs / target - 1) > 0.05
 
 
+@pytest.mark.slow  # two gate trainings
 def test_gate_run_resumes_to_identical_head(tmp_path) -> None:
     from pathlib import Path
 

@@ -123,6 +123,7 @@ def test_a_nan_loss_stops_training_with_one_line_and_saves_nothing_damaged(tmp_p
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # two trainings through the CLI
 def test_a_full_disk_is_one_line_and_the_run_resumes_to_its_end(tmp_path: Path, monkeypatch) -> None:
     """The disk fills while an epoch's checkpoint is written: exit 1 with one line, no temporary left,
     and the same command with --resume finishes the run."""

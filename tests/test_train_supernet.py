@@ -93,6 +93,7 @@ class _StopAt(Progress):
             self.flag.set()
 
 
+@pytest.mark.slow  # two trainings
 def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path) -> None:
     recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96"])  # 6 steps per epoch
     launch_supernet(recipe, tmp_path / "a", device="cpu")
@@ -146,6 +147,7 @@ def test_torchrun_two_processes_gloo_with_sync_bn(tmp_path) -> None:
     assert (tmp_path / "ddp" / "final.pt").is_file()
 
 
+@pytest.mark.slow  # a training
 def test_gradient_accumulation_steps_once_per_group(tmp_path) -> None:
     recipe = load_recipe(SMOKE, ["optim.epochs=1", "optim.grad_accum=2", "data.batch_size=8"])
     launch_supernet(recipe, tmp_path / "acc", device="cpu")

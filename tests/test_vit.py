@@ -166,6 +166,7 @@ def test_train_mode_forward_backward_at_smallest_and_largest(drop_path_rate: flo
         assert qkv[:, active:].abs().sum() == 0 and qkv[:, :, active:].abs().sum() == 0
 
 
+@pytest.mark.slow  # two exports with reload checks
 def test_export_files_and_the_routed_dynamic_export(tmp_path) -> None:
     model = dsctl.build_model("tiny_ds_vit", gate_attention=True).eval()
     report = export_to_file(model, model.space.resolve("0.75"), tmp_path / "sub.pt2")
