@@ -19,17 +19,21 @@ __all__ = ["recalibrate_checkpoint"]
 
 def recalibrate_checkpoint(path: str | Path, *, overrides: list[str] = (), batches: int | None = None,  # type: ignore[assignment]
                            out: str | Path | None = None, device: str = "auto",
-                           progress: Progress | None = None) -> tuple[Path, list[dict[str, Any]]]:
+                           progress: Progress | None = None) -> tuple[Path, list[dict[str, Any]] | None]:
     """Reset and re-estimate BN statistics of every sub-network on the checkpoint's training data.
 
     The data comes from the recipe stored in the checkpoint (``overrides`` may change it, e.g. the root).
-    Writes the checkpoint (in place, or to ``out``) with ``calibrated=True`` and the per-sub-network table.
+    Writes the checkpoint (in place, or to ``out``) with ``calibrated=True`` and the per-sub-network table,
+    and returns where it wrote and that table. A family without BatchNorm (DS-ViT) has nothing to
+    calibrate: nothing is read or written, and the table is None.
     """
     ckpt = load_checkpoint(path)
+    model, _ = model_from_checkpoint(ckpt["path"])
+    if not model.needs_bn_calibration:
+        return Path(ckpt["path"]), None
     if not ckpt.get("recipe"):
         raise CheckpointError(f"{ckpt['path']}: holds no recipe, so its training data is unknown")
     recipe = recipe_from_dict(apply_overrides(ckpt["recipe"], list(overrides)))
-    model, _ = model_from_checkpoint(ckpt["path"])
     dev = resolve_device(device)
     model.to(dev)
     data = build_train_data(recipe.data)

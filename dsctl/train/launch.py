@@ -139,7 +139,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
     model, _ = model_from_checkpoint(ckpt["path"])
     model.to(prep.device)
-    if not ckpt.get("calibrated"):
+    if not ckpt.get("calibrated") and model.needs_bn_calibration:
         logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", ckpt["path"],
                     recipe.supernet.calib_batches)
         specs = list(model.space.subnets) + [model.space.full]

@@ -59,6 +59,7 @@ class SupernetResult:
     epochs: int
     subnets: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    bn_recalibrated: bool = True  # False for families without BatchNorm (nothing to recalibrate)
 
 
 def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple[Tensor, Tensor], y: Tensor,
@@ -226,7 +227,7 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
                                     "steps_per_epoch": steps, "global_step": pos.global_step, "elapsed_s": round(elapsed, 1),
                                     "world_size": dist.world, "environment": environment(device),
                                     "data": asdict(data.info), "final": subnets})
-    return SupernetResult(str(run.path), epochs, subnets, elapsed)
+    return SupernetResult(str(run.path), epochs, subnets, elapsed, model.needs_bn_calibration)
 
 
 def _width(model: Supernet, spec: SliceSpec) -> float | str:
@@ -256,16 +257,21 @@ def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp:
 def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run: RunDir, *, device: torch.device,
                       dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, amp: bool = False,
                       progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Recalibrate BN per sub-network, evaluate every one, write final.pt and subnets.csv."""
+    """Recalibrate BN per sub-network (families without BatchNorm skip it), evaluate every one, write final.pt
+    and subnets.csv."""
     progress = progress or Progress()
     model = unwrap(model)
     space = model.space
     specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
-    loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
-    progress.start("recalibrating BN", 1)
-    used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
-    progress.advance(1)
-    progress.finish(f"BN recalibrated on {used} batches per sub-network")
+    used = 0
+    if model.needs_bn_calibration:
+        loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
+        progress.start("recalibrating BN", 1)
+        used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
+        progress.advance(1)
+        progress.finish(f"BN recalibrated on {used} batches per sub-network")
+    else:
+        logger.info("%s has no BatchNorm: nothing to recalibrate", model.model_name)
     rows = subnet_table(model, data, device, amp=amp, input_size=data.input_size, progress=progress)
     if dist.main:
         save_checkpoint(run.final, {
