@@ -58,6 +58,14 @@ class Supernet(nn.Module):
         pre, post = self.to_static_parts(spec)
         return nn.Sequential(*pre, *post).eval()
 
+    def to_uniform(self, spec: SliceSpec) -> nn.Module:
+        """The width-multiplier baseline at ``spec``: a plain network of that width, to be trained alone.
+
+        Default: the static sub-network (:meth:`to_static`). DS-ViT narrows every layer to the routed width
+        instead (a DeiT of that width, no idle channels).
+        """
+        return self.to_static(spec)
+
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         """Plain-torch halves around the gate: ``pre`` ends with the gate's attention head (if any)."""
         raise NotImplementedError

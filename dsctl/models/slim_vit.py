@@ -277,6 +277,30 @@ class DSViT(Supernet):
                 TokenHead(copy.deepcopy(self.norm), copy.deepcopy(self.head))]
         return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
 
+    @torch.no_grad()
+    def to_uniform(self, spec: SliceSpec) -> nn.Sequential:
+        """The width-multiplier baseline: a plain DeiT whose embedding, every block, final norm and head are
+        at ``spec``'s routed width d (d / head_dim heads), weights copied from the first d channels.
+
+        Trained alone, a static sub-network's idle channels would be dead weight (the patch tokens' channels
+        d..D reach nothing, the class token's are a constant), so the baseline drops them; its MACs are
+        counted as built.
+        """
+        d = self.space.check(spec).widths[2]
+        src = self.patch_embed.proj
+        proj = nn.Conv2d(src.in_channels, d, src.kernel_size, src.stride, device=src.weight.device, dtype=src.weight.dtype)
+        proj.weight.copy_(src.weight[:d])
+        proj.bias.copy_(src.bias[:d])
+        embed = TokenEmbed(proj, self.cls_token[..., :d], self.pos_embed[..., :d], self.cfg.img_size)
+        norm = nn.LayerNorm(d, eps=self.norm.eps, device=src.weight.device, dtype=src.weight.dtype)
+        norm.weight.copy_(self.norm.weight[:d])
+        norm.bias.copy_(self.norm.bias[:d])
+        head = nn.Linear(d, self.num_classes, device=src.weight.device, dtype=src.weight.dtype)
+        head.weight.copy_(self.head.weight[:, :d])
+        head.bias.copy_(self.head.bias)
+        blocks = nn.Sequential(*(b.to_static(d) for b in self.blocks))
+        return nn.Sequential(embed, blocks, TokenHead(norm, head)).eval()
+
 
 def _build(cfg: ViTConfig, num_classes: int, in_chans: int, gate_attention: bool, drop_path_rate: float) -> DSViT:
     return DSViT(cfg, num_classes, in_chans, gate_attention=gate_attention, drop_path_rate=drop_path_rate)

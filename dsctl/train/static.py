@@ -2,8 +2,10 @@
 pruning baselines. Same run folders, resume, metrics and progress as the supernet trainer.
 
 A static network's checkpoint stores how to rebuild it without pickling modules: the supernet it was
-cut from (``model_name``, ``model_kwargs``, ``base_spec``) plus a ``state_dict`` whose shapes give the
-(possibly pruned) channel counts; :func:`rebuild_static` shrinks the layers to those shapes.
+cut from (``model_name``, ``model_kwargs``, ``base_spec``; the width-multiplier baseline is the supernet's
+``to_uniform(base_spec)``, the others its ``to_static``) plus a ``state_dict`` whose shapes give the
+(possibly pruned) channel counts; :func:`rebuild_static` shrinks the layers to those shapes (a pruned
+transformer's head count follows its ``qkv`` rows).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def fit_to_state_dict(module: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 def rebuild_static(meta: StaticMeta, state: dict[str, Tensor]) -> nn.Module:
     """The static network a checkpoint describes, with its weights loaded."""
     supernet = build_model(meta["model_name"], **meta.get("model_kwargs", {}))
-    net = fit_to_state_dict(supernet.to_static(SliceSpec(tuple(meta["base_spec"]))), state)
+    spec = SliceSpec(tuple(meta["base_spec"]))
+    base = supernet.to_uniform(spec) if meta.get("method") == "uniform" else supernet.to_static(spec)
+    net = fit_to_state_dict(base, state)
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
