@@ -326,7 +326,9 @@ class StaticArtifact(Artifact):
         from dsctl.train.static import fit_to_state_dict  # dsctl.train.static imports this module
 
         supernet = registry.build_model(self.model_name, **self.model_kwargs)
-        net = fit_to_state_dict(supernet.to_static(self.meta.base_spec), self.state_dict)
+        spec = self.meta.base_spec
+        base = supernet.to_uniform(spec) if self.meta.method == "uniform" else supernet.to_static(spec)
+        net = fit_to_state_dict(base, self.state_dict)
         try:
             net.load_state_dict(self.state_dict)
         except RuntimeError as err:

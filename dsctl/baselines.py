@@ -1,12 +1,15 @@
 """Static baselines (DESIGN.md section 7): what dynamic slicing is compared against at equal cost.
 
-* ``uniform``: the same architecture at one fixed width, trained alone with the same recipe;
-* ``l1``: the full network trained, filters pruned by L1 norm to a MACs target, fine-tuned;
+* ``uniform``: the same architecture at one fixed width, trained alone with the same recipe (the
+  supernet's ``to_uniform``: the static sub-network for CNNs, a DeiT of that width for DS-ViT);
+* ``l1``: the full network trained, filters pruned by L1 norm to a MACs target, fine-tuned; for a
+  transformer whole attention heads and MLP hidden units, the token width (residual stream) kept;
 * ``slimming``: the full network trained with an L1 penalty on BatchNorm scales, channels pruned by
-  BN scale to a MACs target, fine-tuned (network slimming).
+  BN scale to a MACs target, fine-tuned (network slimming; refused for families without BatchNorm).
 
-Pruning uses Torch-Pruning's dependency graph (residual and SE couplings included); the pruning ratio
-that meets the MACs target is found by bisection, counting MACs with fvcore like everything else.
+Pruning uses Torch-Pruning's dependency graph (residual and SE couplings, attention heads included); the
+pruning ratio that meets the MACs target is found by bisection, counting MACs with fvcore like
+everything else (attention matmuls included).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from dsctl.models.base import Supernet
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag
 
-__all__ = ["prune_to_macs", "bn_l1_penalty", "launch_baseline", "resolve_target_macs"]
+__all__ = ["prune_to_macs", "bn_l1_penalty", "launch_baseline", "resolve_target_macs", "check_baseline_methods"]
+
+METHODS = ("uniform", "l1", "slimming")
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +43,42 @@ def _classifier(net: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def _transformer_options(net: nn.Module, ratio: float) -> dict[str, Any]:
+    """Torch-Pruning options for a DS-ViT static network: whole heads and MLP hidden units, ``ratio`` of each
+    per block (at least one head kept); the token width is kept (the embedding is ignored, so the residual
+    stream's group is never pruned)."""
+    from dsctl.layers.static_vit import Attention, TokenEmbed
+
+    attention = [m for m in net.modules() if isinstance(m, Attention)]
+    if not attention:
+        return {}
+    heads = {a.qkv: a.num_heads for a in attention}
+    fewest = min(heads.values())
+    embeds = [m for m in net.modules() if isinstance(m, TokenEmbed)]
+    return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False,
+            "head_pruning_ratio": min(ratio, (fewest - 1) / fewest), "extra_ignored": embeds,
+            "unwrapped_parameters": [(p, 2) for e in embeds for p in (e.cls_token, e.pos_embed)]}
+
+
 def _pruner(net: nn.Module, example: Tensor, method: str, ratio: float):
     import torch_pruning as tp
 
     importance = tp.importance.BNScaleImportance() if method == "slimming" else tp.importance.MagnitudeImportance(p=1)
     pruner_cls = tp.pruner.BNScalePruner if method == "slimming" else tp.pruner.MagnitudePruner
+    options = _transformer_options(net, ratio)
+    ignored = [_classifier(net), *options.pop("extra_ignored", [])]
     # network slimming ranks BN scales across the whole network (one global threshold); L1 filter pruning
     # removes the same fraction of every layer
-    return pruner_cls(net, example, importance=importance, pruning_ratio=ratio, ignored_layers=[_classifier(net)],
-                      global_pruning=method == "slimming", max_pruning_ratio=0.95)
+    return pruner_cls(net, example, importance=importance, pruning_ratio=ratio, ignored_layers=ignored,
+                      global_pruning=method == "slimming", max_pruning_ratio=0.95, **options)
 
 
 def prune_to_macs(net: nn.Module, target_macs: int, input_size: int, in_chans: int, method: str) -> tuple[nn.Module, float]:
-    """Prune a copy of ``net`` (L1 filter norm or BN scale) to at most ``target_macs``; returns it and the ratio."""
+    """Prune a copy of ``net`` (L1 filter norm or BN scale) to at most ``target_macs``; returns it and the ratio.
+
+    A transformer (dsctl's static DS-ViT) loses whole attention heads and MLP hidden units by L1 norm, the
+    same ratio of each per block; its attention then runs the remaining heads (the count follows ``qkv``).
+    """
     net = net.eval().cpu()
     example = torch.zeros(1, in_chans, input_size, input_size)
     full = count_macs(net, input_size, in_chans)
@@ -95,14 +123,24 @@ def resolve_target_macs(supernet: Supernet, cfg: BaselineConfig, input_size: int
     return count_subnet(supernet, spec, input_size).macs, f"w{cfg.width}"
 
 
+def check_baseline_methods(supernet: Supernet, methods: tuple[str, ...] | list[str]) -> None:
+    """DsctlError (one line) if a method cannot apply to this family: network slimming ranks BatchNorm scales."""
+    if "slimming" in methods and not supernet.needs_bn_calibration:
+        allowed = ", ".join(m for m in METHODS if m != "slimming")
+        raise DsctlError(f"baseline method 'slimming' prunes by BatchNorm scales, and {supernet.model_name} has no "
+                         f"BatchNorm (allowed for it: {allowed})")
+
+
 def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
                     progress: Progress | None = None, stop: StopFlag | None = None,
                     allow_changed: bool = False) -> dict[str, Any]:
     """Run one static baseline end to end in ``out``; returns its summary (also written to summary.json)."""
     from dsctl.train.launch import build_supernet_for, prepare_run
+    from dsctl.registry import build_model
     from dsctl.train.static import train_static
 
     cfg = recipe.baseline
+    check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), [cfg.method])  # before any folder
     prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
     supernet = build_supernet_for(recipe, prep.data)
     size, chans = prep.data.input_size, supernet.in_chans
@@ -114,7 +152,7 @@ def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", re
             raise DsctlError("--method uniform needs --width W (a slimming ratio of the supernet's space)")
         spec = supernet.space.resolve(cfg.width)
         meta = StaticMeta(method=cfg.method, base_spec=spec, variant=f"w{cfg.width}", width=supernet.space.ratio(spec))
-        net, final = train_static(supernet.to_static(spec), prep.data, recipe.optim, prep.run, meta=meta,
+        net, final = train_static(supernet.to_uniform(spec), prep.data, recipe.optim, prep.run, meta=meta,
                                   resume=resume, **common)
     else:
         target, variant = resolve_target_macs(supernet, cfg, size)

@@ -125,13 +125,19 @@ class SupernetConfig(BaseModel):
     ``distill_weight: 1, distill_ramp: 0`` is the authors' pure in-place bootstrapping).
     ``sample: interior`` draws the random members from the sub-networks strictly between the smallest
     and the largest (the authors' rule); ``all`` draws from every indexed sub-network.
+
+    ``target: mvco`` (multi-view consistency, DS-Net++): every image is loaded as two augmented views;
+    the students see view A and are distilled toward the EMA teacher's prediction (as the largest) on
+    view B. It equals ``target: ib`` with ``mvco: true``; ``mvco: true`` with ``eib`` gives the ensemble
+    teacher on view B. Both need the EMA teacher (``ema_decay > 0``); ``mvco: true`` with ``id`` or
+    ``none`` is an error (no teacher to show the other view).
     """
 
     model_config = _FROZEN
 
     num_random: int = Field(default=2, ge=0)
     sample: Literal["interior", "all"] = "interior"
-    target: Literal["ib", "eib", "id", "none"] = "ib"
+    target: Literal["ib", "eib", "id", "none", "mvco"] = "ib"
     distill_weight: float = Field(default=0.5, ge=0.0, le=1.0)
     distill_ramp: float = Field(default=0.5, ge=0.0, le=1.0)
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -141,6 +147,20 @@ class SupernetConfig(BaseModel):
     eval_every: int = Field(default=1, ge=1)
     sync_bn: bool = False
     checkpoint_every: int = Field(default=0, ge=0)  # also save last.pt every N optimizer steps (0: per epoch)
+
+    @pydantic.model_validator(mode="after")
+    def _check_views(self) -> SupernetConfig:
+        if self.mvco and self.target in ("id", "none"):
+            raise ValueError(f"mvco: true shows the EMA teacher a second view, but target {self.target!r} has no "
+                             "teacher (allowed with mvco: ib, eib, mvco)")
+        if self.two_views and self.ema_decay == 0:
+            raise ValueError("multi-view consistency distils toward the EMA teacher: it needs ema_decay > 0")
+        return self
+
+    @property
+    def two_views(self) -> bool:
+        """Whether training loads two augmented views per image (students A, EMA teacher B)."""
+        return self.mvco or self.target == "mvco"
 
 
 class GateConfig(BaseModel):

@@ -113,32 +113,20 @@ def grouped_post(model: Supernet, h: Tensor, routes: Tensor) -> Tensor:
 
 @torch.no_grad()
 def masked_forward(model: Supernet, x: Tensor, window: tuple[int, int]) -> Tensor:
-    """The cost reference "masking at full width": every sample runs the window's widest sub-network and
-    each routed block's output is multiplied by a per-sample mask keeping the chosen width's channels.
+    """The cost reference "masking at full width": every sample runs the window's widest sub-network with
+    its channels beyond the chosen route's masked (:meth:`Supernet.forward_post_masked`).
 
     This is how routing is often simulated; it costs the widest member's time whatever the gate picks,
-    which is what the benchmark compares grouped slicing against. Its outputs are not exactly those of the
-    sliced sub-networks (BatchNorm statistics and inner widths stay at the widest member's).
+    which is what the benchmark compares grouped slicing against. For the CNN families the outputs only
+    approximate the sliced sub-networks' (BatchNorm statistics and inner widths stay at the widest
+    member's); for DS-ViT the masking is inside the blocks and the outputs are the routed ones.
     """
     lo, hi = window
     specs = model.space.subnets
     point = model.forward_pre(x, specs[lo], encode=True)
     assert point.encoding is not None
     routes = model.gate.decide(point.encoding, window)
-    handles = []
-    for stage, block in model.routed_blocks():
-        widths = torch.tensor([s.widths[stage] for s in specs], device=x.device)[routes]  # (N,)
-
-        def hook(_m, _inp, out, widths=widths):
-            keep = torch.arange(out.shape[1], device=out.device)[None] < widths[:, None]
-            return out * keep[:, :, None, None].to(out.dtype)
-
-        handles.append(block.register_forward_hook(hook))
-    try:
-        return model.forward_post(point.features, specs[hi])
-    finally:
-        for h in handles:
-            h.remove()
+    return model.forward_post_masked(point.features, routes, specs[hi])
 
 
 class DynamicNet(nn.Module):

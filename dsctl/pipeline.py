@@ -57,13 +57,17 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     Each stage's inputs are compared with its run folder's provenance record before it is skipped or
     resumed (see :mod:`dsctl.provenance`)."""
     from dsctl.artifacts import SupernetArtifact, read_artifact
-    from dsctl.baselines import launch_baseline
+    from dsctl.baselines import check_baseline_methods, launch_baseline
     from dsctl.report import build_report, write_report
     from dsctl.train.data import build_train_data
     from dsctl.train.launch import current_provenance, launch_gate, launch_supernet
 
+    from dsctl.registry import build_model
+
     out = Path(out)
     p = recipe.pipeline
+    # a baseline the family cannot have fails now, not after the supernet and gates have trained
+    check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), p.baseline_methods)
     runs = stage_runs(recipe, out)
     data = build_train_data(recipe.data)  # the data identity every stage's record is compared with
     common = {"device": device, "progress": progress, "stop": stop, "allow_changed": allow_changed}

@@ -91,7 +91,8 @@ def train_supernet_cmd(
         raise interrupted(err) from None
     finally:
         progress.close()
-    print_subnets(f"{cfg.model.name}: sub-networks after BN recalibration ({result.run_dir})", result.subnets)
+    when = "after BN recalibration" if result.bn_recalibrated else "(no BatchNorm: nothing to recalibrate)"
+    print_subnets(f"{cfg.model.name}: sub-networks {when} ({result.run_dir})", result.subnets)
 
 
 @app.command("calibrate-bn")
@@ -105,7 +106,8 @@ def calibrate_bn_cmd(
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """Recalibrate BatchNorm statistics of every sub-network, then evaluate each one."""
+    """Recalibrate BatchNorm statistics of every sub-network, then evaluate each one (a family without
+    BatchNorm, such as DS-ViT, has nothing to calibrate: one line, exit 0)."""
     from dsctl.train.calibrate import recalibrate_checkpoint
 
     progress = make_progress(quiet)
@@ -114,6 +116,9 @@ def calibrate_bn_cmd(
                                             batches=batches, out=out, device=device, progress=progress)
     finally:
         progress.close()
+    if rows is None:
+        console.print(f"{path}: nothing to calibrate (no BatchNorm)")
+        return
     print_subnets(f"recalibrated {path}", rows)
 
 

@@ -5,6 +5,10 @@ conv layers in :mod:`dsctl.layers.slim`. Attention slices whole heads: with ``he
 runs ``d // head_dim`` heads. Parameter names and shapes follow timm's ``VisionTransformer`` (``qkv``
 laid out as [q; k; v], each [D, D]), so a timm state dict loads at full width. Each layer has a
 ``to_static`` returning the plain ``torch.nn`` module for one width.
+
+``forward_masked`` runs a layer at one width for the whole batch with a per-sample 0/1 channel mask
+``keep`` (N, 1, d): sample i computes exactly what the layer computes at its own narrower width, at the
+cost of the wider one (the benchmark's "masking" reference; never used to train or deploy).
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ class SlimLayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         d = x.shape[-1]
         return F.layer_norm(x, (d,), self.weight[:d], self.bias[:d], self.eps)
+
+    def forward_masked(self, x: Tensor, keep: Tensor) -> Tensor:
+        """Per sample, LayerNorm over its kept channels only; the others come out zero."""
+        d = x.shape[-1]
+        count = keep.sum(-1, keepdim=True)                               # (N, 1, 1)
+        mean = (x * keep).sum(-1, keepdim=True) / count
+        var = (((x - mean) * keep) ** 2).sum(-1, keepdim=True) / count
+        return ((x - mean) * torch.rsqrt(var + self.eps) * self.weight[:d] + self.bias[:d]) * keep
 
     @torch.no_grad()
     def to_static(self, width: int) -> nn.LayerNorm:
@@ -89,8 +101,16 @@ class SlimAttention(nn.Module):
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])                     # (N, h, T, hd)
         return self.proj(out.transpose(1, 2).reshape(n, t, d), d)
 
+    def forward_masked(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``x`` zero beyond each sample's kept channels; heads beyond them are dropped before ``proj``
+        (a head's channels are contiguous, so the channel mask is a head mask)."""
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, d // self.head_dim, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(n, t, d) * keep, d) * keep
+
     def to_static(self, width: int) -> Attention:
-        return Attention(self.qkv.to_static(width), self.proj.to_static(width, width), width // self.head_dim)
+        return Attention(self.qkv.to_static(width), self.proj.to_static(width, width), self.head_dim)
 
 
 class SlimMlp(nn.Module):
@@ -108,6 +128,11 @@ class SlimMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         d = x.shape[-1]
         return self.fc2(F.gelu(self.fc1(x, self.hidden(d))), d)
+
+    def forward_masked(self, x: Tensor, keep: Tensor, keep_hidden: Tensor) -> Tensor:
+        """``keep_hidden`` (N, 1, hidden): each sample's hidden units (``hidden`` of its own width)."""
+        d = x.shape[-1]
+        return self.fc2(F.gelu(self.fc1(x, self.hidden(d))) * keep_hidden, d) * keep
 
     def to_static(self, width: int) -> Mlp:
         hidden = self.hidden(width)

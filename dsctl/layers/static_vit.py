@@ -17,19 +17,30 @@ __all__ = ["Attention", "Mlp", "TransformerBlock", "IdleSliced", "TokenEmbed", "
 
 
 class Attention(nn.Module):
-    """timm-layout multi-head self-attention: fused ``qkv`` ([q; k; v]), SDPA, ``proj``."""
+    """timm-layout multi-head self-attention: fused ``qkv`` ([q; k; v]), SDPA, ``proj``.
 
-    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int) -> None:
+    The head count follows the weights: ``qkv.out_features // (3 * head_dim)`` heads, so a network whose
+    heads were pruned (fewer ``qkv`` rows and ``proj`` columns than the embedding width) rebuilds from its
+    state dict alone.
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, head_dim: int) -> None:
         super().__init__()
         self.qkv = qkv
         self.proj = proj
-        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.qkv.out_features // (3 * self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        n, t, _ = x.shape
+        inner = self.qkv.out_features // 3  # heads x head_dim; the embedding width unless heads were pruned
+        qkv = self.qkv(x).reshape(n, t, 3, inner // self.head_dim, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, inner))
 
 
 class Mlp(nn.Module):

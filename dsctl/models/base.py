@@ -58,6 +58,14 @@ class Supernet(nn.Module):
         pre, post = self.to_static_parts(spec)
         return nn.Sequential(*pre, *post).eval()
 
+    def to_uniform(self, spec: SliceSpec) -> nn.Module:
+        """The width-multiplier baseline at ``spec``: a plain network of that width, to be trained alone.
+
+        Default: the static sub-network (:meth:`to_static`). DS-ViT narrows every layer to the routed width
+        instead (a DeiT of that width, no idle channels).
+        """
+        return self.to_static(spec)
+
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         """Plain-torch halves around the gate: ``pre`` ends with the gate's attention head (if any)."""
         raise NotImplementedError
@@ -112,6 +120,33 @@ class Supernet(nn.Module):
     def routed_blocks(self) -> list[tuple[int, nn.Module]]:
         """(stage index, block) for every block after the gate whose output width the gate sets."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def forward_post_masked(self, h: Tensor, routes: Tensor, spec: SliceSpec) -> Tensor:
+        """Routing simulated by masking: every sample runs ``spec`` (the window's widest sub-network) and
+        each routed block's output keeps only the channels of the sample's route (absolute index in
+        ``routes``, shape (N,)). Costs the widest member's time whatever the routes.
+
+        Default (CNN families): the output of every block of :meth:`routed_blocks` is multiplied by a
+        per-sample channel mask, so BatchNorm statistics and inner widths stay the widest member's and
+        the outputs only approximate the routed sub-networks'. Families override it where an exact masked
+        execution exists (DS-ViT).
+        """
+        specs = self.space.subnets
+        handles = []
+        for stage, block in self.routed_blocks():
+            widths = torch.tensor([s.widths[stage] for s in specs], device=h.device)[routes]  # (N,)
+
+            def hook(_m, _inp, out, widths=widths):
+                keep = torch.arange(out.shape[1], device=out.device)[None] < widths[:, None]
+                return out * keep[:, :, None, None].to(out.dtype)
+
+            handles.append(block.register_forward_hook(hook))
+        try:
+            return self.forward_post(h, spec)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def static_channels(self, spec: SliceSpec) -> dict[str, int]:
         """Per-stage output channels of ``spec`` (for export sidecars)."""

@@ -128,6 +128,17 @@ class SlimViTBlock(nn.Module):
         h = h + _drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training)
         return _with_idle(h, x)
 
+    def forward_masked(self, x: Tensor, width: int, widths: Tensor) -> Tensor:
+        """The block at ``width`` for the whole batch, sample i masked to its own width ``widths[i]`` (<= width):
+        equal to ``forward(x[i:i+1], widths[i])`` at the cost of ``width`` (evaluation only: no drop path)."""
+        h = x[..., :width]
+        keep = (torch.arange(width, device=x.device) < widths[:, None]).to(x.dtype)[:, None, :]  # (N, 1, width)
+        hidden = torch.arange(self.mlp.hidden(width), device=x.device)
+        keep_hidden = (hidden < (widths.to(torch.float64) * self.mlp.mlp_ratio).long()[:, None]).to(x.dtype)[:, None, :]
+        h = h + self.attn.forward_masked(self.norm1.forward_masked(h, keep), keep)
+        h = h + self.mlp.forward_masked(self.norm2.forward_masked(h, keep), keep, keep_hidden)
+        return _with_idle(h, x)
+
     def to_static(self, width: int) -> TransformerBlock:
         """The block as an ordinary width-``width`` transformer block (idle channels: see IdleSliced)."""
         return TransformerBlock(self.norm1.to_static(width), self.attn.to_static(width),
@@ -236,8 +247,20 @@ class DSViT(Supernet):
         return points
 
     def routed_blocks(self) -> list[tuple[int, nn.Module]]:
-        raise NotImplementedError("DS-ViT has no masked-routing simulation: a narrower block leaves the other "
-                                  "channels idle, so zeroing them is not the narrower network")
+        raise NotImplementedError("DS-ViT has no output-masking simulation: a narrower block leaves the other "
+                                  "channels idle, so zeroing a block's output is not the narrower network "
+                                  "(forward_post_masked masks inside the blocks instead)")
+
+    @torch.no_grad()
+    def forward_post_masked(self, h: Tensor, routes: Tensor, spec: SliceSpec) -> Tensor:
+        """Every routed block at ``spec``'s width, each sample masked inside the block (LayerNorm statistics,
+        heads, MLP units, residual) to its route's width: exactly the routed sub-networks' outputs, at the
+        widest one's cost."""
+        width = spec.widths[2]
+        widths = torch.tensor([s.widths[2] for s in self.space.subnets], device=h.device)[routes]  # (N,)
+        for block in self._blocks(routed=True):
+            h = block.forward_masked(h, width, widths)
+        return self.head(self.norm(h[:, 0]))
 
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         """``pre``: embedding, the blocks before the gate (and the gate's attention head, if any);
@@ -253,6 +276,30 @@ class DSViT(Supernet):
         post = [IdleSliced(nn.Sequential(*(b.to_static(post_w) for b in self._blocks(True))), post_w, dim),
                 TokenHead(copy.deepcopy(self.norm), copy.deepcopy(self.head))]
         return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
+
+    @torch.no_grad()
+    def to_uniform(self, spec: SliceSpec) -> nn.Sequential:
+        """The width-multiplier baseline: a plain DeiT whose embedding, every block, final norm and head are
+        at ``spec``'s routed width d (d / head_dim heads), weights copied from the first d channels.
+
+        Trained alone, a static sub-network's idle channels would be dead weight (the patch tokens' channels
+        d..D reach nothing, the class token's are a constant), so the baseline drops them; its MACs are
+        counted as built.
+        """
+        d = self.space.check(spec).widths[2]
+        src = self.patch_embed.proj
+        proj = nn.Conv2d(src.in_channels, d, src.kernel_size, src.stride, device=src.weight.device, dtype=src.weight.dtype)
+        proj.weight.copy_(src.weight[:d])
+        proj.bias.copy_(src.bias[:d])
+        embed = TokenEmbed(proj, self.cls_token[..., :d], self.pos_embed[..., :d], self.cfg.img_size)
+        norm = nn.LayerNorm(d, eps=self.norm.eps, device=src.weight.device, dtype=src.weight.dtype)
+        norm.weight.copy_(self.norm.weight[:d])
+        norm.bias.copy_(self.norm.bias[:d])
+        head = nn.Linear(d, self.num_classes, device=src.weight.device, dtype=src.weight.dtype)
+        head.weight.copy_(self.head.weight[:, :d])
+        head.bias.copy_(self.head.bias)
+        blocks = nn.Sequential(*(b.to_static(d) for b in self.blocks))
+        return nn.Sequential(embed, blocks, TokenHead(norm, head)).eval()
 
 
 def _build(cfg: ViTConfig, num_classes: int, in_chans: int, gate_attention: bool, drop_path_rate: float) -> DSViT:

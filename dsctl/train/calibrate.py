@@ -17,15 +17,19 @@ __all__ = ["recalibrate_checkpoint"]
 
 def recalibrate_checkpoint(path: str | Path, *, overrides: list[str] = (), batches: int | None = None,  # type: ignore[assignment]
                            out: str | Path | None = None, device: str = "auto",
-                           progress: Progress | None = None) -> tuple[Path, list[SubnetRow]]:
+                           progress: Progress | None = None) -> tuple[Path, list[SubnetRow] | None]:
     """Reset and re-estimate BN statistics of every sub-network on the checkpoint's training data.
 
     The data comes from the recipe stored in the checkpoint (``overrides`` may change it, e.g. the root).
-    Writes the checkpoint (in place, or to ``out``) with ``calibrated=True`` and the per-sub-network table.
+    Writes the checkpoint (in place, or to ``out``) with ``calibrated=True`` and the per-sub-network table,
+    and returns where it wrote and that table. A family without BatchNorm (DS-ViT) has nothing to
+    calibrate: nothing is read or written, and the table is None.
     """
     sup = read_artifact(path, SupernetArtifact, why="calibrate-bn")
     recipe = sup.recipe_config(overrides)
     model = sup.build_model()
+    if not model.needs_bn_calibration:
+        return Path(sup.path), None
     dev = resolve_device(device)
     model.to(dev)
     data = build_train_data(recipe.data)

@@ -136,7 +136,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
     model = sup.build_model()
     model.to(prep.device)
-    if not sup.calibrated:
+    if not sup.calibrated and model.needs_bn_calibration:
         logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", sup.path,
                     recipe.supernet.calib_batches)
         specs = list(model.space.subnets) + [model.space.full]

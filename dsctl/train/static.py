@@ -4,7 +4,8 @@ pruning baselines. Same run folders, resume, metrics and progress as the superne
 A static network's checkpoint (:class:`dsctl.artifacts.StaticArtifact`) stores how to rebuild it without
 pickling modules: the supernet it was cut from (``model_name``, ``model_kwargs``, ``meta.base_spec``) plus
 a ``state_dict`` whose shapes give the (possibly pruned) channel counts; :func:`fit_to_state_dict` shrinks
-the layers to those shapes.
+the layers to those shapes. The width-multiplier baseline is the supernet's ``to_uniform(base_spec)``, the
+others its ``to_static`` (a pruned transformer's head count follows its ``qkv`` rows).
 """
 
 from __future__ import annotations

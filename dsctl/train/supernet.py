@@ -3,8 +3,9 @@
 Per optimizer step, on one mini-batch: the largest network on the labels (label smoothing), ``n`` random
 sub-networks (by default from the interior: neither the smallest nor the largest) and the smallest on a
 mix of the labels and soft targets (``ib``: the EMA teacher's largest; ``eib``: the smallest gets the
-mean of the teacher's largest and random predictions; ``id``: the online largest; ``none``: labels only),
-backward after each member, then one optimizer step and one EMA update.
+mean of the teacher's largest and random predictions; ``id``: the online largest; ``none``: labels only;
+``mvco``: multi-view consistency, ``ib`` with two augmented views per image, the students on view A and
+the EMA teacher on view B), backward after each member, then one optimizer step and one EMA update.
 
 The soft targets' weight ``a`` in ``(1 - a) * CE(labels) + a * CE(soft)`` ramps from 0 to
 ``distill_weight`` over the first ``distill_ramp`` of the steps (:func:`distill_alpha`): distilling
@@ -60,6 +61,7 @@ class SupernetResult:
     epochs: int
     subnets: list[SubnetRow] = field(default_factory=list)
     elapsed_s: float = 0.0
+    bn_recalibrated: bool = True  # False for families without BatchNorm (nothing to recalibrate)
 
 
 def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple[Tensor, Tensor], y: Tensor,
@@ -67,15 +69,18 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple
                   loss_scale: float = 1.0, sync_last: bool = True, alpha: float = 1.0) -> dict[str, float]:
     """Forward and backward every sandwich member on one batch; returns each member's loss.
 
-    ``specs`` is ``[largest, random..., smallest]``. With multi-view consistency ``x`` is a pair of views:
-    students see the first, the teacher the second. ``sync_last=False`` keeps DDP from reducing gradients
+    ``specs`` is ``[largest, random..., smallest]``. With multi-view consistency (``cfg.two_views``) ``x``
+    is a pair of views of the same images: every member (students and the largest) sees the first, the
+    EMA teacher the second, so each student is distilled toward the teacher's prediction on the other view. ``sync_last=False`` keeps DDP from reducing gradients
     (gradient accumulation). ``alpha`` is the soft targets' weight for the students (the rest on the
     labels). Gradients are accumulated into ``.grad``; the caller steps the optimizer.
     """
+    if cfg.two_views and not isinstance(x, tuple | list):
+        raise ValueError("multi-view consistency needs two views per image: x = (view_a, view_b)")
     x_student, x_teacher = (x if isinstance(x, tuple | list) else (x, x))
     largest, *randoms, smallest = specs
     targets: dict[str, Tensor] = {}
-    if cfg.target in ("ib", "eib") and teacher is not None and alpha > 0:
+    if cfg.target in ("ib", "eib", "mvco") and teacher is not None and alpha > 0:
         with torch.no_grad(), autocast(device, amp):
             targets["largest"] = F.softmax(teacher(x_teacher, largest).float(), -1)
             if cfg.target == "eib":
@@ -213,7 +218,7 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
                      seed=seed, step=step, evaluate=evaluate_epoch, save=save,
                      score=lambda rows: sum(r["top1"] for r in rows) / len(rows), progress=progress, stop=stop,
                      eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
-                     dataset=TwoViews(data.train) if cfg.mvco else data.train)
+                     dataset=TwoViews(data.train) if cfg.two_views else data.train)
     final_model = ema.module if ema is not None else model
     subnets = finalize_supernet(final_model, data, cfg, run, device=device, dist=dist, seed=seed, recipe=recipe,
                                 amp=amp, progress=progress)
@@ -222,7 +227,7 @@ def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim:
                                     "steps_per_epoch": steps, "global_step": pos.global_step, "elapsed_s": round(elapsed, 1),
                                     "world_size": dist.world, "environment": environment(device),
                                     "data": asdict(data.info), "final": [r.to_row() for r in subnets]})
-    return SupernetResult(str(run.path), epochs, subnets, elapsed)
+    return SupernetResult(str(run.path), epochs, subnets, elapsed, model.needs_bn_calibration)
 
 
 def _width(model: Supernet, spec: SliceSpec) -> float | str:
@@ -258,16 +263,21 @@ def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp:
 def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run: RunDir, *, device: torch.device,
                       dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, amp: bool = False,
                       progress: Progress | None = None) -> list[SubnetRow]:
-    """Recalibrate BN per sub-network, evaluate every one, write final.pt and subnets.csv."""
+    """Recalibrate BN per sub-network (families without BatchNorm skip it), evaluate every one, write final.pt
+    and subnets.csv."""
     progress = progress or Progress()
     model = unwrap(model)
     space = model.space
     specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
-    loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
-    progress.start("recalibrating BN", 1)
-    used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
-    progress.advance(1)
-    progress.finish(f"BN recalibrated on {used} batches per sub-network")
+    used = 0
+    if model.needs_bn_calibration:
+        loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
+        progress.start("recalibrating BN", 1)
+        used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
+        progress.advance(1)
+        progress.finish(f"BN recalibrated on {used} batches per sub-network")
+    else:
+        logger.info("%s has no BatchNorm: nothing to recalibrate", model.model_name)
     rows = subnet_table(model, data, device, amp=amp, input_size=data.input_size, progress=progress)
     if dist.main:
         SupernetArtifact.from_model(
