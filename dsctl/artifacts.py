@@ -37,7 +37,7 @@ from dsctl.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from dsctl.config import Recipe, apply_overrides, recipe_from_dict
 from dsctl.errors import CheckpointError
 from dsctl.routing import Calibration
-from dsctl.spec import SliceSpec
+from dsctl.spec import LARGEST, SliceSpec, width_label
 
 if TYPE_CHECKING:
     from dsctl.data.build import DataInfo
@@ -95,15 +95,15 @@ class SubnetRow:
 
     @property
     def label(self) -> str:
-        return f"k{self.index}" if self.index is not None else "largest"
+        return f"k{self.index}" if self.index is not None else LARGEST
 
     @property
     def width_label(self) -> str:
-        return str(self.width) if self.width is not None else "largest"
+        return str(width_label(self.width))
 
     def to_row(self) -> dict[str, Any]:
         """The row of ``subnets.csv`` and ``summary.json``."""
-        return {"subnet": self.label, "width": self.width if self.width is not None else "largest",
+        return {"subnet": self.label, "width": width_label(self.width),
                 "macs": self.macs, "params": self.params, "top1": self.top1, "top5": self.top5, "loss": self.loss}
 
 

@@ -19,7 +19,7 @@ from dsctl.export import export_routed, export_subnet, load_subnet
 from dsctl.flops import count_macs, gate_macs, macs_table
 from dsctl.latency import measure_latency
 from dsctl.models.base import Supernet, bind
-from dsctl.spec import SliceSpec
+from dsctl.spec import SliceSpec, width_label
 
 __all__ = ["BenchRow", "BenchSettings", "bench_widths", "bench_dynamic", "bench_module", "bench_exported"]
 
@@ -99,7 +99,7 @@ def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSet
     rows: list[BenchRow] = []
     for spec in specs:
         label = model.space.label(spec)
-        width = f"{model.space.ratio(spec):g}" if spec in model.space.subnets else "largest"
+        width = str(width_label(model.space.width(spec)))
         static = export_subnet(model, spec).to(device)
         macs = count_macs(static, size, model.in_chans)
         meta = {"static": ("static", label, width, macs), "sliced": ("sliced", label, width, macs)}
@@ -135,7 +135,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
         "static_widest": widest, "dynamic": dyn, "masked": lambda x: masked_forward(model, x, window),
         "static_equal_macs": equal,
     }
-    r = lambda k: f"{model.space.ratio(specs[k]):g}"  # noqa: E731
+    r = lambda k: str(width_label(model.space.width(specs[k])))  # noqa: E731
     meta = {"static_widest": ("static", f"k{hi}", r(hi), route_macs[hi]),
             "dynamic": ("dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg)),
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),

@@ -11,6 +11,7 @@ from dsctl.artifacts import Artifact, GateArtifact, StaticArtifact, read_artifac
 from dsctl.config import Recipe
 from dsctl.errors import DsctlError
 from dsctl.flops import count_subnet
+from dsctl.spec import width_label
 from dsctl.train.common import evaluate, resolve_device
 from dsctl.train.data import build_train_data
 from dsctl.train.gate import evaluate_dynamic
@@ -81,6 +82,5 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
     spec = model.space.resolve(width or "largest")
     r = evaluate(model, data.val, spec, dev)
     m = count_subnet(model, spec, data.input_size)
-    return EvalReport(model.model_name, data.info.name, art.path, model.space.label(spec),
-                      m.width if m.width is not None else "largest", r.top1, r.top5, r.loss, r.samples, m.macs,
-                      params=m.params)
+    return EvalReport(model.model_name, data.info.name, art.path, model.space.label(spec), width_label(m.width),
+                      r.top1, r.top5, r.loss, r.samples, m.macs, params=m.params)

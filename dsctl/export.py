@@ -187,10 +187,9 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    label = model.space.label(spec)
     report = ExportReport(
-        path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs), subnet=label,
-        width=None if spec not in model.space.subnets else model.space.ratio(spec), spec=list(spec.widths),
+        path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs),
+        subnet=model.space.label(spec), width=model.space.width(spec), spec=list(spec.widths),
         channels=model.static_channels(spec), source=source, input_size=input_size, in_chans=model.in_chans,
         num_classes=model.num_classes, macs=count_macs(static, input_size, model.in_chans),
         params=count_params(static), max_abs_diff=diff, torch_version=torch.__version__,

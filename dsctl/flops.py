@@ -138,10 +138,8 @@ def count_subnet(model: Supernet, spec: SliceSpec, input_size: int | None = None
     """MACs and parameters of ``spec`` counted on its exported static network (gate excluded)."""
     input_size = model.check_input_size(input_size or model.default_input_size)
     static = model.to_static(spec)
-    label = model.space.label(spec)
-    width = None if label == "largest" and spec not in model.space.subnets else model.space.ratio(spec)
-    return MacsReport(model.model_name, label, width, count_macs(static, input_size, model.in_chans),
-                      count_params(static), input_size)
+    return MacsReport(model.model_name, model.space.label(spec), model.space.width(spec),
+                      count_macs(static, input_size, model.in_chans), count_params(static), input_size)
 
 
 def macs_table(model: Supernet, input_size: int | None = None) -> list[int]:

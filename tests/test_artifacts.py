@@ -32,7 +32,7 @@ def _recipe(model: str = "tiny_ds_resnet") -> dict:
 
 def _rows(model: dsctl.Supernet) -> tuple[SubnetRow, ...]:
     space = model.space
-    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    specs = space.all_specs()
     return tuple(SubnetRow(spec=s, index=space.index(s) if s in space.subnets else None,
                            width=space.ratio(s) if s in space.subnets else None, macs=1000 * (i + 1), params=10 * i,
                            top1=50.0 + i, top5=90.0, loss=1.5) for i, s in enumerate(specs))

@@ -29,7 +29,7 @@ def recalibrate_checkpoint(path: str | Path, *, overrides: list[str] = (), batch
     dev = resolve_device(device)
     model.to(dev)
     data = build_train_data(recipe.data)
-    specs = list(model.space.subnets) + ([model.space.full] if model.space.full not in model.space.subnets else [])
+    specs = model.space.all_specs()
     n = batches or recipe.supernet.calib_batches
     calibrate_bn(model, data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), specs, dev, num_batches=n)
     rows = subnet_table(model, data, dev, input_size=data.input_size, progress=progress)

@@ -139,8 +139,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     if not sup.calibrated:
         logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", sup.path,
                     recipe.supernet.calib_batches)
-        specs = list(model.space.subnets) + [model.space.full]
-        calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), list(dict.fromkeys(specs)),
+        calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), model.space.all_specs(),
                      prep.device, num_batches=recipe.supernet.calib_batches)
     costs = route_costs(sup, model, prep.data.input_size)  # stored by train-supernet at its input size
     route_macs, g_macs = list(costs.route_macs), costs.gate_macs

@@ -242,7 +242,7 @@ def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp:
     from dsctl.flops import count_subnet
 
     space = model.space
-    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    specs = space.all_specs()
     progress = progress or Progress()
     progress.start("evaluating sub-networks", len(specs))
     rows = []
@@ -262,7 +262,7 @@ def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run
     progress = progress or Progress()
     model = unwrap(model)
     space = model.space
-    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    specs = space.all_specs()
     loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
     progress.start("recalibrating BN", 1)
     used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
