@@ -59,13 +59,13 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     from dsctl.artifacts import SupernetArtifact, read_artifact
     from dsctl.baselines import launch_baseline
     from dsctl.report import build_report, write_report
-    from dsctl.train.data import build_train_data
+    from dsctl.train.data import build_run_data
     from dsctl.train.launch import current_provenance, launch_gate, launch_supernet
 
     out = Path(out)
     p = recipe.pipeline
     runs = stage_runs(recipe, out)
-    data = build_train_data(recipe.data)  # the data identity every stage's record is compared with
+    data = build_run_data(recipe.data)  # the data identity every stage's record is compared with
     common = {"device": device, "progress": progress, "stop": stop, "allow_changed": allow_changed}
     _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(recipe, runs["supernet"], resume=resume, **common),
            current_provenance(recipe, data), allow_changed)

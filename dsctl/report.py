@@ -133,9 +133,9 @@ def _nan_if_none(width: float | None) -> float:
 
 def _images(run_dir: Path, n: int) -> torch.Tensor:
     from dsctl.artifacts import read_artifact
-    from dsctl.train.data import build_train_data
+    from dsctl.train.data import build_run_data
 
-    data = build_train_data(read_artifact(run_dir / "final.pt").recipe_config().data)
+    data = build_run_data(read_artifact(run_dir / "final.pt").recipe_config().data)
     chunks, seen = [], 0
     for x, _ in data.val:
         chunks.append(x)

@@ -138,10 +138,10 @@ def _bench_specs(model, widths: str | None):
 
 def _bench_gate(gate: GateArtifact, settings: BenchSettings):
     from dsctl.bench import bench_dynamic
-    from dsctl.train.data import build_train_data
+    from dsctl.train.data import build_run_data
 
     model = gate.build_model()
-    data = build_train_data(gate.recipe_config().data)
+    data = build_run_data(gate.recipe_config().data)
     n = max(512, 16 * max(settings.batches))
     images = torch.cat([x for x, _ in _take(data.val, n)])[:n]
     return bench_dynamic(model, gate.window, images, settings, route_macs=list(gate.costs.route_macs))

@@ -22,7 +22,7 @@ from dsctl.models.base import Supernet
 from dsctl.provenance import Provenance, check_provenance, data_identity, record_provenance, release_lock, run_lock
 from dsctl.registry import build_model
 from dsctl.train.common import Dist, setup_dist
-from dsctl.train.data import TrainData, build_train_data
+from dsctl.train.data import TrainData, build_run_data
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag
 
@@ -93,7 +93,7 @@ def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume
         if not resume and any(run.path.rglob("last.pt")):
             raise DsctlError(f"{out} already holds a run (last.pt); use --resume {out} or another --out")
         torch.manual_seed(recipe.seed)
-        data = build_train_data(recipe.data, dist)
+        data = build_run_data(recipe.data, dist)
         if dist.main:
             now = current_provenance(recipe, data)
             if resume:

@@ -13,7 +13,7 @@ toward a teacher that is not trained yet wrecks short schedules (measured: docs/
 Example:
     >>> recipe = load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml")
     >>> model = build_model(recipe.model.name, num_classes=10, in_chans=1)
-    >>> data = build_train_data(recipe.data)
+    >>> data = build_run_data(recipe.data)
     >>> result = train_supernet(model, data, recipe.supernet, recipe.optim, RunDir("runs/x"))
 """
 
