@@ -126,7 +126,7 @@ def test_bad_checkpoint_files_give_one_line_without_unsafe_advice(tmp_path) -> N
     (["baseline", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--method", "l1", "--width", "0.5",
       "--target-macs", "1.0"], "--width 0.5 and --target-macs 1"),
     (["train-gate", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--supernet", "x", "--window", "3:3"],
-     "0 <= a < b"),
+     "0 <= A < B <= K-1"),
 ])
 def test_conflicting_or_bad_flags_are_one_line_errors(args, text) -> None:
     result = runner.invoke(app, args)

@@ -124,7 +124,7 @@ def test_window_validation() -> None:
         recipe_from_dict({"model": {"name": "m"}, "gate": {"window": [3, 1]}})
     with pytest.raises(RecipeError, match=r"gate.window"):
         recipe_from_dict({"model": {"name": "m"}, "gate": {"window": [-1, 2]}})
-    with pytest.raises(RecipeError, match=r"gate.window: .*0 <= a < b"):  # one member: nothing to route
+    with pytest.raises(RecipeError, match=r"gate.window: .*0 <= A < B"):  # one member: nothing to route
         recipe_from_dict({"model": {"name": "m"}, "gate": {"window": [2, 2]}})
     assert GateConfig(window=(0, 1)).window == (0, 1)
 
