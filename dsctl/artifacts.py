@@ -242,15 +242,14 @@ class ModelArtifact(Artifact):
         return self.state_dict
 
     def build_model(self) -> Supernet:
-        """The registered model with these weights; its default input size is the run's."""
+        """The registered model with these weights. Its ``default_input_size`` is the family's; the run's
+        resolution is :attr:`input_size`, which callers pass to MACs counts, exports and benchmarks."""
         model = registry.build_model(self.model_name, **self.model_kwargs)
         try:
             model.load_state_dict(self.model_state_dict())
         except RuntimeError as err:
             raise CheckpointError(f"{self.path}: weights do not match model {self.model_name!r}: "
                                   f"{str(err)[:300]}") from None
-        if self.input_size:  # MACs and export checks default to the resolution the model was trained at
-            model.default_input_size = self.input_size
         return model
 
 

@@ -52,13 +52,14 @@ def stage_runs(recipe: Recipe, out: Path) -> dict[str, Path]:
 def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: Progress | None = None,
                  stop: StopFlag | None = None, report_dir: str | Path | None = None, command: str = "",
                  machine: str = "", allow_changed: bool = False) -> list[Any]:
-    """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``).
+    """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``),
+    naming ``command`` and ``machine`` (default: :func:`dsctl.report.describe_machine`).
 
     Each stage's inputs are compared with its run folder's provenance record before it is skipped or
     resumed (see :mod:`dsctl.provenance`)."""
     from dsctl.artifacts import SupernetArtifact, read_artifact
     from dsctl.baselines import launch_baseline
-    from dsctl.report import build_report, write_report
+    from dsctl.report import build_report, describe_machine, write_report
     from dsctl.train.data import build_run_data
     from dsctl.train.launch import current_provenance, launch_gate, launch_supernet
 
@@ -94,6 +95,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
                current_provenance(b_recipe, data), allow_changed)
     rows = build_report(list(runs.values()), batch_n=p.report_batch, device="cpu" if device == "auto" else device,
                         min_run_time_s=p.report_min_run_time_s)
-    write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart", machine=machine,
+    write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart",
+                 machine=machine or describe_machine(rows[0].device, rows[0].threads),
                  title=f"{recipe.model.name} on {rows[0].data.split(':')[0]}")
     return rows
