@@ -76,9 +76,9 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
         logger.info("analysis: oracle router and gate-position probes on the validation split")
         analyze_checkpoint(runs["supernet"] / "final.pt", device=device, progress=progress)
     subnets = read_artifact(runs["supernet"] / "final.pt", SupernetArtifact).subnets
-    widest = max(r.macs for r in subnets)  # the full-width network (the report's "largest")
+    full_macs = max(r.macs for r in subnets)  # the full network (its rows say "largest")
     for f in p.gate_targets:
-        target_m = f * widest / 1e6
+        target_m = f * full_macs / 1e6
         gate_recipe = recipe.model_copy(update={"optim": p.gate_optim, "gate": recipe.gate.model_copy(update={
             "window": p.gate_window, "complexity": "target", "target_macs_m": target_m,
             "complexity_weight": p.gate_complexity_weight})})

@@ -33,7 +33,7 @@ def analyze_cmd(
                                                                            "(--split holdout).")] = 0.1,
     budget: Annotated[float | None, typer.Option(min=0.0, help="Average-MACs budget of the probe routers, in "
                                                                "millions (default: midway between the smallest and "
-                                                               "largest sub-network).")] = None,
+                                                               "widest indexed sub-network).")] = None,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
