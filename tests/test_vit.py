@@ -176,7 +176,7 @@ def test_export_files_and_the_routed_dynamic_export(tmp_path) -> None:
         logits = model.gate.route_logits(model.forward_pre(x, model.space.smallest(), encode=True).encoding)
         model.gate.route_bias.copy_(-logits.median(0).values)
     dyn = export_dynamic_to_file(model, (0, 2), tmp_path / "dyn.ts", source="test", seed=0)
-    assert dyn["max_abs_diff"] < 1e-5 and sum(c > 0 for c in dyn["check_routes"]) > 1
+    assert dyn.max_abs_diff < 1e-5 and sum(c > 0 for c in dyn.check_routes) > 1
 
 
 # -- MACs ---------------------------------------------------------------------------------------------------
