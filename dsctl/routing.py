@@ -20,7 +20,8 @@ from torch import Tensor
 
 from dsctl.errors import DsctlError
 
-__all__ = ["member_correct", "gate_targets", "class_weights", "choose_window", "Calibration", "calibrate_offsets", "route_with_offsets"]
+__all__ = ["member_correct", "gate_targets", "class_weights", "choose_window", "Calibration", "calibrate_offsets",
+           "route_with_offsets"]
 
 
 def member_correct(member_logits: Tensor, labels: Tensor) -> Tensor:

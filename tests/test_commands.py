@@ -121,7 +121,7 @@ def test_bench_settings_fill_unset_values_from_the_recipe() -> None:
 @pytest.fixture
 def bench_calls(monkeypatch) -> list[tuple]:
     """Replaces the timing functions of dsctl.bench with recorders: which one a target gets, with what."""
-    import dsctl.bench as bench
+    from dsctl import bench
 
     calls: list[tuple] = []
     monkeypatch.setattr(bench, "bench_widths", lambda model, specs, s: calls.append(("widths", model, specs, s)) or [])
@@ -162,7 +162,7 @@ def test_bench_target_picks_the_benchmark_and_the_runs_defaults(tmp_path, bench_
 
 # -- the CLI passes options to one library function ------------------------------------------------------------
 def test_bench_command_passes_its_options_to_bench_target(monkeypatch) -> None:
-    import dsctl.bench as bench
+    from dsctl import bench
 
     seen = {}
     monkeypatch.setattr(bench, "bench_target", lambda target, **kw: seen.update(target=target, **kw) or [])
@@ -172,7 +172,7 @@ def test_bench_command_passes_its_options_to_bench_target(monkeypatch) -> None:
 
 
 def test_export_command_passes_its_options_to_export_target(monkeypatch, tmp_path) -> None:
-    import dsctl.export as export
+    from dsctl import export
 
     seen = {}
 
@@ -209,7 +209,7 @@ def test_describe_models_lists_every_registered_model() -> None:
 
 
 def test_report_runs_names_the_machine_the_rows_were_timed_on(monkeypatch, tmp_path) -> None:
-    import dsctl.report as report
+    from dsctl import report
 
     row = report.ReportRow("supernet", "tiny_ds_resnet", "k0", "0.25", 1, 1, 50.0, 90.0, device="cpu", threads=3)
     seen = {}

@@ -55,7 +55,8 @@ def flops_cmd(
     with console.status("counting MACs with fvcore..."):
         reports = count_target(target, widths=width, input_size=input_size, num_classes=num_classes,
                                in_chans=in_chans, init_from=init_from)
-    console.print(table(f"{reports[0].model} @ {reports[0].input_size}px", ["subnet", "width", "MACs (M)", "params (M)"], [
+    console.print(table(f"{reports[0].model} @ {reports[0].input_size}px",
+                        ["subnet", "width", "MACs (M)", "params (M)"], [
         [r.subnet, width_label(r.width), f"{r.macs_m:.2f}", f"{r.params_m:.3f}"] for r in reports]))
     console.print(f"[dim]{MACS_CONVENTION}[/]")
     if csv is not None:

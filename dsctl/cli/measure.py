@@ -68,7 +68,8 @@ def bench_cmd(
                                                    "measure.batch_sizes, else 1,32).")] = None,
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: measure.threads, else torch's).")] = None,
-    input_size: Annotated[int | None, typer.Option(min=8, help="Input resolution (default: the run's, else the model's).")] = None,
+    input_size: Annotated[int | None, typer.Option(min=8, help="Input resolution (default: the run's, else the "
+                                                              "model's).")] = None,
     min_run_time: Annotated[float | None, typer.Option(min=0.05, help="Seconds of timing per candidate and batch size "
                                                                        "(default: measure.min_run_time_s, else 1).")] = None,
     csv: Annotated[Path | None, typer.Option(help="Write the rows to this CSV file.")] = None,
