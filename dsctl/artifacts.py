@@ -37,7 +37,7 @@ from dsctl.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from dsctl.config import Recipe, apply_overrides, recipe_from_dict
 from dsctl.errors import CheckpointError
 from dsctl.routing import Calibration
-from dsctl.spec import SliceSpec
+from dsctl.spec import LARGEST, SliceSpec, width_label
 
 if TYPE_CHECKING:
     from dsctl.data.build import DataInfo
@@ -95,15 +95,15 @@ class SubnetRow:
 
     @property
     def label(self) -> str:
-        return f"k{self.index}" if self.index is not None else "largest"
+        return f"k{self.index}" if self.index is not None else LARGEST
 
     @property
     def width_label(self) -> str:
-        return str(self.width) if self.width is not None else "largest"
+        return str(width_label(self.width))
 
     def to_row(self) -> dict[str, Any]:
         """The row of ``subnets.csv`` and ``summary.json``."""
-        return {"subnet": self.label, "width": self.width if self.width is not None else "largest",
+        return {"subnet": self.label, "width": width_label(self.width),
                 "macs": self.macs, "params": self.params, "top1": self.top1, "top5": self.top5, "loss": self.loss}
 
 
@@ -242,15 +242,14 @@ class ModelArtifact(Artifact):
         return self.state_dict
 
     def build_model(self) -> Supernet:
-        """The registered model with these weights; its default input size is the run's."""
+        """The registered model with these weights. Its ``default_input_size`` is the family's; the run's
+        resolution is :attr:`input_size`, which callers pass to MACs counts, exports and benchmarks."""
         model = registry.build_model(self.model_name, **self.model_kwargs)
         try:
             model.load_state_dict(self.model_state_dict())
         except RuntimeError as err:
             raise CheckpointError(f"{self.path}: weights do not match model {self.model_name!r}: "
                                   f"{str(err)[:300]}") from None
-        if self.input_size:  # MACs and export checks default to the resolution the model was trained at
-            model.default_input_size = self.input_size
         return model
 
 

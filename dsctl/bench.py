@@ -8,8 +8,9 @@ other are timed in one interleaved run (see :func:`dsctl.latency.measure_latency
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,9 +20,14 @@ from dsctl.export import export_routed, export_subnet, load_subnet
 from dsctl.flops import count_macs, gate_macs, macs_table
 from dsctl.latency import measure_latency
 from dsctl.models.base import Supernet, bind
-from dsctl.spec import SliceSpec
+from dsctl.spec import SearchSpace, SliceSpec, width_label
 
-__all__ = ["BenchRow", "BenchSettings", "bench_widths", "bench_dynamic", "bench_module", "bench_exported"]
+if TYPE_CHECKING:
+    from dsctl.artifacts import Artifact, GateArtifact, StaticArtifact
+    from dsctl.config import MeasureConfig
+
+__all__ = ["BenchRow", "BenchSettings", "bench_widths", "bench_dynamic", "bench_module", "bench_exported",
+           "bench_settings", "bench_specs", "bench_gate_run", "bench_static_run", "bench_target", "validation_images"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSet
     rows: list[BenchRow] = []
     for spec in specs:
         label = model.space.label(spec)
-        width = f"{model.space.ratio(spec):g}" if spec in model.space.subnets else "largest"
+        width = str(width_label(model.space.width(spec)))
         static = export_subnet(model, spec).to(device)
         macs = count_macs(static, size, model.in_chans)
         meta = {"static": ("static", label, width, macs), "sliced": ("sliced", label, width, macs)}
@@ -135,7 +141,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
         "static_widest": widest, "dynamic": dyn, "masked": lambda x: masked_forward(model, x, window),
         "static_equal_macs": equal,
     }
-    r = lambda k: f"{model.space.ratio(specs[k]):g}"  # noqa: E731
+    r = lambda k: str(width_label(model.space.width(specs[k])))  # noqa: E731
     meta = {"static_widest": ("static", f"k{hi}", r(hi), route_macs[hi]),
             "dynamic": ("dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg)),
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
@@ -191,3 +197,92 @@ def bench_exported(path: str | Path, settings: BenchSettings) -> list[BenchRow]:
                         macs=int(meta.get("macs") or 0))
 
 
+# -- what `dsctl bench TARGET` times --------------------------------------------------------------------------
+def bench_settings(measure: MeasureConfig, *, batches: Sequence[int] | None = None, device: str = "cpu",
+                   threads: int | None = None, min_run_time_s: float | None = None,
+                   input_size: int | None = None) -> BenchSettings:
+    """Settings from the values given, the unset ones from a recipe's ``measure`` section."""
+    return BenchSettings(tuple(batches) if batches else measure.batch_sizes, device, threads or measure.threads,
+                         measure.warmup, min_run_time_s or measure.min_run_time_s, input_size)
+
+
+def bench_specs(space: SearchSpace, widths: Sequence[str] | None = None) -> list[SliceSpec]:
+    """The sub-networks to time: ``widths`` (``["all"]``: every indexed one and the full network); by
+    default the smallest, the one at ratio 0.5 if the space has it, and the full network."""
+    if widths is None:
+        return list(dict.fromkeys([space.smallest(), *([space.resolve(0.5)] if 0.5 in space.ratios() else []),
+                                   space.full]))
+    if list(widths) == ["all"]:
+        return list(space.all_specs())
+    return [space.resolve(w) for w in widths]
+
+
+def validation_images(art: Artifact, n: int) -> Tensor:
+    """The first ``n`` images of the validation split of a run's recipe (fewer if it is smaller)."""
+    from dsctl.train.data import build_run_data
+
+    data = build_run_data(art.recipe_config().data)
+    chunks, seen = [], 0
+    for x, _ in data.val:
+        chunks.append(x)
+        seen += x.shape[0]
+        if seen >= n:
+            break
+    return torch.cat(chunks)[:n]
+
+
+def bench_gate_run(gate: GateArtifact, settings: BenchSettings) -> list[BenchRow]:
+    """A gate run's dynamic model (:func:`bench_dynamic`) on real validation images of its recipe, with the
+    route costs the run stored."""
+    model = gate.build_model()
+    images = validation_images(gate, max(512, 16 * max(settings.batches)))
+    return bench_dynamic(model, gate.window, images, settings, route_macs=list(gate.costs.route_macs))
+
+
+def bench_static_run(art: StaticArtifact, settings: BenchSettings) -> list[BenchRow]:
+    """A baseline network (uniform or pruned) from its run, at the run's input size unless settings say."""
+    meta = art.meta
+    return bench_module(f"{art.model_name}:{meta.method}", art.build_network(),
+                        art.data_info.in_chans if art.data_info else 3, settings.input_size or art.input_size,
+                        settings, kind=meta.method, subnet=meta.variant or "-", width=meta.width_label)
+
+
+def bench_target(target: str | Path, *, widths: Sequence[str] | None = None, dynamic: bool = False,
+                 batches: Sequence[int] | None = None, device: str = "cpu", threads: int | None = None,
+                 min_run_time_s: float | None = None, input_size: int | None = None) -> list[BenchRow]:
+    """What ``dsctl bench TARGET`` times, by what TARGET is:
+
+    * an exported file (it has a JSON sidecar): :func:`bench_exported`;
+    * a gate run or checkpoint with ``dynamic``: :func:`bench_gate_run`;
+    * a baseline run: :func:`bench_static_run`;
+    * a supernet or gate run, or a registered model name: :func:`bench_widths` over
+      :func:`bench_specs` ``(widths)``, at the run's input size.
+
+    Settings left None come from the run's recipe (``measure``), else :class:`~dsctl.config.MeasureConfig`.
+
+    Raises:
+        CheckpointError: ``dynamic`` and TARGET is not a gate run, or TARGET is not a readable checkpoint.
+        DsctlError: TARGET is neither a file, a run folder nor a registered model.
+    """
+    from dsctl.artifacts import Artifact, GateArtifact, ModelArtifact, StaticArtifact, read_artifact
+    from dsctl.config import MeasureConfig
+    from dsctl.export import is_exported
+    from dsctl.targets import ModelTarget, load_model_target
+
+    path = Path(target)
+    exported = is_exported(path)
+    art = None
+    if not exported and (dynamic or path.exists()):
+        art = read_artifact(path, GateArtifact if dynamic else Artifact, why="--dynamic" if dynamic else "")
+    measure = art.recipe_config().measure if art is not None and art.recipe else MeasureConfig()
+    settings = bench_settings(measure, batches=batches, device=device, threads=threads,
+                              min_run_time_s=min_run_time_s, input_size=input_size)
+    if exported:
+        return bench_exported(path, settings)
+    if dynamic:
+        return bench_gate_run(art, settings)  # type: ignore[arg-type]
+    if isinstance(art, StaticArtifact):
+        return bench_static_run(art, settings)
+    t = ModelTarget.of_artifact(art) if isinstance(art, ModelArtifact) else load_model_target(str(target))
+    settings = replace(settings, input_size=input_size or t.input_size)
+    return bench_widths(t.model, bench_specs(t.model.space, widths), settings)

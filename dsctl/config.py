@@ -168,7 +168,7 @@ class GateConfig(BaseModel):
 
     * ``window``: (first, last) sub-network index; None: the ``window_size`` sub-networks around
       ``target_macs_m`` (default 2: the two that bracket it), all of them when no target is set.
-    * ``sgs_target``: ``authors`` (the window's smallest if it is right, else the largest) or
+    * ``sgs_target``: ``authors`` (the window's smallest if it is right, else its widest) or
       ``cheapest`` (the cheapest window member that is right; the cheapest when none is).
     * ``class_weighting``: weight the gate's cross-entropy by the inverse frequency of each target.
     * ``complexity``: ``authors`` (0.5 x (GMACs)^2 at weight 0.5), ``target`` (two-sided:

@@ -1,5 +1,6 @@
-"""``evaluate_checkpoint``: evaluate a saved supernet (at a width), dynamic model or baseline on its
-validation data."""
+"""Evaluation on validation data: ``evaluate_checkpoint`` (a saved supernet at a width, a dynamic model or a
+baseline, what ``dsctl eval`` prints) and ``evaluate_dynamic`` (a supernet routed by its gate; the gate
+trainer's per-epoch evaluation too). Static sub-networks: :func:`dsctl.train.common.evaluate`."""
 
 from __future__ import annotations
 
@@ -7,15 +8,74 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from dsctl.artifacts import Artifact, GateArtifact, StaticArtifact, read_artifact
 from dsctl.config import Recipe
+from dsctl.dynamic import average_macs
 from dsctl.errors import DsctlError
 from dsctl.flops import count_subnet
-from dsctl.train.common import evaluate, resolve_device
-from dsctl.train.data import build_train_data
-from dsctl.train.gate import evaluate_dynamic
+from dsctl.models.base import Supernet
+from dsctl.routing import gate_targets, member_correct
+from dsctl.spec import width_label
+from dsctl.train.common import all_reduce_sum, autocast, evaluate, resolve_device
+from dsctl.train.data import build_run_data
 
-__all__ = ["EvalReport", "evaluate_checkpoint"]
+__all__ = ["DynamicEval", "EvalReport", "evaluate_checkpoint", "evaluate_dynamic"]
+
+
+@dataclass
+class DynamicEval:
+    """Dynamic-model evaluation: accuracy, route histogram over all K sub-networks, average MACs."""
+
+    top1: float
+    top5: float
+    loss: float
+    samples: int
+    histogram: list[int]
+    avg_macs: float
+    gate_sgs_acc: float
+
+    @property
+    def avg_macs_m(self) -> float:
+        return self.avg_macs / 1e6
+
+
+@torch.no_grad()
+def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: torch.device, *,
+                     route_macs: list[int], gate_macs: int, amp: bool = False, rule: str = "authors") -> DynamicEval:
+    """Real dynamic inference (the gate's decision rule, grouped sliced sub-networks) over ``loader``.
+
+    ``gate_sgs_acc`` is the agreement of the routes with the gate targets of ``rule`` (computed on every
+    window member's output, so this costs the whole window once per batch).
+    """
+    model.eval()
+    lo, hi = window
+    k = model.space.num_subnets
+    hist = torch.zeros(k, dtype=torch.float64)
+    c1 = c5 = loss_sum = n = sgs_right = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, amp):  # one pass to the gate serves the routed groups and the SGS reference
+            point = model.forward_pre(x, model.space.subnets[lo], encode=True)
+            routes = model.gate.decide(point.encoding, window)
+            members = torch.stack([model.forward_post(point.features, s).float()
+                                   for s in model.space.subnets[lo : hi + 1]])
+        # every member ran already (for the gate-target agreement): the routed output is a row of theirs,
+        # equal to grouped inference (tests/test_gate.py) without a second pass
+        logits = members[routes - lo, torch.arange(routes.numel(), device=routes.device)]
+        hist += torch.bincount(routes.cpu(), minlength=k).double()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), 1).indices
+        c1 += float((top[:, 0] == y).sum())
+        c5 += float((top == y[:, None]).any(1).sum())
+        sgs_right += float((gate_targets(member_correct(members, y), rule) + lo == routes).sum())
+        n += y.numel()
+    c1, c5, loss_sum, n, sgs_right, *counts = all_reduce_sum([c1, c5, loss_sum, n, sgs_right, *hist.tolist()], device)
+    histogram = [int(c) for c in counts]
+    return DynamicEval(100 * c1 / n, 100 * c5 / n, loss_sum / n, int(n), histogram,
+                       average_macs(histogram, route_macs, gate_macs), 100 * sgs_right / n)
 
 
 @dataclass(frozen=True)
@@ -49,7 +109,7 @@ def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | N
     if width is not None:
         raise DsctlError(f"{art.path}: a baseline network has one fixed width (drop --width)")
     net = art.build_network()
-    data = build_train_data(recipe.data)
+    data = build_run_data(recipe.data)
     macs = count_macs(net, data.input_size, data.info.in_chans)
     r = evaluate(net.to(dev), data.val, None, dev)
     return EvalReport(art.model_name, data.info.name, art.path, f"{art.meta.method} {art.meta.variant}",
@@ -71,7 +131,7 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
         return _evaluate_static(art, recipe, dev, width=width)
     model = art.build_model()
     model.to(dev).eval()
-    data = build_train_data(recipe.data)
+    data = build_run_data(recipe.data)
     if isinstance(art, GateArtifact) and width is None:
         lo, hi = art.window
         r = evaluate_dynamic(model, data.val, art.window, dev, route_macs=list(art.costs.route_macs),
@@ -81,6 +141,5 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
     spec = model.space.resolve(width or "largest")
     r = evaluate(model, data.val, spec, dev)
     m = count_subnet(model, spec, data.input_size)
-    return EvalReport(model.model_name, data.info.name, art.path, model.space.label(spec),
-                      m.width if m.width is not None else "largest", r.top1, r.top5, r.loss, r.samples, m.macs,
-                      params=m.params)
+    return EvalReport(model.model_name, data.info.name, art.path, model.space.label(spec), width_label(m.width),
+                      r.top1, r.top5, r.loss, r.samples, m.macs, params=m.params)

@@ -24,10 +24,11 @@ from dsctl.flops import count_macs, count_params
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 
-__all__ = ["ExportReport", "DynamicExportReport", "export_subnet", "export_to_file", "export_dynamic_to_file",
-           "load_subnet", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
+__all__ = ["ExportReport", "DynamicExportReport", "export_subnet", "export_to_file", "export_target",
+           "export_dynamic_to_file", "export_gate_run", "load_subnet", "is_exported", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
 
 EXPORT_FORMATS = ("pt2", "torchscript", "onnx")
+_SUFFIXES = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx"}
 MAX_ABS_DIFF = 1e-4
 
 
@@ -112,6 +113,13 @@ def _save(static: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> Non
             raise DsctlError(f"unknown export format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
 
 
+def is_exported(path: str | Path) -> bool:
+    """Whether ``path`` is an exported file: ``export_to_file`` and ``export_dynamic_to_file`` write a JSON
+    sidecar ``<path>.json`` beside it."""
+    p = Path(path)
+    return p.is_file() and Path(str(p) + ".json").is_file()
+
+
 def load_subnet(path: str | Path) -> nn.Module:
     """Load an exported ``pt2`` or TorchScript sub-network (plain torch; dsctl is not needed for this)."""
     p = Path(path)
@@ -187,10 +195,9 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    label = model.space.label(spec)
     report = ExportReport(
-        path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs), subnet=label,
-        width=None if spec not in model.space.subnets else model.space.ratio(spec), spec=list(spec.widths),
+        path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs),
+        subnet=model.space.label(spec), width=model.space.width(spec), spec=list(spec.widths),
         channels=model.static_channels(spec), source=source, input_size=input_size, in_chans=model.in_chans,
         num_classes=model.num_classes, macs=count_macs(static, input_size, model.in_chans),
         params=count_params(static), max_abs_diff=diff, torch_version=torch.__version__,
@@ -198,6 +205,35 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
     )
     atomic_write_bytes(report.sidecar, (json.dumps(asdict(report), indent=2) + "\n").encode())
     return report
+
+
+def export_target(target: str, *, width: str | None = None, out: str | Path | None = None, fmt: str | None = None,
+                  input_size: int | None = None, init_from: str | Path | None = None) -> ExportReport:
+    """What ``dsctl export`` writes: a registered model or a supernet/gate checkpoint (see
+    :func:`dsctl.targets.load_model_target`) at ``width``, as ``fmt``, verified by :func:`export_to_file`.
+
+    Unset ``width`` and ``fmt`` come from a checkpoint's recipe (``export.width``, ``export.format``), else
+    ``largest`` and ``pt2``; ``out`` defaults to ``<model>_<subnet>.<suffix>`` in the current folder; the
+    check runs at ``input_size``, else the run's resolution, else the model's.
+
+    Raises:
+        DsctlError: an unknown format, or a target that is neither a model name nor a checkpoint.
+        SpecError: ``width`` is not in the model's space.
+    """
+    from dsctl.spec import LARGEST
+    from dsctl.targets import load_model_target
+
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        raise DsctlError(f"unknown --format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
+    t = load_model_target(target, init_from=init_from)
+    if t.artifact is not None and t.artifact.recipe and (width is None or fmt is None):
+        cfg = t.artifact.recipe_config().export
+        width, fmt = width or cfg.width, fmt or cfg.format
+    width, fmt = width or LARGEST, fmt or "pt2"
+    model = t.model
+    spec = model.space.resolve(width)
+    out = Path(out) if out is not None else Path(f"{model.model_name}_{model.space.label(spec)}.{_SUFFIXES[fmt]}")
+    return export_to_file(model, spec, out, fmt, source=t.source, input_size=input_size or t.input_size)
 
 
 def export_routed(model: Supernet, window: tuple[int, int]) -> nn.Module:
@@ -258,3 +294,22 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
     )
     Path(report.sidecar).write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def export_gate_run(checkpoint: str | Path, *, out: str | Path | None = None,
+                    input_size: int | None = None) -> DynamicExportReport:
+    """What ``dsctl export --dynamic`` writes: a gate run's supernet and gate over its window, with the
+    route costs the run stored, verified by :func:`export_dynamic_to_file`. ``out`` defaults to
+    ``<model>_dynamic_<lo>-<hi>.ts.pt``; the check runs at ``input_size``, else the run's resolution.
+
+    Raises:
+        CheckpointError: ``checkpoint`` is not a gate checkpoint (a train-gate run folder or its final.pt).
+    """
+    from dsctl.artifacts import GateArtifact, read_artifact
+
+    gate = read_artifact(checkpoint, GateArtifact, why="--dynamic")
+    model = gate.build_model()
+    lo, hi = gate.window
+    out = Path(out) if out is not None else Path(f"{model.model_name}_dynamic_{lo}-{hi}.ts.pt")
+    return export_dynamic_to_file(model, gate.window, out, source=gate.path, input_size=input_size or gate.input_size,
+                                  route_macs=list(gate.costs.route_macs), gate_macs=gate.costs.gate_macs)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +25,8 @@ from torch import nn
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 
-__all__ = ["MacsReport", "count_macs", "count_params", "count_subnet", "macs_table", "gate_macs", "MACS_CONVENTION"]
+__all__ = ["MacsReport", "count_macs", "count_params", "count_subnet", "count_target", "macs_table", "gate_macs",
+           "MACS_CONVENTION"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +104,12 @@ class MacsReport:
     def params_m(self) -> float:
         return self.params / 1e6
 
+    def to_row(self) -> dict[str, Any]:
+        """The row of ``dsctl flops --csv``."""
+        return {"model": self.model, "subnet": self.subnet, "width": self.width, "macs": self.macs,
+                "macs_m": round(self.macs_m, 3), "params": self.params, "params_m": round(self.params_m, 4),
+                "input_size": self.input_size}
+
 
 def count_macs(module: nn.Module, input_size: int, in_chans: int = 3) -> int:
     """MACs of ``module`` on one ``in_chans x input_size x input_size`` image (batch 1).
@@ -138,10 +147,27 @@ def count_subnet(model: Supernet, spec: SliceSpec, input_size: int | None = None
     """MACs and parameters of ``spec`` counted on its exported static network (gate excluded)."""
     input_size = model.check_input_size(input_size or model.default_input_size)
     static = model.to_static(spec)
-    label = model.space.label(spec)
-    width = None if label == "largest" and spec not in model.space.subnets else model.space.ratio(spec)
-    return MacsReport(model.model_name, label, width, count_macs(static, input_size, model.in_chans),
-                      count_params(static), input_size)
+    return MacsReport(model.model_name, model.space.label(spec), model.space.width(spec),
+                      count_macs(static, input_size, model.in_chans), count_params(static), input_size)
+
+
+def count_target(target: str, *, widths: Sequence[str] | None = None, input_size: int | None = None,
+                 num_classes: int | None = None, in_chans: int | None = None,
+                 init_from: str | Path | None = None) -> list[MacsReport]:
+    """What ``dsctl flops`` counts: the sub-networks at ``widths`` (default: every indexed one and the full
+    network) of a registered model or a supernet/gate checkpoint (see :func:`dsctl.targets.load_model_target`),
+    at ``input_size`` (default: the run's, else the model's).
+
+    Example:
+        >>> [r.subnet for r in count_target("tiny_ds_resnet", widths=["0.5", "largest"])]
+        ['k2', 'k6']
+    """
+    from dsctl.targets import load_model_target
+
+    t = load_model_target(target, num_classes=num_classes, in_chans=in_chans, init_from=init_from)
+    space = t.model.space
+    specs = [space.resolve(w) for w in widths] if widths else space.all_specs()
+    return [count_subnet(t.model, s, input_size or t.input_size) for s in specs]
 
 
 def macs_table(model: Supernet, input_size: int | None = None) -> list[int]:

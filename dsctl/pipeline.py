@@ -52,14 +52,15 @@ def stage_runs(recipe: Recipe, out: Path) -> dict[str, Path]:
 def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: Progress | None = None,
                  stop: StopFlag | None = None, report_dir: str | Path | None = None, command: str = "",
                  machine: str = "", allow_changed: bool = False) -> list[Any]:
-    """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``).
+    """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``),
+    naming ``command`` and ``machine`` (default: :func:`dsctl.report.describe_machine`).
 
     Each stage's inputs are compared with its run folder's provenance record before it is skipped or
     resumed (see :mod:`dsctl.provenance`)."""
     from dsctl.artifacts import SupernetArtifact, read_artifact
     from dsctl.baselines import check_baseline_methods, launch_baseline
-    from dsctl.report import build_report, write_report
-    from dsctl.train.data import build_train_data
+    from dsctl.report import build_report, describe_machine, write_report
+    from dsctl.train.data import build_run_data
     from dsctl.train.launch import current_provenance, launch_gate, launch_supernet
 
     from dsctl.registry import build_model
@@ -69,7 +70,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     # a baseline the family cannot have fails now, not after the supernet and gates have trained
     check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), p.baseline_methods)
     runs = stage_runs(recipe, out)
-    data = build_train_data(recipe.data)  # the data identity every stage's record is compared with
+    data = build_run_data(recipe.data)  # the data identity every stage's record is compared with
     common = {"device": device, "progress": progress, "stop": stop, "allow_changed": allow_changed}
     _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(recipe, runs["supernet"], resume=resume, **common),
            current_provenance(recipe, data), allow_changed)
@@ -79,9 +80,9 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
         logger.info("analysis: oracle router and gate-position probes on the validation split")
         analyze_checkpoint(runs["supernet"] / "final.pt", device=device, progress=progress)
     subnets = read_artifact(runs["supernet"] / "final.pt", SupernetArtifact).subnets
-    widest = max(r.macs for r in subnets)  # the full-width network (the report's "largest")
+    full_macs = max(r.macs for r in subnets)  # the full network (its rows say "largest")
     for f in p.gate_targets:
-        target_m = f * widest / 1e6
+        target_m = f * full_macs / 1e6
         gate_recipe = recipe.model_copy(update={"optim": p.gate_optim, "gate": recipe.gate.model_copy(update={
             "window": p.gate_window, "complexity": "target", "target_macs_m": target_m,
             "complexity_weight": p.gate_complexity_weight})})
@@ -98,6 +99,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
                current_provenance(b_recipe, data), allow_changed)
     rows = build_report(list(runs.values()), batch_n=p.report_batch, device="cpu" if device == "auto" else device,
                         min_run_time_s=p.report_min_run_time_s)
-    write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart", machine=machine,
+    write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart",
+                 machine=machine or describe_machine(rows[0].device, rows[0].threads),
                  title=f"{recipe.model.name} on {rows[0].data.split(':')[0]}")
     return rows

@@ -12,7 +12,7 @@ from dsctl.errors import DsctlError
 if TYPE_CHECKING:
     from dsctl.models.base import Supernet
 
-__all__ = ["register_model", "build_model", "list_models", "model_kwargs_allowed"]
+__all__ = ["register_model", "build_model", "list_models", "model_kwargs_allowed", "describe_models"]
 
 _REGISTRY: dict[str, Callable[..., Supernet]] = {}
 
@@ -73,3 +73,18 @@ def build_model(name: str, **kwargs: Any) -> Supernet:
     if bad:
         raise DsctlError(f"model {name!r} has no option {', '.join(bad)} (allowed: {', '.join(allowed)})")
     return _REGISTRY[name](**kwargs)
+
+
+def describe_models() -> list[dict[str, Any]]:
+    """What ``dsctl models`` lists: each registered model with its default options (sub-networks, slimming
+    ratios, routed stages, gate position, input, parameters in millions, the search space)."""
+    rows = []
+    for name in list_models():
+        m = build_model(name)
+        rows.append({
+            "model": name, "subnets": m.space.num_subnets, "ratios": list(m.space.ratios()),
+            "routed_stages": list(m.space.routed_stages), "gate_after": m.space.gate_after,
+            "input_size": m.default_input_size, "in_chans": m.in_chans, "num_classes": m.num_classes,
+            "params_m": round(sum(p.numel() for p in m.parameters()) / 1e6, 3), "space": m.space.to_dict(),
+        })
+    return rows

@@ -21,8 +21,8 @@ import torch
 
 from dsctl.errors import DsctlError
 
-__all__ = ["OracleSeries", "ReportRow", "build_report", "check_targets", "oracle_series", "plot_report", "report_frame",
-           "write_csv", "write_report"]
+__all__ = ["OracleSeries", "ReportRow", "build_report", "check_targets", "describe_machine", "oracle_series",
+           "plot_report", "report_frame", "report_runs", "write_csv", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +133,9 @@ def _nan_if_none(width: float | None) -> float:
 
 def _images(run_dir: Path, n: int) -> torch.Tensor:
     from dsctl.artifacts import read_artifact
-    from dsctl.train.data import build_train_data
+    from dsctl.bench import validation_images
 
-    data = build_train_data(read_artifact(run_dir / "final.pt").recipe_config().data)
-    chunks, seen = [], 0
-    for x, _ in data.val:
-        chunks.append(x)
-        seen += x.shape[0]
-        if seen >= n:
-            break
-    return torch.cat(chunks)[:n]
+    return validation_images(read_artifact(run_dir / "final.pt"), n)
 
 
 def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: str = "cpu", threads: int | None = None,
@@ -394,3 +387,21 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
            if tlines else ""))
     paths.append(out / "REPORT.md")
     return paths
+
+
+def describe_machine(device: str, threads: int) -> str:
+    """The machine a report was timed on, as REPORT.md names it."""
+    import platform
+
+    return f"{platform.machine()} {platform.processor() or ''} ({device}, {threads} threads), torch {torch.__version__}"
+
+
+def report_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, batch_n: int = 32, device: str = "cpu",
+                threads: int | None = None, min_run_time_s: float = 0.5, title: str = "",
+                command: str = "dsctl report") -> tuple[list[ReportRow], list[Path]]:
+    """What ``dsctl report`` does: :func:`build_report` over ``run_dirs``, then :func:`write_report` to
+    ``out_dir`` naming ``command`` and the machine. Returns the rows and the files written."""
+    rows = build_report(run_dirs, batch_n=batch_n, device=device, threads=threads, min_run_time_s=min_run_time_s)
+    paths = write_report(rows, out_dir, command=command, machine=describe_machine(rows[0].device, rows[0].threads),
+                         title=title)
+    return rows, paths

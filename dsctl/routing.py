@@ -3,6 +3,7 @@
 Pure functions over tensors (no model): the gate trainer and ``dsctl analyze`` call them, tests check
 them on hand-made matrices.
 
+* :func:`member_correct`: which window members classify each sample right (the correctness matrix).
 * :func:`gate_targets`: per sample, the window member the gate should pick (SGS rules).
 * :func:`class_weights`: inverse-frequency weights against imbalanced targets.
 * :func:`choose_window`: the ``size`` consecutive sub-networks around a MACs target.
@@ -19,7 +20,13 @@ from torch import Tensor
 
 from dsctl.errors import DsctlError
 
-__all__ = ["gate_targets", "class_weights", "choose_window", "Calibration", "calibrate_offsets", "route_with_offsets"]
+__all__ = ["member_correct", "gate_targets", "class_weights", "choose_window", "Calibration", "calibrate_offsets",
+           "route_with_offsets"]
+
+
+def member_correct(member_logits: Tensor, labels: Tensor) -> Tensor:
+    """(W, N, C) window members' logits -> (N, W) bool: which members classify each sample right."""
+    return (member_logits.argmax(-1) == labels[None]).T
 
 
 def gate_targets(correct: Tensor, rule: str = "cheapest") -> Tensor:

@@ -2,7 +2,13 @@
 
 A :class:`SliceSpec` names the active channel count of every slimmable stage of a supernet (stem to
 head). A :class:`SearchSpace` holds the allowed choices per stage, the K indexed sub-networks the gate
-routes between, and the full-width "largest" network used by the sandwich rule.
+routes between, and the full network used by the sandwich rule.
+
+Words: the **full** network (``space.full``) runs every stage at its last choice; users call it
+``largest`` (``--width largest``, the ``largest`` rows of tables and CSV files), and ``space.largest()``
+is the sandwich rule's name for it. The **widest** indexed sub-network is ``space.subnets[-1]`` (a
+window's widest is its last member); it equals the full network only when every non-routed stage has
+one choice (DS-ResNet with ``gate_after=1``), and not for DS-MobileNetV1 or DS-ViT.
 
 Example:
     >>> space = SearchSpace(
@@ -24,9 +30,20 @@ from dataclasses import dataclass
 
 from dsctl.errors import SpecError
 
-__all__ = ["SliceSpec", "StageSpace", "SearchSpace", "LARGEST"]
+__all__ = ["SliceSpec", "StageSpace", "SearchSpace", "LARGEST", "width_label"]
 
 LARGEST = "largest"
+
+
+def width_label(width: float | None) -> float | str:
+    """How a sub-network's width is shown (tables, CSV and JSON ``width`` fields): its slimming ratio, or
+    ``"largest"`` for the full network outside the indexed sub-networks (``width`` None, see
+    :meth:`SearchSpace.width`). ``SearchSpace.resolve`` reads either back.
+
+    >>> width_label(0.5), width_label(None)
+    (0.5, 'largest')
+    """
+    return LARGEST if width is None else width
 
 
 @dataclass(frozen=True)
@@ -60,7 +77,8 @@ class SearchSpace:
     Attributes:
         stages: choices per slimmable stage.
         subnets: the K indexed sub-networks (k = 0..K-1, ascending cost); the gate routes between them.
-        full: the full-width network (every stage at its largest choice); may lie outside ``subnets``.
+        full: the full network (every stage at its last choice; "largest" to users); may lie outside
+            ``subnets``.
         gate_after: human-readable gate position (e.g. ``"s4.b0.se"``).
     """
 
@@ -79,7 +97,7 @@ class SearchSpace:
 
     # -- sandwich-rule members -------------------------------------------------------------------
     def largest(self) -> SliceSpec:
-        """The full-width network (sandwich rule's largest member)."""
+        """The full network (the sandwich rule's largest member; not necessarily an indexed one)."""
         return self.full
 
     def smallest(self) -> SliceSpec:
@@ -89,6 +107,11 @@ class SearchSpace:
     def sample(self, rng: random.Random) -> SliceSpec:
         """A uniformly random indexed sub-network; the caller owns ``rng``."""
         return self.subnets[rng.randrange(len(self.subnets))]
+
+    def all_specs(self) -> tuple[SliceSpec, ...]:
+        """Every indexed sub-network (k = 0..K-1), then the full network unless it is one of them: what
+        BN recalibration estimates, ``subnets.csv`` lists and ``dsctl flops --all`` counts."""
+        return self.subnets if self.full in self.subnets else (*self.subnets, self.full)
 
     # -- lookups -----------------------------------------------------------------------------------
     @property
@@ -108,6 +131,11 @@ class SearchSpace:
         """Slimming ratio rho of ``spec``: channels of the first routed stage / that stage's maximum."""
         i = self.ratio_stage
         return round(spec.widths[i] / self.stages[i].choices[-1], 6)
+
+    def width(self, spec: SliceSpec) -> float | None:
+        """The slimming ratio that names an indexed sub-network; None for a spec outside them (the full
+        network of DS-MobileNetV1, whose routed stages' ratio 1.0 belongs to sub-network K-1)."""
+        return self.ratio(spec) if spec in self.subnets else None
 
     def ratios(self) -> tuple[float, ...]:
         return tuple(self.ratio(s) for s in self.subnets)

@@ -115,7 +115,7 @@ def test_mobilenet_probe_points_shapes_and_gate_input() -> None:
     spec = model.space.smallest()
     with torch.no_grad():
         points = model.probe_points(x, spec)
-        gate_in = model.stages[model.gate_stage - 1][0].forward_dw(
+        gate_in = model.gate_block.forward_dw(
             model.stages[2][-1](model.stages[2][0](model.stages[1][0](model.stages[0][0](
                 torch.nn.functional.silu(model.stem_bn(model.stem(x, 8))), 16), 24), 32), 32))
     assert list(points) == ["stem", "s1", "s2", "s3", model.space.gate_after]

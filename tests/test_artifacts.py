@@ -32,7 +32,7 @@ def _recipe(model: str = "tiny_ds_resnet") -> dict:
 
 def _rows(model: dsctl.Supernet) -> tuple[SubnetRow, ...]:
     space = model.space
-    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    specs = space.all_specs()
     return tuple(SubnetRow(spec=s, index=space.index(s) if s in space.subnets else None,
                            width=space.ratio(s) if s in space.subnets else None, macs=1000 * (i + 1), params=10 * i,
                            top1=50.0 + i, top5=90.0, loss=1.5) for i, s in enumerate(specs))
@@ -78,7 +78,7 @@ def test_supernet_round_trip_and_ema_weights_build_the_model(tmp_path) -> None:
     assert back.subnets[-1].index is None and back.subnets[-1].spec == model.space.full  # full outside k
     assert back.costs == RouteCosts(tuple(1000 * (i + 1) for i in range(model.space.num_subnets)), 77)
     rebuilt = back.build_model()
-    assert rebuilt.default_input_size == 16
+    assert rebuilt.default_input_size == model.default_input_size != back.input_size  # the model is not changed
     for k, v in rebuilt.state_dict().items():
         assert torch.equal(v, ema[k]), k
 

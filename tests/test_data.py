@@ -23,7 +23,7 @@ from dsctl.data import (
     read_idx,
 )
 from dsctl.errors import DataError
-from dsctl.train.data import build_train_data
+from dsctl.train.data import build_run_data
 
 
 @pytest.fixture(autouse=True)
@@ -324,13 +324,13 @@ def test_train_data_batches_and_reproducible_shuffle() -> None:
     """The trainers' loader: full batches only, a shuffle fixed by (seed, epoch), eval batches in order."""
     cfg = DataConfig(source="synthetic", input_size=8, batch_size=16, eval_batch_size=32, workers=0,
                      synthetic_train_size=70, synthetic_val_size=40)
-    data = build_train_data(cfg)
+    data = build_run_data(cfg)
     train = data.loader(seed=1, epoch=0)
     assert len(train) == data.steps_per_epoch() == 70 // 16  # drop_last
     images, labels = next(iter(train))
     assert tuple(images.shape) == (16, 3, 8, 8) and tuple(labels.shape) == (16,)
     assert [tuple(b[0].shape) for b in data.val] == [(32, 3, 8, 8), (8, 3, 8, 8)]
-    assert torch.equal(next(iter(build_train_data(cfg).loader(seed=1, epoch=0)))[1], labels)
+    assert torch.equal(next(iter(build_run_data(cfg).loader(seed=1, epoch=0)))[1], labels)
     assert not torch.equal(next(iter(data.loader(seed=2, epoch=0)))[1], labels)
     assert not torch.equal(next(iter(data.loader(seed=1, epoch=1)))[1], labels)
     assert data.info.train_size == 70
@@ -340,7 +340,7 @@ def test_train_data_with_worker(tmp_path: Path) -> None:
     _make_idx_dataset(tmp_path)
     cfg = DataConfig(source="fashion_mnist", root=str(tmp_path), input_size=28, batch_size=4, workers=1,
                      augment=AugmentConfig(simple=True))
-    data = build_train_data(cfg)
+    data = build_run_data(cfg)
     train = data.loader(seed=0, epoch=0)
     assert train.num_workers == 1
     assert sum(len(y) for _, y in train) == 20
@@ -350,7 +350,7 @@ def test_train_data_with_worker(tmp_path: Path) -> None:
 def test_batch_larger_than_train_set() -> None:
     cfg = DataConfig(source="synthetic", input_size=8, batch_size=64, synthetic_train_size=32, workers=0)
     with pytest.raises(DataError, match="batch_size=64.*32"):
-        build_train_data(cfg)
+        build_run_data(cfg)
 
 
 def test_subsets(tmp_path: Path) -> None:
@@ -373,8 +373,8 @@ def test_train_data_shards_across_ranks() -> None:
                      synthetic_train_size=18, synthetic_val_size=7)
     seen = []
     for rank in range(2):
-        data = build_train_data(cfg, Dist(rank=rank, world=2, local_rank=rank))
+        data = build_run_data(cfg, Dist(rank=rank, world=2, local_rank=rank))
         assert data.steps_per_epoch() == 18 // 2 // 4
         seen += [y for _, ys in data.val for y in ys.tolist()]
-    full = [y for _, ys in build_train_data(cfg).val for y in ys.tolist()]
+    full = [y for _, ys in build_run_data(cfg).val for y in ys.tolist()]
     assert sorted(seen) == sorted(full) and len(seen) == 7

@@ -13,7 +13,8 @@ from dsctl.dynamic import DynamicNet, check_window, dynamic_forward, forward_rou
 from dsctl.flops import gate_macs, macs_table
 from dsctl.train.common import Dist
 from dsctl.train.data import TrainData
-from dsctl.train.gate import complexity_loss, evaluate_dynamic, sgs_targets, train_gate
+from dsctl.evaluation import evaluate_dynamic
+from dsctl.train.gate import complexity_loss, sgs_targets, train_gate
 from dsctl.train.run import RunDir
 from dsctl.train.supernet import train_supernet
 
@@ -39,7 +40,7 @@ def test_window_validation() -> None:
 def _graded_gate(model, x: torch.Tensor) -> None:
     """A hand-set gate whose choice grows with the input's feature magnitude, so routes are mixed."""
     gate = model.gate
-    k = gate.num_routes
+    k = gate.num_subnets
     with torch.no_grad():
         gate.reduce.weight.zero_()
         gate.reduce.bias.zero_()

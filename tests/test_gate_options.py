@@ -31,7 +31,7 @@ def graded_gate(model: dsctl.Supernet, x: torch.Tensor) -> None:
     head logit j = j*e0 - j^2*c, whose argmax is about e0 / 2c.
     """
     gate = model.gate
-    k = gate.num_routes
+    k = gate.num_subnets
     with torch.no_grad():
         w = gate.reduce.weight
         w.zero_()
@@ -198,7 +198,7 @@ def test_static_gate_decides_like_the_gate(kind: str) -> None:
 
 def test_route_bias_survives_checkpoints_and_old_state_dicts_load(tmp_path) -> None:
     model = dsctl.build_model("tiny_ds_resnet", gate_after=3)
-    bias = torch.linspace(-1.0, 1.0, model.gate.num_routes)
+    bias = torch.linspace(-1.0, 1.0, model.gate.num_subnets)
     model.gate.route_bias.copy_(bias)
     state = model.state_dict()
     assert torch.equal(state["gate.route_bias"], bias)

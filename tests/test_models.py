@@ -96,9 +96,21 @@ def test_ds_mobilenetv1_blocks_have_se_swish_no_residual() -> None:
     blocks = [b for stage in model.stages for b in stage]
     assert [len(stage) for stage in model.stages] == [1, 2, 2, 6, 2]
     # every block has an SE, except the gate block whose SE is the gate's attention head
-    assert sum(b.se is None for b in blocks) == 1 and model.stages[3][0].se is None
+    assert sum(b.se is None for b in blocks) == 1 and model.gate_block.se is None and model.stages[3][0].se is None
     assert model.gate.expand is not None and model.gate.reduce.out_channels == round(0.25 * 264)
     assert blocks[1].se.reduce.out_channels == round(0.25 * 88)
+
+
+@pytest.mark.parametrize("name, count, digest", [("tiny_ds_mobilenetv1", 228, "384daa1792026636"),
+                                                 ("ds_mobilenetv1", 840, "ad2cec176195a28a")])
+def test_ds_mobilenetv1_state_dict_names_and_shapes_are_those_checkpoints_hold(name, count, digest) -> None:
+    """Recorded before SlimDSBlock became SlimSeparableBlock and the gate block got a name: class names and
+    code structure may change, the names and shapes a saved checkpoint holds may not."""
+    import hashlib
+
+    sd = dsctl.build_model(name).state_dict()
+    text = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sd.items())
+    assert (len(sd), hashlib.sha256(text.encode()).hexdigest()[:16]) == (count, digest)
 
 
 def test_ds_resnet50_space_and_timm_names() -> None:

@@ -121,10 +121,10 @@ def test_existing_run_needs_resume(tmp_path) -> None:
 
 
 def test_build_supernet_takes_classes_and_channels_from_data() -> None:
-    from dsctl.train.data import build_train_data
+    from dsctl.train.data import build_run_data
 
     recipe = load_recipe(SMOKE, ["data.synthetic_classes=7", "data.synthetic_channels=3"])
-    model = build_supernet_for(recipe, build_train_data(recipe.data))
+    model = build_supernet_for(recipe, build_run_data(recipe.data))
     assert model.num_classes == 7 and model.in_chans == 3
 
 

@@ -1,19 +1,22 @@
-"""Shared CLI plumbing: the console, one-line errors, resolving MODEL|CHECKPOINT arguments."""
+"""Shared CLI plumbing: the console, one-line errors, progress display and interrupts, tables."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dsctl.errors import DsctlError
+
+if TYPE_CHECKING:
+    from dsctl.train.progress import Progress
 
 console = Console()
 err_console = Console(stderr=True)
@@ -70,32 +73,38 @@ def setup_logging(quiet: bool = False) -> None:
     logging.getLogger("dsctl").setLevel(logging.INFO)
 
 
-def resolve_model(target: str, *, num_classes: int | None = None, in_chans: int | None = None,
-                  init_from: Path | None = None):
-    """A registered model name (random weights, or ``init_from`` a full-width state dict) or a checkpoint
-    file / run folder. Returns (model, source): the checkpoint path, the init file, or "random init".
-    """
-    from dsctl.artifacts import ModelArtifact, read_artifact
-    from dsctl.checkpoint import load_pretrained
-    from dsctl.registry import build_model, list_models
+@contextmanager
+def progress_display(quiet: bool = False) -> Iterator[Progress]:
+    """The progress of a long command: a Rich bar, or with ``quiet`` INFO log lines (see :func:`setup_logging`).
 
-    if target in list_models():
-        kwargs: dict[str, Any] = {}
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-        if in_chans is not None:
-            kwargs["in_chans"] = in_chans
-        model = build_model(target, **kwargs)
-        if init_from is not None:
-            load_pretrained(model, init_from)
-            return model, str(init_from)
-        return model, "random init"
-    if init_from is not None:
-        raise DsctlError("--init-from applies to a model name, not to a checkpoint")
-    if Path(target).exists():
-        art = read_artifact(target, ModelArtifact)
-        return art.build_model(), art.path
-    raise DsctlError(f"{target!r} is neither a registered model ({', '.join(list_models())}) nor an existing file")
+    A run interrupted after saving its resume point (``TrainingInterrupted``) prints the library's line
+    and exits 130; the display is closed whatever happens.
+    """
+    from dsctl.train.run import TrainingInterrupted
+
+    setup_logging(quiet)
+    if quiet:
+        from dsctl.train.progress import LogProgress
+
+        progress: Progress = LogProgress()
+    else:
+        from dsctl.cli._progress import RichProgress
+
+        progress = RichProgress()
+    try:
+        yield progress
+    except TrainingInterrupted as err:
+        console.print(f"[yellow]{err}[/]")
+        raise typer.Exit(130) from None
+    finally:
+        progress.close()
+
+
+def command_line() -> str:
+    """This process's command as typed (for reports that say how they were made)."""
+    import shlex
+
+    return "dsctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:

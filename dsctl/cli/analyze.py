@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from dsctl.cli._common import console, handle_errors, table
-from dsctl.cli.train import DataOpt, DeviceOpt, QuietOpt, SetOpt, data_overrides, make_progress
+from dsctl.cli._common import console, handle_errors, progress_display, table
+from dsctl.cli.options import DataOpt, DeviceOpt, QuietOpt, SetOpt, recipe_overrides
 
 app = typer.Typer()
 
@@ -33,7 +33,7 @@ def analyze_cmd(
                                                                            "(--split holdout).")] = 0.1,
     budget: Annotated[float | None, typer.Option(min=0.0, help="Average-MACs budget of the probe routers, in "
                                                                "millions (default: midway between the smallest and "
-                                                               "largest sub-network).")] = None,
+                                                               "widest indexed sub-network).")] = None,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
@@ -43,14 +43,10 @@ def analyze_cmd(
     position predict that the smallest sub-network is wrong."""
     from dsctl.analyze import analyze_checkpoint
 
-    overrides = [*(set_ or []), *data_overrides(data, None)]
-    progress = make_progress(quiet)
-    try:
-        a = analyze_checkpoint(target, split=split.value, out_dir=out, overrides=overrides, max_batches=batches,
-                               device=device, holdout_fraction=holdout_fraction,
+    with progress_display(quiet) as progress:
+        a = analyze_checkpoint(target, split=split.value, out_dir=out, overrides=recipe_overrides(set_, data),
+                               max_batches=batches, device=device, holdout_fraction=holdout_fraction,
                                budget_macs=None if budget is None else budget * 1e6, progress=progress)
-    finally:
-        progress.close()
     _print(a.summary)
     console.print("wrote " + ", ".join(str(p) for p in a.paths))
 

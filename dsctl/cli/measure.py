@@ -1,20 +1,15 @@
-"""Measurement commands: ``eval``, ``bench``."""
+"""Measurement commands: ``eval``, ``bench``, ``report``, ``quickstart``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
-import torch
 import typer
 
-from dsctl.cli._common import console, handle_errors, table
-from dsctl.cli.train import DataOpt, DeviceOpt, SetOpt, data_overrides
-
-if TYPE_CHECKING:
-    from dsctl.artifacts import Artifact, GateArtifact, StaticArtifact
-    from dsctl.bench import BenchSettings
+from dsctl.cli._common import command_line, console, handle_errors, progress_display, table
+from dsctl.cli.options import DataOpt, DeviceOpt, QuietOpt, SetOpt, recipe_overrides
 
 app = typer.Typer()
 
@@ -38,7 +33,7 @@ def eval_cmd(
         raise DsctlError(f"--width {width} and --dynamic contradict each other (a static sub-network or the gate's "
                          "routing: give one)")
     result = evaluate_checkpoint(checkpoint, width=width, dynamic=dynamic,
-                                 overrides=[*(set_ or []), *data_overrides(data, None)], device=device)
+                                 overrides=recipe_overrides(set_, data), device=device)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
         return
@@ -49,16 +44,6 @@ def eval_cmd(
         cols.append("routes")
         row.append(" ".join(f"k{k}:{c}" for k, c in enumerate(result.histogram) if c))
     console.print(table(f"eval {checkpoint} on {result.data} ({result.samples} images)", cols, [row]))
-
-
-def _read_target(path: Path, *, exported: bool, dynamic: bool) -> Artifact | None:
-    """The run artifact a bench TARGET names (a gate's for --dynamic), or None for a model name or an
-    exported file."""
-    from dsctl.artifacts import Artifact, GateArtifact, read_artifact
-
-    if exported or not (dynamic or path.exists()):
-        return None
-    return read_artifact(path, GateArtifact if dynamic else Artifact, why="--dynamic" if dynamic else "")
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -83,36 +68,20 @@ def bench_cmd(
                                                    "measure.batch_sizes, else 1,32).")] = None,
     device: DeviceOpt = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: measure.threads, else torch's).")] = None,
-    input_size: Annotated[int | None, typer.Option(min=8, help="Input resolution (default: the model's).")] = None,
+    input_size: Annotated[int | None, typer.Option(min=8, help="Input resolution (default: the run's, else the "
+                                                              "model's).")] = None,
     min_run_time: Annotated[float | None, typer.Option(min=0.05, help="Seconds of timing per candidate and batch size "
                                                                        "(default: measure.min_run_time_s, else 1).")] = None,
     csv: Annotated[Path | None, typer.Option(help="Write the rows to this CSV file.")] = None,
 ) -> None:
     """Latency (median, p90) and throughput with torch.utils.benchmark, candidates timed side by side."""
-    from dsctl.artifacts import ModelArtifact, StaticArtifact
-    from dsctl.bench import BenchSettings, bench_exported, bench_widths
-    from dsctl.config import MeasureConfig
+    from dsctl.bench import bench_target
     from dsctl.report import write_csv
 
-    path = Path(target)
-    exported = path.is_file() and Path(str(path) + ".json").is_file()  # an exported file and its sidecar
-    art = _read_target(path, exported=exported, dynamic=dynamic)
-    measure = art.recipe_config().measure if art is not None and art.recipe else MeasureConfig()
-    settings = BenchSettings(_batches(batch) if batch else measure.batch_sizes, device, threads or measure.threads,
-                             measure.warmup, min_run_time or measure.min_run_time_s, input_size)
     with console.status("benchmarking..."):
-        if exported:
-            rows = bench_exported(path, settings)
-        elif dynamic:
-            rows = _bench_gate(art, settings)
-        elif isinstance(art, StaticArtifact):
-            rows = _bench_static(art, settings)
-        else:
-            from dsctl.cli._common import resolve_model
-
-            model = art.build_model() if isinstance(art, ModelArtifact) else resolve_model(target)[0]
-            specs = _bench_specs(model, widths)
-            rows = bench_widths(model, specs, settings)
+        rows = bench_target(target, widths=widths.split(",") if widths is not None else None, dynamic=dynamic,
+                            batches=_batches(batch) if batch else None, device=device, threads=threads,
+                            min_run_time_s=min_run_time, input_size=input_size)
     console.print(table(f"bench {target} ({rows[0].device}, {rows[0].threads} threads, {rows[0].dtype}; "
                         f"ratio = p50 / p50 of '{rows[0].reference}' in the same run)",
                         ["kind", "subnet", "width", "batch", "MACs (M)", "p50 ms", "p90 ms", "img/s", "ratio"], [
@@ -121,39 +90,6 @@ def bench_cmd(
     if csv is not None:
         write_csv(csv, rows)
         console.print(f"wrote {csv}")
-
-
-def _bench_specs(model, widths: str | None):
-    space = model.space
-    if widths is None:
-        picks = [space.smallest()]
-        if 0.5 in space.ratios():
-            picks.append(space.resolve(0.5))
-        picks.append(space.full)
-        return list(dict.fromkeys(picks))
-    if widths == "all":
-        return list(dict.fromkeys([*space.subnets, space.full]))
-    return [space.resolve(w) for w in widths.split(",")]
-
-
-def _bench_gate(gate: GateArtifact, settings: BenchSettings):
-    from dsctl.bench import bench_dynamic
-    from dsctl.train.data import build_train_data
-
-    model = gate.build_model()
-    data = build_train_data(gate.recipe_config().data)
-    n = max(512, 16 * max(settings.batches))
-    images = torch.cat([x for x, _ in _take(data.val, n)])[:n]
-    return bench_dynamic(model, gate.window, images, settings, route_macs=list(gate.costs.route_macs))
-
-
-def _take(loader, n: int):
-    seen = 0
-    for x, y in loader:
-        yield x, y
-        seen += x.shape[0]
-        if seen >= n:
-            return
 
 
 @app.command("report")
@@ -168,18 +104,11 @@ def report_cmd(
     title: Annotated[str, typer.Option(help="Title of the plots and REPORT.md.")] = "",
 ) -> None:
     """Accuracy / MACs / latency of supernet sub-networks, dynamic models and static baselines."""
-    import platform
-    import shlex
-    import sys
-
-    from dsctl.report import build_report, write_report
+    from dsctl.report import report_runs
 
     with console.status("loading runs and timing every model side by side..."):
-        rows = build_report(runs, batch_n=batch, device=device, threads=threads, min_run_time_s=min_run_time)
-    machine = f"{platform.machine()} {platform.processor() or ''} ({rows[0].device}, {rows[0].threads} threads), " \
-              f"torch {rows[0].torch_version}"
-    command = "dsctl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    paths = write_report(rows, out, command=command, machine=machine, title=title or "")
+        rows, paths = report_runs(runs, out, batch_n=batch, device=device, threads=threads,
+                                  min_run_time_s=min_run_time, title=title, command=command_line())
     console.print(table(f"report ({rows[0].device}, {rows[0].threads} threads; MACs = fused multiply-adds)",
                         ["method", "variant", "width", "MACs (M)", "params (M)", "top1", "ms b1", f"ms b{batch}"], [
         [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.params / 1e6:.3f}", f"{r.top1:.2f}",
@@ -199,7 +128,7 @@ def quickstart_cmd(
     report: Annotated[Path | None, typer.Option(help="Report folder (default: OUT/report).")] = None,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")] = False,
+    quiet: QuietOpt = False,
     allow_changed: Annotated[bool, typer.Option(
         "--allow-changed", help="Keep finished stages and resume interrupted ones even if their recipe, data or "
                                 "code differ from now (recorded in each stage's provenance.json).")] = False,
@@ -207,40 +136,17 @@ def quickstart_cmd(
     """The whole experiment: supernet, gates at two MACs targets, three static baselines, bench and report.
 
     Re-running the same command continues where it stopped (finished stages are skipped)."""
-    import platform
-    import shlex
-    import sys
-
-    from dsctl.cli.train import interrupted, make_progress
     from dsctl.config import load_recipe
     from dsctl.errors import DsctlError
     from dsctl.pipeline import run_pipeline
-    from dsctl.train.run import TrainingInterrupted
 
     if not recipe.is_file():
         raise DsctlError(f"recipe {recipe} not found (run from the dsctl repository, or pass a pipeline recipe)")
-    cfg = load_recipe(recipe, [*(set_ or []), *data_overrides(data, None)])
-    machine = f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    progress = make_progress(quiet)
-    try:
+    cfg = load_recipe(recipe, recipe_overrides(set_, data))
+    with progress_display(quiet) as progress:
         rows = run_pipeline(cfg, out, device=device, progress=progress, report_dir=report, allow_changed=allow_changed,
-                            command="dsctl " + " ".join(shlex.quote(a) for a in sys.argv[1:]), machine=machine)
-    except TrainingInterrupted as err:
-        raise interrupted(err) from None
-    finally:
-        progress.close()
+                            command=command_line())
     console.print(table(f"quickstart report ({report or out / 'report'})",
                         ["method", "variant", "width", "MACs (M)", "top1", "ms b1", f"ms b{rows[0].batch_n}"], [
         [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.top1:.2f}", f"{r.latency_ms_b1:.3f}",
          f"{r.latency_ms_bN:.3f}"] for r in rows]))
-
-
-def _bench_static(art: StaticArtifact, settings: BenchSettings):
-    """A baseline network (uniform / pruned) from its run folder or checkpoint."""
-    from dsctl.bench import bench_module
-
-    meta = art.meta
-    size = settings.input_size or art.input_size
-    return bench_module(f"{art.model_name}:{meta.method}", art.build_network(),
-                        art.data_info.in_chans if art.data_info else 3, size, settings, kind=meta.method,
-                        subnet=meta.variant or "-", width=meta.width_label)

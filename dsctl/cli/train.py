@@ -1,4 +1,4 @@
-"""Training commands: ``train-supernet``, ``calibrate-bn``."""
+"""Training commands: ``train-supernet``, ``calibrate-bn``, ``train-gate``, ``baseline``."""
 
 from __future__ import annotations
 
@@ -8,57 +8,20 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsctl.cli._common import console, handle_errors, setup_logging, table
+from dsctl.cli._common import console, handle_errors, progress_display, table
+from dsctl.cli.options import AllowChangedOpt, DataOpt, DeviceOpt, QuietOpt, RecipeArg, SetOpt, recipe_overrides
+from dsctl.spec import width_label
 
 if TYPE_CHECKING:
     from dsctl.artifacts import SubnetRow
 
 app = typer.Typer()
 
-RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML (optional with --resume).")]
-DataOpt = Annotated[str | None, typer.Option("--data", help="SOURCE[:ROOT], e.g. fashion_mnist, cifar10:/data, folder:/imagenet.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set optim.lr=0.1 (repeatable).")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")]
-AllowChangedOpt = Annotated[bool, typer.Option(
-    "--allow-changed", help="Resume even if the recipe, data or code differ from the run's record "
-                            "(the differences are appended to its provenance.json).")]
-
-
-def data_overrides(data: str | None, seed: int | None) -> list[str]:
-    from dsctl.train.data import parse_data_spec
-
-    out = []
-    if data is not None:
-        d = parse_data_spec(data)
-        out.append(f"data.source={d['source']}")
-        if d["root"] is not None:
-            out.append(f"data.root={d['root']}")
-    if seed is not None:
-        out.append(f"seed={seed}")
-    return out
-
-
-def make_progress(quiet: bool):
-    setup_logging(quiet)
-    if quiet:
-        from dsctl.train.progress import LogProgress
-
-        return LogProgress()
-    from dsctl.cli._progress import RichProgress
-
-    return RichProgress()
-
 
 def print_subnets(title: str, rows: list[SubnetRow]) -> None:
     console.print(table(title, ["subnet", "width", "MACs (M)", "params (M)", "top1", "top5", "loss"], [
-        [r.label, r.width if r.width is not None else "largest", f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
+        [r.label, width_label(r.width), f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
          f"{r.top1:.2f}", f"{r.top5:.2f}", f"{r.loss:.4f}"] for r in rows]))
-
-
-def interrupted(err) -> typer.Exit:
-    console.print(f"[yellow]{err}[/]")
-    return typer.Exit(130)
 
 
 @app.command("train-supernet")
@@ -78,19 +41,13 @@ def train_supernet_cmd(
 ) -> None:
     """Stage I: train a supernet with the sandwich rule and in-place bootstrapping; ends with BN recalibration."""
     from dsctl.train.launch import launch_supernet, resolve_recipe
-    from dsctl.train.run import TrainingInterrupted
 
     extra = [f"model.init_from='{init_from}'"] if init_from is not None else []
-    cfg = resolve_recipe(recipe, [*(set_ or []), *data_overrides(data, seed), *extra], resume)
+    cfg = resolve_recipe(recipe, [*recipe_overrides(set_, data, seed), *extra], resume)
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "supernet")
-    progress = make_progress(quiet)
-    try:
+    with progress_display(quiet) as progress:
         result = launch_supernet(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
                                  allow_changed=allow_changed)
-    except TrainingInterrupted as err:
-        raise interrupted(err) from None
-    finally:
-        progress.close()
     when = "after BN recalibration" if result.bn_recalibrated else "(no BatchNorm: nothing to recalibrate)"
     print_subnets(f"{cfg.model.name}: sub-networks {when} ({result.run_dir})", result.subnets)
 
@@ -110,12 +67,9 @@ def calibrate_bn_cmd(
     BatchNorm, such as DS-ViT, has nothing to calibrate: one line, exit 0)."""
     from dsctl.train.calibrate import recalibrate_checkpoint
 
-    progress = make_progress(quiet)
-    try:
-        path, rows = recalibrate_checkpoint(checkpoint, overrides=[*(set_ or []), *data_overrides(data, None)],
-                                            batches=batches, out=out, device=device, progress=progress)
-    finally:
-        progress.close()
+    with progress_display(quiet) as progress:
+        path, rows = recalibrate_checkpoint(checkpoint, overrides=recipe_overrides(set_, data), batches=batches,
+                                            out=out, device=device, progress=progress)
     if rows is None:
         console.print(f"{path}: nothing to calibrate (no BatchNorm)")
         return
@@ -156,9 +110,8 @@ def train_gate_cmd(
     from dsctl.artifacts import GateArtifact, read_artifact
     from dsctl.errors import DsctlError
     from dsctl.train.launch import launch_gate, resolve_recipe
-    from dsctl.train.run import TrainingInterrupted
 
-    overrides = [*(set_ or []), *data_overrides(data, seed), *_window_override(window)]
+    overrides = [*recipe_overrides(set_, data, seed), *_window_override(window)]
     if target_macs is not None:
         overrides += ["gate.complexity=target", f"gate.target_macs_m={target_macs}"]
     cfg = resolve_recipe(recipe, overrides, resume)
@@ -167,14 +120,9 @@ def train_gate_cmd(
             raise DsctlError("give --supernet RUN_DIR|CHECKPOINT")
         supernet = Path(read_artifact(resume / "last.pt", GateArtifact, why="--resume").supernet)
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "gate")
-    progress = make_progress(quiet)
-    try:
+    with progress_display(quiet) as progress:
         result = launch_gate(cfg, supernet, run_dir, device=device, resume=resume is not None, progress=progress,
-                                 allow_changed=allow_changed)
-    except TrainingInterrupted as err:
-        raise interrupted(err) from None
-    finally:
-        progress.close()
+                             allow_changed=allow_changed)
     f = result.final
     lo, hi = f.window
     cal = f.calibration
@@ -214,9 +162,8 @@ def baseline_cmd(
     from dsctl.baselines import launch_baseline
     from dsctl.errors import DsctlError
     from dsctl.train.launch import resolve_recipe
-    from dsctl.train.run import TrainingInterrupted
 
-    overrides = [*(set_ or []), *data_overrides(data, seed)]
+    overrides = recipe_overrides(set_, data, seed)
     if method is not None:
         overrides.append(f"baseline.method={method.value}")
     if width is not None and target_macs is not None:
@@ -227,14 +174,9 @@ def baseline_cmd(
         overrides.append(f"baseline.target_macs_m={target_macs}")
     cfg = resolve_recipe(recipe, overrides, resume)
     run_dir = resume or out or Path("runs") / f"{recipe.stem if recipe else 'baseline'}-{cfg.baseline.method}"
-    progress = make_progress(quiet)
-    try:
+    with progress_display(quiet) as progress:
         s = launch_baseline(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
-                                 allow_changed=allow_changed)
-    except TrainingInterrupted as err:
-        raise interrupted(err) from None
-    finally:
-        progress.close()
+                            allow_changed=allow_changed)
     console.print(table(f"baseline {run_dir}", ["method", "variant", "MACs (M)", "params (M)", "top1", "top5"], [
         [s["method"], s["variant"], f"{s['macs'] / 1e6:.3f}", f"{s['params'] / 1e6:.3f}", f"{s['top1']:.2f}",
          f"{s['top5']:.2f}"]]))

@@ -7,7 +7,7 @@ Example:
     >>> info.num_classes
     10
 
-The trainers read batches through ``dsctl.train.data.build_train_data`` (resumable, sharded per rank).
+Runs read batches through ``dsctl.train.data.build_run_data`` (resumable, sharded per rank).
 """
 
 from dsctl.data.build import DATASET_STATS, DataInfo, build_datasets, split_holdout

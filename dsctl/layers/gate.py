@@ -27,7 +27,7 @@ class SlimGate(nn.Module):
     Args:
         channels: maximum input channels.
         reduce_channels: width of the shared encoder.
-        num_routes: number of indexed sub-networks K (the slimming head's outputs).
+        num_subnets: number of indexed sub-networks K, the routes (the slimming head's outputs).
         attention: whether the attention head multiplies the features (False: features pass unchanged).
         conv: encode with a 3x3 conv (stride 1, padding 1) and ReLU before the global pool, instead of a
             1x1 conv on the pooled features. Not combined with ``attention`` (the attention head is a
@@ -45,7 +45,7 @@ class SlimGate(nn.Module):
         ValueError: ``conv`` together with ``attention`` or ``tokens``.
     """
 
-    def __init__(self, channels: int, reduce_channels: int, num_routes: int, attention: bool = True,
+    def __init__(self, channels: int, reduce_channels: int, num_subnets: int, attention: bool = True,
                  conv: bool = False, tokens: bool = False) -> None:
         super().__init__()
         if conv and attention:
@@ -59,13 +59,13 @@ class SlimGate(nn.Module):
         else:
             self.reduce = SlimConv2d(channels, reduce_channels, 1, bias=True)
         self.expand = SlimConv2d(reduce_channels, channels, 1, bias=True) if attention else None
-        self.head = nn.Linear(reduce_channels, num_routes)
+        self.head = nn.Linear(reduce_channels, num_subnets)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.register_buffer("route_bias", torch.zeros(num_routes, dtype=torch.float32))
+        self.register_buffer("route_bias", torch.zeros(num_subnets, dtype=torch.float32))
 
     @property
-    def num_routes(self) -> int:
+    def num_subnets(self) -> int:
         return self.head.out_features
 
     @property
@@ -138,7 +138,7 @@ class SlimGate(nn.Module):
         gate's routes are 0 for the window's first sub-network. Tokens: the static gate reads (and its
         attention head scales) the first ``in_channels`` channels of a possibly wider token stream.
         """
-        lo, hi = (0, self.num_routes - 1) if window is None else window
+        lo, hi = (0, self.num_subnets - 1) if window is None else window
         head = nn.Linear(self.head.in_features, hi - lo + 1, device=self.head.weight.device, dtype=self.head.weight.dtype)
         head.weight.copy_(self.head.weight[lo : hi + 1])
         head.bias.copy_(self.head.bias[lo : hi + 1])
@@ -154,10 +154,10 @@ class SlimGate(nn.Module):
                                       error_msgs)
 
 
-def window_mask(num_routes: int, window: tuple[int, int], device: torch.device | None = None) -> Tensor:
+def window_mask(num_subnets: int, window: tuple[int, int], device: torch.device | None = None) -> Tensor:
     """Additive mask: 0 inside the inclusive ``window`` of sub-network indices, -inf outside."""
     lo, hi = window
-    mask = torch.full((num_routes,), float("-inf"), device=device)
+    mask = torch.full((num_subnets,), float("-inf"), device=device)
     mask[lo : hi + 1] = 0.0
     return mask
 

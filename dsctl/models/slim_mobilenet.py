@@ -18,7 +18,7 @@ from dsctl.models.common import StageConfig, build_space, init_weights
 from dsctl.registry import register_model
 from dsctl.spec import SliceSpec
 
-__all__ = ["DSMobileNetV1", "SlimDSBlock", "ds_mobilenetv1", "tiny_ds_mobilenetv1"]
+__all__ = ["DSMobileNetV1", "SlimSeparableBlock", "ds_mobilenetv1", "tiny_ds_mobilenetv1"]
 
 IMAGENET_STAGES = (
     StageConfig("stem", 1, 2, (16, 24)),
@@ -40,8 +40,11 @@ TINY_STAGES = (
 )
 
 
-class SlimDSBlock(nn.Module):
-    """Depthwise-separable block with SE; ``se=False`` leaves the SE to a gate placed by the model."""
+class SlimSeparableBlock(nn.Module):
+    """Depthwise-separable block with SE; ``se=False`` leaves the SE to a gate placed by the model.
+
+    (DS-Net's ``DSDepthwiseSeparable``; "DS" in dsctl's model names means dynamic slimmable.)
+    """
 
     def __init__(self, in_choices: tuple[int, ...], out_choices: tuple[int, ...], stride: int, se: bool = True) -> None:
         super().__init__()
@@ -62,12 +65,18 @@ class SlimDSBlock(nn.Module):
     def forward(self, x: Tensor, out_channels: int) -> Tensor:
         return self.forward_pw(self.forward_dw(x), out_channels)
 
-    def to_static(self, in_channels: int, out_channels: int, se: nn.Module | None = None) -> nn.Sequential:
+    def static_halves(self, in_channels: int, out_channels: int,
+                      se: nn.Module | None = None) -> tuple[list[nn.Module], list[nn.Module]]:
+        """Plain-torch layers of :meth:`forward_dw` (depthwise, BN, SiLU, SE or ``se``) and of
+        :meth:`forward_pw` (pointwise, BN, SiLU)."""
         se = se if se is not None else (self.se.to_static(in_channels) if self.se is not None else nn.Identity())
-        return nn.Sequential(
-            self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(), se,
-            self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU(),
-        )
+        dw_half = [self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(), se]
+        pw_half = [self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU()]
+        return dw_half, pw_half
+
+    def to_static(self, in_channels: int, out_channels: int) -> nn.Sequential:
+        dw_half, pw_half = self.static_halves(in_channels, out_channels)
+        return nn.Sequential(*dw_half, *pw_half)
 
 
 class DSMobileNetV1(Supernet):
@@ -79,6 +88,7 @@ class DSMobileNetV1(Supernet):
         self.stage_cfgs = stages
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.default_input_size = default_input_size
+        # stage_cfgs[0] is the stem conv; stage_cfgs[i], i >= 1, is self.stages[i - 1] (see _blocks)
         self.gate_stage = next(i for i, s in enumerate(stages) if s.routed)
         self.space = build_space(stages, gate_after=f"{stages[self.gate_stage].name}.b0.dw")
         stem = stages[0]
@@ -91,13 +101,23 @@ class DSMobileNetV1(Supernet):
             for b in range(cfg.repeats):
                 in_choices = prev if b == 0 else cfg.choices
                 is_gate = i == self.gate_stage and b == 0
-                blocks.append(SlimDSBlock(in_choices, cfg.choices, cfg.stride if b == 0 else 1, se=not is_gate))
+                blocks.append(SlimSeparableBlock(in_choices, cfg.choices, cfg.stride if b == 0 else 1, se=not is_gate))
             self.stages.append(blocks)
             prev = cfg.choices
-        gate_in = stages[self.gate_stage - 1].choices[-1]
+        gate_in = stages[self.gate_stage - 1].choices[-1]  # the gate reads the depthwise output: the input width
         self.gate = SlimGate(gate_in, round(0.25 * gate_in), self.space.num_subnets, attention=True)
         self.classifier = SlimLinear(prev[-1], num_classes)
         init_weights(self)
+
+    def _blocks(self, i: int) -> nn.ModuleList:
+        """The blocks of stage ``stage_cfgs[i]``, ``1 <= i`` (stage 0 is the stem conv, not in ``stages``)."""
+        return self.stages[i - 1]
+
+    @property
+    def gate_block(self) -> SlimSeparableBlock:
+        """The first block of the first routed stage: the gate is its SE, so it runs in two halves
+        (``forward_dw`` up to the gate, ``forward_pw`` at the routed width)."""
+        return self._blocks(self.gate_stage)[0]
 
     def _to_gate(self, x: Tensor, widths: tuple[int, ...], points: dict[str, Tensor] | None = None) -> Tensor:
         """Stem, the stages before the gate, and the gate block's depthwise half: the gate's input.
@@ -107,12 +127,12 @@ class DSMobileNetV1(Supernet):
         x = F.silu(self.stem_bn(self.stem(x, widths[0])))
         if points is not None:
             points[self.stage_cfgs[0].name] = x.mean((2, 3))
-        for i, blocks in enumerate(self.stages[: self.gate_stage - 1], start=1):
-            for block in blocks:
+        for i in range(1, self.gate_stage):
+            for block in self._blocks(i):
                 x = block(x, widths[i])
             if points is not None:
                 points[self.stage_cfgs[i].name] = x.mean((2, 3))
-        return self.stages[self.gate_stage - 1][0].forward_dw(x)
+        return self.gate_block.forward_dw(x)
 
     def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
         x = self._to_gate(x, spec.widths)
@@ -129,12 +149,11 @@ class DSMobileNetV1(Supernet):
 
     def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
         w = spec.widths
-        first = self.stages[self.gate_stage - 1]
-        h = first[0].forward_pw(h, w[self.gate_stage])
-        for block in first[1:]:
+        h = self.gate_block.forward_pw(h, w[self.gate_stage])
+        for block in self._blocks(self.gate_stage)[1:]:
             h = block(h, w[self.gate_stage])
-        for i, blocks in enumerate(self.stages[self.gate_stage:], start=self.gate_stage + 1):
-            for block in blocks:
+        for i in range(self.gate_stage + 1, len(self.stage_cfgs)):
+            for block in self._blocks(i):
                 h = block(h, w[i])
         h = h.mean((2, 3))
         if self.training and self.drop_rate > 0 and spec == self.space.full:
@@ -143,10 +162,10 @@ class DSMobileNetV1(Supernet):
 
     def routed_blocks(self) -> list[tuple[int, nn.Module]]:
         # the gate block runs in two halves (forward_dw / forward_pw), so its routed output is its bn2's
-        out: list[tuple[int, nn.Module]] = [(self.gate_stage, self.stages[self.gate_stage - 1][0].bn2)]
-        for i, blocks in enumerate(self.stages, start=1):
-            if i >= self.gate_stage:
-                out += [(i, b) for b in blocks[1 if i == self.gate_stage else 0 :]]
+        out: list[tuple[int, nn.Module]] = [(self.gate_stage, self.gate_block.bn2)]
+        out += [(self.gate_stage, b) for b in self._blocks(self.gate_stage)[1:]]
+        for i in range(self.gate_stage + 1, len(self.stage_cfgs)):
+            out += [(i, b) for b in self._blocks(i)]
         return out
 
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
@@ -154,12 +173,12 @@ class DSMobileNetV1(Supernet):
         pre: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]), nn.SiLU()]
         post: list[nn.Module] = []
         prev = w[0]
-        for i, blocks in enumerate(self.stages, start=1):
-            for b, block in enumerate(blocks):
-                if i == self.gate_stage and b == 0:  # split the gate block after its SE (the gate's attention)
-                    layers = list(block.to_static(prev, w[i], se=_gate_to_se(self.gate, prev)))
-                    pre.extend(layers[:4])
-                    post.extend(layers[4:])
+        for i in range(1, len(self.stage_cfgs)):
+            for block in self._blocks(i):
+                if block is self.gate_block:  # split after its SE, the gate's attention head: pre ends with it
+                    dw_half, pw_half = block.static_halves(prev, w[i], se=_gate_to_se(self.gate, prev))
+                    pre.extend(dw_half)
+                    post.extend(pw_half)
                 else:
                     (pre if i < self.gate_stage else post).append(block.to_static(prev, w[i]))
                 prev = w[i]

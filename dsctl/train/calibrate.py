@@ -8,7 +8,7 @@ from pathlib import Path
 from dsctl.artifacts import SubnetRow, SupernetArtifact, read_artifact
 from dsctl.flops import gate_macs
 from dsctl.train.common import calibrate_bn, resolve_device
-from dsctl.train.data import build_train_data
+from dsctl.train.data import build_run_data
 from dsctl.train.progress import Progress
 from dsctl.train.supernet import CALIBRATION_EPOCH, subnet_table
 
@@ -32,8 +32,8 @@ def recalibrate_checkpoint(path: str | Path, *, overrides: list[str] = (), batch
         return Path(sup.path), None
     dev = resolve_device(device)
     model.to(dev)
-    data = build_train_data(recipe.data)
-    specs = list(model.space.subnets) + ([model.space.full] if model.space.full not in model.space.subnets else [])
+    data = build_run_data(recipe.data)
+    specs = model.space.all_specs()
     n = batches or recipe.supernet.calib_batches
     calibrate_bn(model, data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), specs, dev, num_batches=n)
     rows = subnet_table(model, data, dev, input_size=data.input_size, progress=progress)

@@ -1,4 +1,5 @@
-"""Data for trainers: the training set, this rank's validation loader, and the data facts."""
+"""The data of a run, for training and evaluation alike: the training set, this rank's validation loader,
+and the data facts (``build_run_data``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dsctl.data.resumable import epoch_loader, steps_per_epoch
 from dsctl.errors import DataError
 from dsctl.train.common import Dist
 
-__all__ = ["TrainData", "build_train_data", "parse_data_spec"]
+__all__ = ["TrainData", "build_run_data", "parse_data_spec"]
 
 
 class _Shard(Sampler[int]):
@@ -50,8 +51,14 @@ class TrainData:
                             seed=seed, epoch=epoch, start_batch=start_batch, rank=self.dist.rank, world=self.dist.world)
 
 
-def build_train_data(cfg: DataConfig, dist: Dist = Dist()) -> TrainData:
-    """Datasets from the recipe's data section; DataError if a batch is larger than a rank's share."""
+def build_run_data(cfg: DataConfig, dist: Dist = Dist()) -> TrainData:
+    """The recipe's data: the training set (resumable epoch loaders) and this rank's validation loader.
+
+    Trainers use both; evaluation, calibration, analysis and benchmarks use what they need.
+
+    Raises:
+        DataError: a batch is larger than a rank's share of the training set.
+    """
     train, val, info = build_datasets(cfg)
     per_rank = len(train) // dist.world  # type: ignore[arg-type]
     if cfg.batch_size > per_rank:

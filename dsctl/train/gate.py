@@ -1,5 +1,5 @@
-"""Stage II: gate training with the supernet frozen (DESIGN.md section 6), decision calibration, and
-dynamic evaluation.
+"""Stage II: gate training with the supernet frozen (DESIGN.md section 6) and decision calibration
+(dynamic evaluation: :func:`dsctl.evaluation.evaluate_dynamic`).
 
 Per step: the window's members run sliced (no gradient); their per-sample correctness gives each sample
 a gate target (:func:`dsctl.routing.gate_targets`: the authors' SGS rule or the cheapest member that is
@@ -33,20 +33,20 @@ from torch import Tensor, nn
 
 from dsctl.artifacts import GateArtifact, GateReport, RouteCosts, read_artifact
 from dsctl.config import GateConfig, OptimConfig
-from dsctl.dynamic import average_macs, forward_routed, gate_logits
-from dsctl.routing import Calibration, calibrate_offsets, class_weights, gate_targets
+from dsctl.dynamic import forward_routed, gate_logits
+from dsctl.routing import Calibration, calibrate_offsets, class_weights, gate_targets, member_correct
 from dsctl.errors import DsctlError
+from dsctl.evaluation import evaluate_dynamic
 from dsctl.models.base import Supernet
 from dsctl.train.common import (
-    Dist, all_reduce_sum, autocast, build_training, get_rng_state, set_rng_state,
+    Dist, autocast, build_training, get_rng_state, set_rng_state,
 )
 from dsctl.train.data import TrainData
 from dsctl.train.loop import Position, run_epochs
 from dsctl.train.progress import LogProgress, Progress
 from dsctl.train.run import RunDir, StopFlag, environment
 
-__all__ = ["sgs_targets", "complexity_loss", "DynamicEval", "evaluate_dynamic", "calibrate_gate", "GateResult",
-           "train_gate"]
+__all__ = ["sgs_targets", "complexity_loss", "calibrate_gate", "GateResult", "train_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,6 @@ def sgs_targets(smallest_logits: Tensor, labels: Tensor, window_size: int) -> Te
     return torch.where(right, torch.zeros_like(labels), torch.full_like(labels, window_size - 1))
 
 
-def member_correct(member_logits: Tensor, labels: Tensor) -> Tensor:
-    """(W, N, C) window members' logits -> (N, W) bool: which members classify each sample right."""
-    return (member_logits.argmax(-1) == labels[None]).T
-
-
 def complexity_loss(expected_macs: Tensor, cfg: GateConfig) -> Tensor:
     if cfg.complexity == "none" or cfg.complexity_weight == 0:
         return expected_macs.new_zeros(())
@@ -70,59 +65,6 @@ def complexity_loss(expected_macs: Tensor, cfg: GateConfig) -> Tensor:
     if cfg.target_macs_m is None:
         raise DsctlError("gate.complexity='target' needs gate.target_macs_m (or --target-macs)")
     return cfg.complexity_weight * (expected_macs / (cfg.target_macs_m * 1e6) - 1.0) ** 2
-
-
-@dataclass
-class DynamicEval:
-    """Dynamic-model evaluation: accuracy, route histogram over all K sub-networks, average MACs."""
-
-    top1: float
-    top5: float
-    loss: float
-    samples: int
-    histogram: list[int]
-    avg_macs: float
-    gate_sgs_acc: float
-
-    @property
-    def avg_macs_m(self) -> float:
-        return self.avg_macs / 1e6
-
-
-@torch.no_grad()
-def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: torch.device, *,
-                     route_macs: list[int], gate_macs: int, amp: bool = False, rule: str = "authors") -> DynamicEval:
-    """Real dynamic inference (the gate's decision rule, grouped sliced sub-networks) over ``loader``.
-
-    ``gate_sgs_acc`` is the agreement of the routes with the gate targets of ``rule`` (computed on every
-    window member's output, so this costs the whole window once per batch).
-    """
-    model.eval()
-    lo, hi = window
-    k = model.space.num_subnets
-    hist = torch.zeros(k, dtype=torch.float64)
-    c1 = c5 = loss_sum = n = sgs_right = 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, amp):  # one pass to the gate serves the routed groups and the SGS reference
-            point = model.forward_pre(x, model.space.subnets[lo], encode=True)
-            routes = model.gate.decide(point.encoding, window)
-            members = torch.stack([model.forward_post(point.features, s).float()
-                                   for s in model.space.subnets[lo : hi + 1]])
-        # every member ran already (for the gate-target agreement): the routed output is a row of theirs,
-        # equal to grouped inference (tests/test_gate.py) without a second pass
-        logits = members[routes - lo, torch.arange(routes.numel(), device=routes.device)]
-        hist += torch.bincount(routes.cpu(), minlength=k).double()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), 1).indices
-        c1 += float((top[:, 0] == y).sum())
-        c5 += float((top == y[:, None]).any(1).sum())
-        sgs_right += float((gate_targets(member_correct(members, y), rule) + lo == routes).sum())
-        n += y.numel()
-    c1, c5, loss_sum, n, sgs_right, *counts = all_reduce_sum([c1, c5, loss_sum, n, sgs_right, *hist.tolist()], device)
-    histogram = [int(c) for c in counts]
-    return DynamicEval(100 * c1 / n, 100 * c5 / n, loss_sum / n, int(n), histogram,
-                       average_macs(histogram, route_macs, gate_macs), 100 * sgs_right / n)
 
 
 @torch.no_grad()

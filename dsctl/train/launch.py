@@ -22,7 +22,7 @@ from dsctl.models.base import Supernet
 from dsctl.provenance import Provenance, check_provenance, data_identity, record_provenance, release_lock, run_lock
 from dsctl.registry import build_model
 from dsctl.train.common import Dist, setup_dist
-from dsctl.train.data import TrainData, build_train_data
+from dsctl.train.data import TrainData, build_run_data
 from dsctl.train.progress import Progress
 from dsctl.train.run import RunDir, StopFlag
 
@@ -93,7 +93,7 @@ def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume
         if not resume and any(run.path.rglob("last.pt")):
             raise DsctlError(f"{out} already holds a run (last.pt); use --resume {out} or another --out")
         torch.manual_seed(recipe.seed)
-        data = build_train_data(recipe.data, dist)
+        data = build_run_data(recipe.data, dist)
         if dist.main:
             now = current_provenance(recipe, data)
             if resume:
@@ -139,8 +139,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     if not sup.calibrated and model.needs_bn_calibration:
         logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", sup.path,
                     recipe.supernet.calib_batches)
-        specs = list(model.space.subnets) + [model.space.full]
-        calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), list(dict.fromkeys(specs)),
+        calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), model.space.all_specs(),
                      prep.device, num_batches=recipe.supernet.calib_batches)
     costs = route_costs(sup, model, prep.data.input_size)  # stored by train-supernet at its input size
     route_macs, g_macs = list(costs.route_macs), costs.gate_macs

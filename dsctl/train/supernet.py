@@ -14,7 +14,7 @@ toward a teacher that is not trained yet wrecks short schedules (measured: docs/
 Example:
     >>> recipe = load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml")
     >>> model = build_model(recipe.model.name, num_classes=10, in_chans=1)
-    >>> data = build_train_data(recipe.data)
+    >>> data = build_run_data(recipe.data)
     >>> result = train_supernet(model, data, recipe.supernet, recipe.optim, RunDir("runs/x"))
 """
 
@@ -247,7 +247,7 @@ def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp:
     from dsctl.flops import count_subnet
 
     space = model.space
-    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    specs = space.all_specs()
     progress = progress or Progress()
     progress.start("evaluating sub-networks", len(specs))
     rows = []
@@ -268,7 +268,7 @@ def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run
     progress = progress or Progress()
     model = unwrap(model)
     space = model.space
-    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
+    specs = space.all_specs()
     used = 0
     if model.needs_bn_calibration:
         loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
