@@ -126,9 +126,8 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     """Stage II end to end: load (and if needed recalibrate) the supernet, then train the gate over the window."""
     from dsctl.artifacts import SupernetArtifact, read_artifact, route_costs
     from dsctl.data import split_holdout
-    from dsctl.train.common import calibrate_bn
+    from dsctl.train.calibrate import recalibrate_bn
     from dsctl.train.gate import train_gate
-    from dsctl.train.supernet import CALIBRATION_EPOCH
 
     sup = read_artifact(supernet, SupernetArtifact, why="train-gate --supernet")
     if sup.model_name != recipe.model.name:
@@ -139,9 +138,8 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     if not sup.calibrated:
         logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", sup.path,
                     recipe.supernet.calib_batches)
-        specs = list(model.space.subnets) + [model.space.full]
-        calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), list(dict.fromkeys(specs)),
-                     prep.device, num_batches=recipe.supernet.calib_batches)
+        recalibrate_bn(model, prep.data, seed=recipe.seed, device=prep.device,
+                       num_batches=recipe.supernet.calib_batches)
     costs = route_costs(sup, model, prep.data.input_size)  # stored by train-supernet at its input size
     route_macs, g_macs = list(costs.route_macs), costs.gate_macs
     window = default_window(model, recipe.gate, route_macs, g_macs)

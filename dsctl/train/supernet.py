@@ -37,9 +37,9 @@ from dsctl.flops import MacsReport, gate_macs
 from dsctl.layers.slim import SlimBatchNorm2d
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
+from dsctl.train.calibrate import recalibrate_bn
 from dsctl.train.common import (
-    Dist, EvalResult, autocast, build_training, calibrate_bn, evaluate, get_rng_state, set_rng_state,
-    soft_cross_entropy, unwrap,
+    Dist, EvalResult, autocast, build_training, evaluate, get_rng_state, set_rng_state, soft_cross_entropy, unwrap,
 )
 from dsctl.train.data import TrainData
 from dsctl.train.progress import LogProgress, Progress
@@ -50,8 +50,6 @@ __all__ = ["SupernetResult", "train_supernet", "sandwich_step", "distill_alpha",
            "subnet_table"]
 
 logger = logging.getLogger(__name__)
-
-CALIBRATION_EPOCH = 1_000_000  # a data-order seed distinct from every training epoch
 
 
 @dataclass
@@ -261,11 +259,8 @@ def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run
     """Recalibrate BN per sub-network, evaluate every one, write final.pt and subnets.csv."""
     progress = progress or Progress()
     model = unwrap(model)
-    space = model.space
-    specs = list(space.subnets) + ([space.full] if space.full not in space.subnets else [])
-    loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
     progress.start("recalibrating BN", 1)
-    used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
+    used = recalibrate_bn(model, data, seed=seed, device=device, num_batches=cfg.calib_batches, amp=amp)
     progress.advance(1)
     progress.finish(f"BN recalibrated on {used} batches per sub-network")
     rows = subnet_table(model, data, device, amp=amp, input_size=data.input_size, progress=progress)
