@@ -93,23 +93,30 @@ class _StopAt(Progress):
             self.flag.set()
 
 
-def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path) -> None:
-    recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96"])  # 6 steps per epoch
+def _rows(run: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "epoch_s"} for r in csv.DictReader((run / "metrics.csv").open())]
+
+
+@pytest.mark.parametrize(("stop_after", "position"), [(9, (1, 3, 9)), (6, (0, 6, 6))])
+def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path, stop_after, position) -> None:
+    # 6 steps per epoch: stopped mid-epoch 2, or after the last step of epoch 1 before its evaluation
+    recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96"])
     launch_supernet(recipe, tmp_path / "a", device="cpu")
     flag = StopFlag()
     with pytest.raises(TrainingInterrupted, match="resume with --resume"):
-        launch_supernet(recipe, tmp_path / "b", device="cpu", progress=_StopAt(flag, 9), stop=flag)
+        launch_supernet(recipe, tmp_path / "b", device="cpu", progress=_StopAt(flag, stop_after), stop=flag)
     state = read_artifact(tmp_path / "b" / "last.pt", SupernetArtifact).require_training()
-    assert (state.epoch, state.batch, state.global_step) == (1, 3, 9)
+    assert (state.epoch, state.batch, state.global_step) == position
+    assert set(state.smoothed) == {"loss_largest", "loss_smallest"}
     launch_supernet(recipe, tmp_path / "b", device="cpu", resume=True)
     a = read_artifact(tmp_path / "a" / "final.pt", SupernetArtifact).state_dict
     b = read_artifact(tmp_path / "b" / "final.pt", SupernetArtifact).state_dict
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ma = list(csv.DictReader((tmp_path / "a" / "metrics.csv").open()))
-    mb = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
-    assert [r["top1"] for r in ma] == [r["top1"] for r in mb]
+    # every column but the timing, the smoothed train_loss_* included (continued, not restarted, by the resume)
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
+    assert "train_loss_smallest" in _rows(tmp_path / "a")[0]
 
 
 def test_existing_run_needs_resume(tmp_path) -> None:
