@@ -158,3 +158,31 @@ def test_gradient_accumulation_steps_once_per_group(tmp_path) -> None:
     launch_supernet(recipe, tmp_path / "acc", device="cpu")
     state = read_artifact(tmp_path / "acc" / "last.pt", SupernetArtifact).require_training()
     assert (state.epoch, state.batch, state.global_step) == (1, 0, 8)  # 128 images / 8 per batch / 2 per step
+
+
+def test_sync_batchnorm_holds_for_its_scope_only() -> None:
+    from dsctl.layers.slim import SlimBatchNorm2d
+    from dsctl.train.trainer import sync_batchnorm
+
+    model = dsctl.build_model("tiny_ds_resnet")
+    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+    with sync_batchnorm(model, True):
+        assert bns and all(m.sync for m in bns)
+    assert not any(m.sync for m in bns)
+    with pytest.raises(RuntimeError, match="boom"), sync_batchnorm(model, True):
+        raise RuntimeError("boom")
+    assert not any(m.sync for m in bns)
+
+
+def test_recalibration_re_estimates_bn_and_skips_a_family_without_it() -> None:
+    from dsctl.train.calibrate import recalibrate_bn
+    from dsctl.train.data import build_train_data
+
+    data = build_train_data(load_recipe(SMOKE).data)
+    cnn = dsctl.build_model("tiny_ds_resnet")
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    assert recalibrate_bn(cnn, data, seed=0, device=torch.device("cpu"), num_batches=2) == 2
+    changed = {k for k, v in cnn.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("running_" in k or "num_batches" in k for k in changed)
+    vit = dsctl.build_model("tiny_ds_vit")
+    assert recalibrate_bn(vit, data, seed=0, device=torch.device("cpu"), num_batches=2) == 0
