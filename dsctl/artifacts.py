@@ -53,7 +53,12 @@ M = TypeVar("M", bound="ModelArtifact")
 # -- typed values inside artifacts ------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class TrainingState:
-    """What a resumable ``last.pt`` adds: optimizer, scheduler and RNG states, and where the run stands."""
+    """What a resumable ``last.pt`` adds: optimizer, scheduler and RNG states, and where the run stands.
+
+    ``smoothed`` holds the running averages (EMA 0.9) of the training values that progress and the
+    ``train_*`` columns of metrics.csv show, ``last_metrics`` what the current epoch's last optimizer step
+    showed; both are empty in files written before they were stored.
+    """
 
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
@@ -62,6 +67,8 @@ class TrainingState:
     batch: int          # micro-batches done in it
     global_step: int    # optimizer steps
     best_score: float = -math.inf
+    smoothed: dict[str, float] = field(default_factory=dict)
+    last_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,8 @@ class Artifact:
         if self.training is not None:
             t = self.training
             out.update(optimizer=t.optimizer, scheduler=t.scheduler, rng=t.rng, best_score=t.best_score,
-                       position={"epoch": t.epoch, "batch": t.batch, "global_step": t.global_step})
+                       position={"epoch": t.epoch, "batch": t.batch, "global_step": t.global_step,
+                                 "smoothed": dict(t.smoothed), "last_metrics": dict(t.last_metrics)})
         return out
 
 
@@ -419,7 +427,8 @@ def _training(raw: dict[str, Any]) -> TrainingState | None:
     p = raw["position"]
     return TrainingState(optimizer=raw["optimizer"], scheduler=raw["scheduler"], rng=raw["rng"], epoch=p["epoch"],
                          batch=p["batch"], global_step=p["global_step"],
-                         best_score=float(raw.get("best_score", -math.inf)))
+                         best_score=float(raw.get("best_score", -math.inf)), smoothed=dict(p.get("smoothed") or {}),
+                         last_metrics=dict(p.get("last_metrics") or {}))
 
 
 def _data_info(d: dict[str, Any] | None) -> DataInfo | None:

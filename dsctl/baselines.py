@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from dsctl.artifacts import StaticArtifact, StaticMeta, StaticReport, read_artifact
-from dsctl.config import BaselineConfig, Recipe, recipe_to_dict
+from dsctl.config import BaselineConfig, Recipe
 from dsctl.errors import DsctlError
 from dsctl.flops import count_macs, count_params, count_subnet
 from dsctl.models.base import Supernet
 from dsctl.train.progress import Progress
-from dsctl.train.run import RunDir, StopFlag
+from dsctl.train.run import StopFlag
 
 __all__ = ["prune_to_macs", "bn_l1_penalty", "launch_baseline", "resolve_target_macs", "check_baseline_methods"]
 
@@ -141,55 +141,52 @@ def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", re
 
     cfg = recipe.baseline
     check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), [cfg.method])  # before any folder
-    prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
-    supernet = build_supernet_for(recipe, prep.data)
-    size, chans = prep.data.input_size, supernet.in_chans
-    common = dict(model_name=supernet.model_name, model_kwargs=supernet.model_kwargs, device=prep.device,
-                  dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), progress=progress, stop=stop,
-                  label_smoothing=cfg.label_smoothing)
+    ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
+                      stop=stop)
+    supernet = build_supernet_for(recipe, ctx.data)
+    size, chans = ctx.data.input_size, supernet.in_chans
+    common = dict(cut_from=supernet, label_smoothing=cfg.label_smoothing)
     if cfg.method == "uniform":
         if cfg.width is None:
             raise DsctlError("--method uniform needs --width W (a slimming ratio of the supernet's space)")
         spec = supernet.space.resolve(cfg.width)
         meta = StaticMeta(method=cfg.method, base_spec=spec, variant=f"w{cfg.width}", width=supernet.space.ratio(spec))
-        net, final = train_static(supernet.to_uniform(spec), prep.data, recipe.optim, prep.run, meta=meta,
-                                  resume=resume, **common)
+        net, final = train_static(supernet.to_uniform(spec), ctx, recipe.optim, meta=meta, **common)
     else:
         target, variant = resolve_target_macs(supernet, cfg, size)
         full = supernet.space.full
         meta = StaticMeta(method=cfg.method, base_spec=full, variant=variant, target_macs=target)
-        dense_run = RunDir(prep.run / "dense", main=prep.dist.main)
+        dense_ctx = ctx.sub("dense")
         penalty = bn_l1_penalty(cfg.slimming_lambda) if cfg.method == "slimming" else None
-        if dense_run.final.is_file():
-            dense = read_artifact(dense_run.final, StaticArtifact).build_network()
+        if dense_ctx.run.final.is_file():
+            dense = read_artifact(dense_ctx.run.final, StaticArtifact).build_network()
         else:
-            dense, _ = train_static(supernet.to_static(full), prep.data, recipe.optim, dense_run, meta=meta,
-                                    extra_loss=penalty, resume=resume and dense_run.last.is_file(), **common)
-        ft_run = RunDir(prep.run / "finetune", main=prep.dist.main)
+            dense, _ = train_static(supernet.to_static(full), dense_ctx, recipe.optim, meta=meta, extra_loss=penalty,
+                                    **common)
+        ft_ctx = ctx.sub("finetune")
         pruned, ratio = prune_to_macs(dense, target, size, chans, cfg.method)
         meta = dataclasses.replace(meta, pruning_ratio=round(ratio, 4))
         ft_optim = recipe.optim.model_copy(update={"epochs": cfg.finetune_epochs, "warmup_epochs": 0,
                                                    "lr": cfg.finetune_lr or recipe.optim.lr / 10})
         if cfg.finetune_epochs > 0:
-            net, final = train_static(pruned, prep.data, ft_optim, ft_run, meta=meta,
-                                      resume=resume and ft_run.last.is_file(), **common)
+            net, final = train_static(pruned, ft_ctx, ft_optim, meta=meta, **common)
         else:
             from dsctl.train.common import evaluate
 
-            net = pruned.to(prep.device)
-            r = evaluate(net, prep.data.val, None, prep.device)
+            net = pruned.to(ctx.device)
+            r = evaluate(net, ctx.data.val, None, ctx.device)
             final = StaticReport(top1=round(r.top1, 3), top5=round(r.top5, 3), loss=round(r.loss, 5))
-        if prep.dist.main:
+        if ctx.dist.main:
             import shutil
 
-            shutil.copyfile(ft_run.final if ft_run.final.is_file() else dense_run.final, prep.run.final)
+            shutil.copyfile(ft_ctx.run.final if ft_ctx.run.final.is_file() else dense_ctx.run.final, ctx.run.final)
     net = net.cpu().eval()
     summary = {"kind": "static", "method": cfg.method, "model": supernet.model_name, "variant": meta.variant,
                "width": cfg.width, "macs": count_macs(net, size, chans), "params": count_params(net),
                **final.to_dict(), "meta": {"model_name": supernet.model_name, "model_kwargs": supernet.model_kwargs,
                                            **{k: v for k, v in meta.to_dict().items() if v is not None}}}
-    if cfg.method != "uniform" and prep.dist.main:  # the pruned network, whichever run wrote final.pt
-        copied = read_artifact(prep.run.final, StaticArtifact)
-        dataclasses.replace(copied, meta=meta, state_dict=net.state_dict(), final=final).save(prep.run.final)
-    prep.run.write_json("summary.json", summary)
+    if cfg.method != "uniform" and ctx.dist.main:  # the pruned network, whichever run wrote final.pt
+        copied = read_artifact(ctx.run.final, StaticArtifact)
+        dataclasses.replace(copied, meta=meta, state_dict=net.state_dict(), final=final).save(ctx.run.final)
+    ctx.run.write_json("summary.json", summary)
     return summary

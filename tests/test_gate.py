@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import dsctl
+from dsctl.artifacts import RouteCosts
 from dsctl.config import GateConfig, OptimConfig, SupernetConfig
 from dsctl.data import DataInfo
 from dsctl.dynamic import DynamicNet, check_window, dynamic_forward, forward_routed
@@ -17,6 +18,7 @@ from dsctl.evaluation import evaluate_dynamic
 from dsctl.train.gate import complexity_loss, sgs_targets, train_gate
 from dsctl.train.run import RunDir
 from dsctl.train.supernet import train_supernet
+from dsctl.train.trainer import RunContext
 
 
 def test_sgs_targets_on_hand_made_predictions() -> None:
@@ -133,8 +135,8 @@ def test_gate_routes_hard_samples_wider_and_complexity_makes_it_cheaper(tmp_path
     data = _data(train, val)
     model = dsctl.build_model("tiny_ds_resnet", num_classes=4, base_width=4)
     optim = OptimConfig(lr=0.1, epochs=3, warmup_epochs=0, weight_decay=0.0, amp=False)
-    train_supernet(model, data, SupernetConfig(calib_batches=8, ema_decay=0.0, target="none"), optim,
-                   RunDir(tmp_path / "sup"))
+    train_supernet(model, RunContext(RunDir(tmp_path / "sup"), data),
+                   SupernetConfig(calib_batches=8, ema_decay=0.0, target="none"), optim)
     window = (0, 6)
     route_macs = macs_table(model, 16)
     g_optim = OptimConfig(lr=0.2, epochs=4, warmup_epochs=0, weight_decay=0.0, amp=False)
@@ -143,8 +145,8 @@ def test_gate_routes_hard_samples_wider_and_complexity_makes_it_cheaper(tmp_path
         m = dsctl.build_model("tiny_ds_resnet", num_classes=4, base_width=4)
         m.load_state_dict(model.state_dict())
         cfg = GateConfig(window=window, complexity="authors", complexity_weight=weight)
-        train_gate(m, data, cfg, g_optim, RunDir(tmp_path / name), window=window, route_macs=route_macs,
-                   gate_macs=gate_macs(m), device=torch.device("cpu"))
+        train_gate(m, RunContext(RunDir(tmp_path / name), data), cfg, g_optim, window=window,
+                   costs=RouteCosts(tuple(route_macs), gate_macs(m)))
         _, routes = dynamic_forward(m.eval(), val.x, window)
         results[name] = (routes.float(), evaluate_dynamic(m, data.val, window, torch.device("cpu"),
                                                           route_macs=route_macs, gate_macs=gate_macs(m)))
@@ -160,15 +162,15 @@ def test_calibrated_gate_meets_its_budget_when_hard_samples_are_rare(tmp_path) -
     data = _data(train, val)
     model = dsctl.build_model("tiny_ds_resnet", num_classes=4, base_width=4)
     optim = OptimConfig(lr=0.1, epochs=3, warmup_epochs=0, weight_decay=0.0, amp=False)
-    train_supernet(model, data, SupernetConfig(calib_batches=8, ema_decay=0.0, target="none"), optim,
-                   RunDir(tmp_path / "sup"))
+    train_supernet(model, RunContext(RunDir(tmp_path / "sup"), data),
+                   SupernetConfig(calib_batches=8, ema_decay=0.0, target="none"), optim)
     route_macs, g_macs = macs_table(model, 16), gate_macs(model)
     window = (0, 6)
     target = 0.5 * (route_macs[0] + route_macs[6]) + g_macs
     cfg = GateConfig(window=window, complexity="target", complexity_weight=1.0, target_macs_m=target / 1e6)
     g_optim = OptimConfig(lr=0.05, epochs=4, warmup_epochs=0, weight_decay=0.0, amp=False)
-    result = train_gate(model, data, cfg, g_optim, RunDir(tmp_path / "gate"), window=window, route_macs=route_macs,
-                        gate_macs=g_macs, device=torch.device("cpu"), holdout=DataLoader(held, batch_size=256))
+    result = train_gate(model, RunContext(RunDir(tmp_path / "gate"), data), cfg, g_optim, window=window,
+                        costs=RouteCosts(tuple(route_macs), g_macs), holdout=DataLoader(held, batch_size=256))
     cal = result.final.calibration
     assert cal is not None and cal.met and abs(cal.error) <= 0.02, cal
     on_test = evaluate_dynamic(model, data.val, window, torch.device("cpu"), route_macs=route_macs, gate_macs=g_macs)

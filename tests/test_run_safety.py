@@ -102,7 +102,7 @@ def test_quickstart_refuses_a_finished_stage_made_from_other_inputs(tmp_path: Pa
     now = current_provenance(load_recipe(SMOKE, ["optim.epochs=3"]), prep.data)
     with pytest.raises(ProvenanceError, match=r"quickstart stage supernet: .*optim.epochs 2 -> 3"):
         _stage(out, "supernet", ran.append, now, allow_changed=False)
-    _stage(out, "supernet", ran.append, current_provenance(prep.recipe, prep.data), allow_changed=False)
+    _stage(out, "supernet", ran.append, current_provenance(load_recipe(SMOKE), prep.data), allow_changed=False)
     assert ran == []  # same inputs: skipped as done
 
 
@@ -111,7 +111,7 @@ def test_a_nan_loss_stops_training_with_one_line_and_saves_nothing_damaged(tmp_p
 
     from dsctl.checkpoint import load_checkpoint
     from dsctl.train.launch import launch_supernet
-    from dsctl.train.loop import NonFiniteLoss
+    from dsctl.train.trainer import NonFiniteLoss
 
     out = tmp_path / "r"
     recipe = load_recipe(SMOKE, ["optim.lr=1e30", "supernet.checkpoint_every=1", "optim.epochs=1"])

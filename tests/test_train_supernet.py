@@ -93,24 +93,31 @@ class _StopAt(Progress):
             self.flag.set()
 
 
-@pytest.mark.slow  # two trainings
-def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path) -> None:
-    recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96"])  # 6 steps per epoch
+def _rows(run: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "epoch_s"} for r in csv.DictReader((run / "metrics.csv").open())]
+
+
+@pytest.mark.slow  # two trainings each
+@pytest.mark.parametrize(("stop_after", "position"), [(9, (1, 3, 9)), (6, (0, 6, 6))])
+def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path, stop_after, position) -> None:
+    # 6 steps per epoch: stopped mid-epoch 2, or after the last step of epoch 1 before its evaluation
+    recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96"])
     launch_supernet(recipe, tmp_path / "a", device="cpu")
     flag = StopFlag()
     with pytest.raises(TrainingInterrupted, match="resume with --resume"):
-        launch_supernet(recipe, tmp_path / "b", device="cpu", progress=_StopAt(flag, 9), stop=flag)
+        launch_supernet(recipe, tmp_path / "b", device="cpu", progress=_StopAt(flag, stop_after), stop=flag)
     state = read_artifact(tmp_path / "b" / "last.pt", SupernetArtifact).require_training()
-    assert (state.epoch, state.batch, state.global_step) == (1, 3, 9)
+    assert (state.epoch, state.batch, state.global_step) == position
+    assert set(state.smoothed) == {"loss_largest", "loss_smallest"}
     launch_supernet(recipe, tmp_path / "b", device="cpu", resume=True)
     a = read_artifact(tmp_path / "a" / "final.pt", SupernetArtifact).state_dict
     b = read_artifact(tmp_path / "b" / "final.pt", SupernetArtifact).state_dict
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ma = list(csv.DictReader((tmp_path / "a" / "metrics.csv").open()))
-    mb = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
-    assert [r["top1"] for r in ma] == [r["top1"] for r in mb]
+    # every column but the timing, the smoothed train_loss_* included (continued, not restarted, by the resume)
+    assert _rows(tmp_path / "b") == _rows(tmp_path / "a")
+    assert "train_loss_smallest" in _rows(tmp_path / "a")[0]
 
 
 def test_existing_run_needs_resume(tmp_path) -> None:
@@ -153,3 +160,31 @@ def test_gradient_accumulation_steps_once_per_group(tmp_path) -> None:
     launch_supernet(recipe, tmp_path / "acc", device="cpu")
     state = read_artifact(tmp_path / "acc" / "last.pt", SupernetArtifact).require_training()
     assert (state.epoch, state.batch, state.global_step) == (1, 0, 8)  # 128 images / 8 per batch / 2 per step
+
+
+def test_sync_batchnorm_holds_for_its_scope_only() -> None:
+    from dsctl.layers.slim import SlimBatchNorm2d
+    from dsctl.train.trainer import sync_batchnorm
+
+    model = dsctl.build_model("tiny_ds_resnet")
+    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d)]
+    with sync_batchnorm(model, True):
+        assert bns and all(m.sync for m in bns)
+    assert not any(m.sync for m in bns)
+    with pytest.raises(RuntimeError, match="boom"), sync_batchnorm(model, True):
+        raise RuntimeError("boom")
+    assert not any(m.sync for m in bns)
+
+
+def test_recalibration_re_estimates_bn_and_skips_a_family_without_it() -> None:
+    from dsctl.train.calibrate import recalibrate_bn
+    from dsctl.train.data import build_train_data
+
+    data = build_train_data(load_recipe(SMOKE).data)
+    cnn = dsctl.build_model("tiny_ds_resnet")
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    assert recalibrate_bn(cnn, data, seed=0, device=torch.device("cpu"), num_batches=2) == 2
+    changed = {k for k, v in cnn.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("running_" in k or "num_batches" in k for k in changed)
+    vit = dsctl.build_model("tiny_ds_vit")
+    assert recalibrate_bn(vit, data, seed=0, device=torch.device("cpu"), num_batches=2) == 0

@@ -1,7 +1,7 @@
 """Training machinery shared by the supernet, gate and baseline trainers.
 
-Device and process-group setup, optimizer and scheduler (timm factories), soft-target losses,
-``evaluate`` (top-1/top-5/loss, reduced across ranks) and ``calibrate_bn`` (BN recalibration per width).
+Device and process-group setup, optimizer and scheduler (timm factories), soft-target losses and
+``evaluate`` (top-1/top-5/loss, reduced across ranks). BN recalibration lives in :mod:`dsctl.train.calibrate`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from torch import Tensor, nn
 
 from dsctl.config import OptimConfig
 from dsctl.errors import DsctlError
-from dsctl.layers.slim import SlimBatchNorm2d
 from dsctl.spec import SliceSpec
 
 __all__ = [
     "Dist", "setup_dist", "resolve_device", "build_optimizer", "build_scheduler", "build_training", "soft_cross_entropy",
-    "EvalResult", "evaluate", "calibrate_bn", "autocast", "unwrap", "all_reduce_sum", "get_rng_state", "set_rng_state",
+    "EvalResult", "evaluate", "autocast", "unwrap", "all_reduce_sum", "get_rng_state", "set_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,49 +175,6 @@ def evaluate(model: nn.Module, loader: Iterable, spec: SliceSpec | None, device:
     if n == 0:
         raise DsctlError("evaluation saw no samples (empty validation set?)")
     return EvalResult(100.0 * correct1 / n, 100.0 * correct5 / n, loss_sum / n, int(n))
-
-
-@torch.no_grad()
-def calibrate_bn(model: nn.Module, loader: Iterable, specs: Sequence[SliceSpec], device: torch.device, *,
-                 num_batches: int, amp: bool = False) -> int:
-    """Recalibrate BatchNorm statistics for every spec: reset, then average over ``num_batches`` batches.
-
-    Each batch is forwarded once per spec in train mode without gradients; statistics are cumulative
-    averages (momentum None), so the result does not depend on the order of specs. Returns the number of
-    batches used. Gradients and weights are untouched.
-    """
-    bns = [m for m in model.modules() if isinstance(m, SlimBatchNorm2d | nn.BatchNorm2d)]
-    if not bns or num_batches <= 0:
-        return 0
-    saved = [(m.momentum, m.training) for m in bns]
-    was_training = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    used = 0
-    try:
-        for i, batch in enumerate(loader):
-            if i >= num_batches:
-                break
-            x = batch[0].to(device, non_blocking=True)
-            with autocast(device, amp):
-                for spec in specs:
-                    model(x, spec)
-            used += 1
-    finally:
-        for m, (momentum, _) in zip(bns, saved):
-            m.momentum = momentum
-        model.train(was_training)
-    if used == 0:
-        raise DsctlError("BN calibration saw no batches (empty training set?)")
-    if dist.is_available() and dist.is_initialized():  # average statistics across ranks
-        for m in bns:
-            for name, buf in m.named_buffers(recurse=False):
-                if buf.is_floating_point():
-                    dist.all_reduce(buf)
-                    buf.div_(dist.get_world_size())
-    return used
 
 
 def get_rng_state(rng: random.Random) -> dict:

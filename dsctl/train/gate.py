@@ -22,31 +22,24 @@ checkpoint, ``dsctl eval`` and the dynamic export all route with them. ``argmax`
 from __future__ import annotations
 
 import logging
-import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.artifacts import GateArtifact, GateReport, RouteCosts, read_artifact
+from dsctl.artifacts import GateArtifact, GateReport, RouteCosts
 from dsctl.config import GateConfig, OptimConfig
 from dsctl.dynamic import forward_routed, gate_logits
 from dsctl.routing import Calibration, calibrate_offsets, class_weights, gate_targets, member_correct
 from dsctl.errors import DsctlError
-from dsctl.evaluation import evaluate_dynamic
+from dsctl.evaluation import DynamicEval, evaluate_dynamic
 from dsctl.models.base import Supernet
-from dsctl.train.common import (
-    Dist, autocast, build_training, get_rng_state, set_rng_state,
-)
-from dsctl.train.data import TrainData
-from dsctl.train.loop import Position, run_epochs
-from dsctl.train.progress import LogProgress, Progress
-from dsctl.train.run import RunDir, StopFlag, environment
+from dsctl.train.common import autocast
+from dsctl.train.trainer import RunContext, Trainer
 
-__all__ = ["sgs_targets", "complexity_loss", "calibrate_gate", "GateResult", "train_gate"]
+__all__ = ["sgs_targets", "complexity_loss", "calibrate_gate", "GateResult", "GateTrainer", "train_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,123 +99,106 @@ class GateResult:
     elapsed_s: float = 0.0
 
 
-def train_gate(model: Supernet, data: TrainData, cfg: GateConfig, optim: OptimConfig, run: RunDir, *,
-               window: tuple[int, int], route_macs: list[int], gate_macs: int, device: torch.device,
-               dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, source: str = "",
-               resume: bool = False, progress: Progress | None = None, stop: StopFlag | None = None,
-               holdout=None) -> GateResult:
-    """Train the slimming head of ``model``'s gate over ``window``; the supernet and its BN stay frozen.
+class GateTrainer(Trainer):
+    """Stage II on the trainer skeleton: the window's members run sliced, the gate head learns to route."""
 
-    ``route_macs`` are the MACs of every indexed sub-network (absolute index), ``gate_macs`` the gate's own.
-    ``holdout`` (a loader over training samples the gate never trains on) serves the decision
-    calibration when ``cfg.decision == "calibrated"`` and a MACs target is set.
+    artifact_type = GateArtifact
+    ddp_options = None  # the routed forward is not ``model.forward``: gradients are all-reduced by hand
 
-    Raises:
-        DsctlError: the MACs target lies outside what the window can spend, or calibration lacks data.
-    """
-    progress = progress or LogProgress()
-    stop = stop if stop is not None else StopFlag()
-    t0 = time.monotonic()
-    model.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = model.routing_parameters()
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer, scheduler, epochs, steps = build_training(nn.ParameterList(trainable), optim, data.steps_per_epoch())
-    lo, hi = window
-    calibrate = cfg.decision == "calibrated" and cfg.target_macs_m is not None
-    if cfg.target_macs_m is not None:
-        target = cfg.target_macs_m * 1e6
-        low, high = route_macs[lo] + gate_macs, route_macs[hi] + gate_macs
-        if not low <= target <= high:
-            raise DsctlError(f"gate.target_macs_m={cfg.target_macs_m:g} is outside what window {lo}:{hi} can spend "
-                             f"(allowed: {low / 1e6:.4g}..{high / 1e6:.4g}, the gate's own MACs included)")
-    if calibrate and holdout is None:
-        raise DsctlError("gate.decision='calibrated' needs held-out training data (gate.holdout)")
-    window_macs = torch.tensor(route_macs[lo : hi + 1], dtype=torch.float32, device=device)
-    rng = random.Random(seed)
-    pos = Position()
-    if resume and run.last.is_file():
-        last = read_artifact(run.last, GateArtifact, map_location=device, why="--resume")
-        state = last.require_training()
-        model.load_state_dict(last.state_dict)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        set_rng_state(rng, state.rng)
-        pos = Position.from_state(state)
-    running: dict[str, float] = {}
-    calibration: Calibration | None = None
+    def __init__(self, model: Supernet, ctx: RunContext, cfg: GateConfig, optim: OptimConfig, *,
+                 window: tuple[int, int], costs: RouteCosts, source: str = "", holdout=None) -> None:
+        super().__init__(ctx, optim)
+        lo, hi = window
+        self.model, self.cfg, self.window, self.costs, self.source = model, cfg, (lo, hi), costs, source
+        self.holdout = holdout
+        model.to(ctx.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.routing_parameters():
+            p.requires_grad_(True)
+        if cfg.target_macs_m is not None:
+            target = cfg.target_macs_m * 1e6
+            low, high = costs.route_macs[lo] + costs.gate_macs, costs.route_macs[hi] + costs.gate_macs
+            if not low <= target <= high:
+                raise DsctlError(f"gate.target_macs_m={cfg.target_macs_m:g} is outside what window {lo}:{hi} can "
+                                 f"spend (allowed: {low / 1e6:.4g}..{high / 1e6:.4g}, the gate's own MACs included)")
+        self.calibrate = cfg.decision == "calibrated" and cfg.target_macs_m is not None
+        if self.calibrate and holdout is None:
+            raise DsctlError("gate.decision='calibrated' needs held-out training data (gate.holdout)")
+        self.window_macs = torch.tensor(costs.route_macs[lo : hi + 1], dtype=torch.float32, device=ctx.device)
 
-    def step(batch_idx: int, x: Tensor, y: Tensor) -> dict[str, float] | None:
-        x, y = x.to(device), y.to(device)
-        model.eval()  # BN statistics stay frozen
-        with autocast(device, optim.amp):
-            out = forward_routed(model, x, window, window_macs, tau=cfg.tau)
+    def trainable(self) -> nn.Module:
+        return nn.ParameterList(self.model.routing_parameters())
+
+    def backward(self, x: Tensor, y: Tensor, *, first: bool, last: bool) -> dict[str, float]:
+        cfg, (lo, hi) = self.cfg, self.window
+        self.model.eval()  # BN statistics stay frozen
+        with autocast(self.ctx.device, self.optim.amp):
+            out = forward_routed(self.model, x, self.window, self.window_macs, tau=cfg.tau)
         targets = gate_targets(member_correct(out.member_logits, y), cfg.sgs_target)
         weight = class_weights(targets, hi - lo + 1) if cfg.class_weighting else None
         task = F.cross_entropy(out.logits, y)
         sgs = F.cross_entropy(out.gate_logits, targets, weight=weight)
         cplx = complexity_loss(out.expected_macs, cfg)
         loss = cfg.task_weight * task + cfg.sgs_weight * sgs + cplx
-        (loss / optim.grad_accum).backward()
-        for k, v in (("task", task), ("sgs", sgs), ("macs_m", out.expected_macs / 1e6)):
-            value = float(v.detach())
-            running[k] = 0.9 * running.get(k, value) + 0.1 * value
-        if batch_idx % optim.grad_accum != optim.grad_accum - 1:
-            return None
-        if dist.enabled:
-            for p in trainable:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad.div_(dist.world)
-        if optim.clip_grad:
-            nn.utils.clip_grad_norm_(trainable, optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step_update(pos.global_step + 1)
-        return dict(running)
+        (loss / self.optim.grad_accum).backward()
+        return {k: float(v.detach()) for k, v in (("task", task), ("sgs", sgs), ("macs_m", out.expected_macs / 1e6))}
 
-    def evaluate_epoch(epoch: int) -> list[dict[str, Any]]:
-        r = evaluate_dynamic(model, data.val, window, device, route_macs=route_macs, gate_macs=gate_macs, amp=optim.amp,
-                             rule=cfg.sgs_target)
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    def _evaluate(self) -> DynamicEval:
+        return evaluate_dynamic(self.model, self.ctx.data.val, self.window, self.ctx.device,
+                                route_macs=list(self.costs.route_macs), gate_macs=self.costs.gate_macs,
+                                amp=self.optim.amp, rule=self.cfg.sgs_target)
+
+    def evaluate(self, epoch: int) -> list[dict[str, Any]]:
+        r, (lo, hi) = self._evaluate(), self.window
         return [{"model": f"dynamic[{lo}:{hi}]", "top1": round(r.top1, 3), "top5": round(r.top5, 3),
                  "loss": round(r.loss, 5), "avg_macs": round(r.avg_macs), "gate_sgs_acc": round(r.gate_sgs_acc, 2),
                  "histogram": " ".join(str(c) for c in r.histogram[lo : hi + 1])}]
 
-    def artifact(completed: bool, **fields: Any) -> GateArtifact:
-        return GateArtifact.from_model(model, window=(lo, hi), costs=RouteCosts(tuple(route_macs), gate_macs),
-                                       supernet=source, recipe=recipe or {}, data_info=data.info, completed=completed,
+    def artifact(self, completed: bool, **fields: Any) -> GateArtifact:
+        return GateArtifact.from_model(self.model, window=self.window, costs=self.costs, supernet=self.source,
+                                       recipe=self.ctx.recipe, data_info=self.ctx.data.info, completed=completed,
                                        **fields)
 
-    def save(path, p: Position, completed: bool) -> None:
-        if dist.main:
-            artifact(completed, training=p.training_state(optimizer, scheduler, get_rng_state(rng))).save(path)
+    def finish(self) -> GateResult:
+        cfg, costs, progress = self.cfg, self.costs, self.ctx.progress
+        calibration: Calibration | None = None
+        if self.calibrate:
+            progress.start("calibrating the decision rule on held-out data", 1)
+            calibration = calibrate_gate(self.model, self.holdout, self.window, self.ctx.device,
+                                         route_macs=list(costs.route_macs), gate_macs=costs.gate_macs,
+                                         target_macs=cfg.target_macs_m * 1e6, tolerance=cfg.budget_tolerance,
+                                         amp=self.optim.amp)
+            progress.advance(1)
+            progress.finish(f"held-out routed MACs {calibration.avg_macs / 1e6:.4g}M for a "
+                            f"{calibration.target_macs / 1e6:.4g}M target ({100 * calibration.error:+.2f}%)")
+        r = self._evaluate()
+        final = GateReport(window=self.window, top1=round(r.top1, 3), top5=round(r.top5, 3), loss=round(r.loss, 5),
+                           avg_macs=round(r.avg_macs), gate_macs=costs.gate_macs, histogram=tuple(r.histogram),
+                           gate_sgs_acc=round(r.gate_sgs_acc, 2), complexity=cfg.complexity,
+                           target_macs_m=cfg.target_macs_m, complexity_weight=cfg.complexity_weight,
+                           sgs_target=cfg.sgs_target, decision="calibrated" if calibration is not None else "argmax",
+                           calibration=calibration)
+        if self.ctx.dist.main:
+            self.artifact(True, final=final).save(self.ctx.run.final)
+        elapsed = self.write_summary("gate", final.to_dict(), supernet=self.source)
+        return GateResult(str(self.ctx.run.path), self.window, final, elapsed)
 
-    pos = run_epochs(data=data, run=run, pos=pos, epochs=epochs, steps_per_epoch=steps, grad_accum=optim.grad_accum,
-                     seed=seed, step=step, evaluate=evaluate_epoch, save=save, score=lambda rows: rows[0]["top1"],
-                     progress=progress, stop=stop)
-    if calibrate:
-        progress.start("calibrating the decision rule on held-out data", 1)
-        calibration = calibrate_gate(model, holdout, window, device, route_macs=route_macs, gate_macs=gate_macs,
-                                     target_macs=cfg.target_macs_m * 1e6, tolerance=cfg.budget_tolerance,
-                                     amp=optim.amp)
-        progress.advance(1)
-        progress.finish(f"held-out routed MACs {calibration.avg_macs / 1e6:.4g}M for a "
-                        f"{calibration.target_macs / 1e6:.4g}M target ({100 * calibration.error:+.2f}%)")
-    r = evaluate_dynamic(model, data.val, window, device, route_macs=route_macs, gate_macs=gate_macs, amp=optim.amp,
-                         rule=cfg.sgs_target)
-    final = GateReport(window=(lo, hi), top1=round(r.top1, 3), top5=round(r.top5, 3), loss=round(r.loss, 5),
-                       avg_macs=round(r.avg_macs), gate_macs=gate_macs, histogram=tuple(r.histogram),
-                       gate_sgs_acc=round(r.gate_sgs_acc, 2), complexity=cfg.complexity,
-                       target_macs_m=cfg.target_macs_m, complexity_weight=cfg.complexity_weight,
-                       sgs_target=cfg.sgs_target, decision="calibrated" if calibration is not None else "argmax",
-                       calibration=calibration)
-    if dist.main:
-        artifact(True, final=final).save(run.final)
-    elapsed = time.monotonic() - t0
-    run.write_json("summary.json", {"kind": "gate", "model": model.model_name, "supernet": source, "epochs": epochs,
-                                    "elapsed_s": round(elapsed, 1), "environment": environment(device),
-                                    "data": asdict(data.info), "final": final.to_dict()})
-    return GateResult(str(run.path), window, final, elapsed)
 
+def train_gate(model: Supernet, ctx: RunContext, cfg: GateConfig, optim: OptimConfig, *, window: tuple[int, int],
+               costs: RouteCosts, source: str = "", holdout=None) -> GateResult:
+    """Train the slimming head of ``model``'s gate over ``window``; the supernet and its BN stay frozen.
+
+    ``costs`` are the MACs of every indexed sub-network (absolute index) and of the gate; ``source`` is the
+    supernet checkpoint (recorded in the artifact). ``holdout`` (a loader over training samples the gate
+    never trains on) serves the decision calibration when ``cfg.decision == "calibrated"`` and a MACs
+    target is set.
+
+    Raises:
+        DsctlError: the MACs target lies outside what the window can spend, or calibration lacks data.
+        TrainingInterrupted: ``ctx.stop`` was set; ``last.pt`` holds the exact resume point.
+    """
+    return GateTrainer(model, ctx, cfg, optim, window=window, costs=costs, source=source, holdout=holdout).fit()

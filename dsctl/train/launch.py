@@ -1,7 +1,7 @@
 """From a recipe to a running trainer: process group, data, model, run folder (shared by the commands).
 
-``prepare_run`` resolves everything a trainer needs; ``launch_supernet`` is the five-line Python
-equivalent of ``dsctl train-supernet``.
+``prepare_run`` resolves everything a trainer needs into a :class:`~dsctl.train.trainer.RunContext`;
+``launch_supernet`` is the five-line Python equivalent of ``dsctl train-supernet``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,25 +20,16 @@ from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
 from dsctl.provenance import Provenance, check_provenance, data_identity, record_provenance, release_lock, run_lock
 from dsctl.registry import build_model
-from dsctl.train.common import Dist, setup_dist
+from dsctl.train.common import setup_dist
 from dsctl.train.data import TrainData, build_run_data
-from dsctl.train.progress import Progress
+from dsctl.train.progress import LogProgress, Progress
 from dsctl.train.run import RunDir, StopFlag
+from dsctl.train.trainer import RunContext
 
-__all__ = ["PreparedRun", "prepare_run", "current_provenance", "resolve_recipe", "build_supernet_for", "launch_supernet", "launch_gate",
+__all__ = ["prepare_run", "current_provenance", "resolve_recipe", "build_supernet_for", "launch_supernet", "launch_gate",
            "default_window"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedRun:
-    recipe: Recipe
-    run: RunDir
-    data: TrainData
-    device: torch.device
-    dist: Dist
-    resume: bool
 
 
 def resolve_recipe(recipe_path: str | Path | None, overrides: list[str], resume_dir: str | Path | None) -> Recipe:
@@ -75,8 +65,11 @@ def current_provenance(recipe: Recipe, data: TrainData) -> Provenance:
 
 
 def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
-                allow_changed: bool = False) -> PreparedRun:
+                allow_changed: bool = False, progress: Progress | None = None,
+                stop: StopFlag | None = None) -> RunContext:
     """Join torchrun's process group if any, build the data, lock and create (or reopen) the run folder.
+
+    ``progress`` defaults to a log line per epoch; ``stop`` (set by SIGINT/SIGTERM) to a fresh flag.
 
     Raises:
         RunLockedError: another live process writes ``out``.
@@ -106,7 +99,9 @@ def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume
             if all(p.name == ".lock" for p in path.iterdir()):
                 shutil.rmtree(path, ignore_errors=True)
         raise
-    return PreparedRun(recipe, run, data, dev, dist, resume)
+    return RunContext(run, data, device=dev, dist=dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), resume=resume,
+                      progress=progress if progress is not None else LogProgress(),
+                      stop=stop if stop is not None else StopFlag())
 
 
 def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
@@ -114,11 +109,9 @@ def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", re
     """Stage I end to end. Example: ``launch_supernet(load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml"), "runs/r")``."""
     from dsctl.train.supernet import train_supernet
 
-    prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
-    model = build_supernet_for(recipe, prep.data)
-    return train_supernet(model, prep.data, recipe.supernet, recipe.optim, prep.run, device=prep.device,
-                          dist=prep.dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), resume=resume,
-                          progress=progress, stop=stop)
+    ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
+                      stop=stop)
+    return train_supernet(build_supernet_for(recipe, ctx.data), ctx, recipe.supernet, recipe.optim)
 
 
 def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device: str = "auto", resume: bool = False,
@@ -126,35 +119,31 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     """Stage II end to end: load (and if needed recalibrate) the supernet, then train the gate over the window."""
     from dsctl.artifacts import SupernetArtifact, read_artifact, route_costs
     from dsctl.data import split_holdout
-    from dsctl.train.common import calibrate_bn
+    from dsctl.train.calibrate import recalibrate_bn
     from dsctl.train.gate import train_gate
-    from dsctl.train.supernet import CALIBRATION_EPOCH
 
     sup = read_artifact(supernet, SupernetArtifact, why="train-gate --supernet")
     if sup.model_name != recipe.model.name:
         raise DsctlError(f"recipe model {recipe.model.name!r} does not match the supernet's {sup.model_name!r}")
-    prep = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed)
+    ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
+                      stop=stop)
     model = sup.build_model()
-    model.to(prep.device)
+    model.to(ctx.device)
     if not sup.calibrated and model.needs_bn_calibration:
         logger.info("%s is not BN-recalibrated: recalibrating on %d batches first", sup.path,
                     recipe.supernet.calib_batches)
-        calibrate_bn(model, prep.data.loader(seed=recipe.seed, epoch=CALIBRATION_EPOCH), model.space.all_specs(),
-                     prep.device, num_batches=recipe.supernet.calib_batches)
-    costs = route_costs(sup, model, prep.data.input_size)  # stored by train-supernet at its input size
-    route_macs, g_macs = list(costs.route_macs), costs.gate_macs
-    window = default_window(model, recipe.gate, route_macs, g_macs)
-    data, holdout = prep.data, None
+        recalibrate_bn(model, ctx.data, seed=recipe.seed, device=ctx.device, num_batches=recipe.supernet.calib_batches)
+    costs = route_costs(sup, model, ctx.data.input_size)  # stored by train-supernet at its input size
+    window = default_window(model, recipe.gate, list(costs.route_macs), costs.gate_macs)
+    holdout = None
     if recipe.gate.decision == "calibrated" and recipe.gate.target_macs_m is not None:
         train_part, held = split_holdout(recipe.data, recipe.gate.holdout)
-        data = dataclasses.replace(prep.data, train=train_part)
-        holdout = DataLoader(held, batch_size=prep.data.val.batch_size or 256, num_workers=0)
+        ctx = dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, train=train_part))
+        holdout = DataLoader(held, batch_size=ctx.data.val.batch_size or 256, num_workers=0)
     # the gate's Gumbel noise depends on the seed alone, not on what was built or measured above
     # (stored route costs skip the sub-network exports whose layer inits drew from torch's generator)
     torch.manual_seed(recipe.seed)
-    return train_gate(model, data, recipe.gate, recipe.optim, prep.run, window=window, route_macs=route_macs,
-                      gate_macs=g_macs, device=prep.device, dist=prep.dist, seed=recipe.seed,
-                      recipe=recipe_to_dict(recipe), source=sup.path, resume=resume, progress=progress, stop=stop,
+    return train_gate(model, ctx, recipe.gate, recipe.optim, window=window, costs=costs, source=sup.path,
                       holdout=holdout)
 
 

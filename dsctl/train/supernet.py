@@ -14,45 +14,38 @@ toward a teacher that is not trained yet wrecks short schedules (measured: docs/
 Example:
     >>> recipe = load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml")
     >>> model = build_model(recipe.model.name, num_classes=10, in_chans=1)
-    >>> data = build_run_data(recipe.data)
-    >>> result = train_supernet(model, data, recipe.supernet, recipe.optim, RunDir("runs/x"))
+    >>> ctx = RunContext(RunDir("runs/x"), build_run_data(recipe.data), seed=recipe.seed)
+    >>> result = train_supernet(model, ctx, recipe.supernet, recipe.optim)
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.artifacts import SubnetRow, SupernetArtifact, read_artifact
+from dsctl.artifacts import SubnetRow, SupernetArtifact
 from dsctl.config import OptimConfig, SupernetConfig
 from dsctl.data.resumable import TwoViews
 from dsctl.flops import MacsReport, gate_macs
-from dsctl.layers.slim import SlimBatchNorm2d
 from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
-from dsctl.train.common import (
-    Dist, EvalResult, autocast, build_training, calibrate_bn, evaluate, get_rng_state, set_rng_state,
-    soft_cross_entropy, unwrap,
-)
+from dsctl.train.calibrate import recalibrate_bn
+from dsctl.train.common import EvalResult, autocast, evaluate, soft_cross_entropy, unwrap
 from dsctl.train.data import TrainData
-from dsctl.train.progress import LogProgress, Progress
-from dsctl.train.loop import Position, run_epochs
-from dsctl.train.run import RunDir, StopFlag, environment
-
-__all__ = ["SupernetResult", "train_supernet", "sandwich_step", "distill_alpha", "sample_members", "finalize_supernet",
-           "subnet_table"]
+from dsctl.train.progress import Progress
+from dsctl.train.trainer import RunContext, Trainer, sync_batchnorm
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_EPOCH = 1_000_000  # a data-order seed distinct from every training epoch
+__all__ = ["SupernetResult", "SupernetTrainer", "train_supernet", "sandwich_step", "distill_alpha", "sample_members",
+           "finalize_supernet", "subnet_table"]
 
 
 @dataclass
@@ -126,108 +119,84 @@ def distill_alpha(step: int, total_steps: int, weight: float, ramp: float) -> fl
     return weight * min(1.0, step / (ramp * total_steps))
 
 
-def train_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, optim: OptimConfig, run: RunDir, *,
-                   device: torch.device = torch.device("cpu"), dist: Dist = Dist(), seed: int = 0,
-                   recipe: dict[str, Any] | None = None, resume: bool = False, progress: Progress | None = None,
-                   stop: StopFlag | None = None) -> SupernetResult:
-    """Train ``model`` in ``run``; resumable at any optimizer step; ends with BN recalibration and a table.
+class SupernetTrainer(Trainer):
+    """Stage I on the trainer skeleton: sandwich members per step, EMA teacher, BN recalibration at the end."""
 
-    Raises:
-        TrainingInterrupted: ``stop`` was set (SIGINT/SIGTERM); ``run/last.pt`` holds the exact resume point.
-    """
-    progress = progress or LogProgress()
-    stop = stop if stop is not None else StopFlag()
-    t0 = time.monotonic()
-    model.to(device)
-    for p in model.routing_parameters():  # stage I never trains the slimming decision
-        p.requires_grad_(False)
-    optimizer, scheduler, epochs, steps = build_training(model, optim, data.steps_per_epoch())
-    ema = None
-    if cfg.ema_decay > 0:
-        from timm.utils import ModelEmaV3
+    artifact_type = SupernetArtifact
+    ddp_options: ClassVar[dict[str, Any] | None] = {"broadcast_buffers": False}  # BN statistics stay per rank
 
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
-        ema.module.eval()
-    rng = random.Random(seed)
-    pos = Position()
-    if resume and run.last.is_file():
-        last = read_artifact(run.last, SupernetArtifact, map_location=device, why="--resume")
-        state = last.require_training()
-        model.load_state_dict(last.state_dict)
-        if ema is not None and last.ema_state_dict is not None:
-            ema.module.load_state_dict(last.ema_state_dict)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        set_rng_state(rng, state.rng)
-        pos = Position.from_state(state)
-        logger.info("resuming %s at epoch %d, batch %d", run.path, pos.epoch + 1, pos.batch)
-    train_model: nn.Module = model
-    if cfg.sync_bn and dist.enabled:
-        for m in model.modules():
-            if isinstance(m, SlimBatchNorm2d):
-                m.sync = True
-    if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    amp = optim.amp
-    specs: list[SliceSpec] = []
-    running: dict[str, float] = {}
+    def __init__(self, model: Supernet, ctx: RunContext, cfg: SupernetConfig, optim: OptimConfig) -> None:
+        super().__init__(ctx, optim)
+        self.model, self.cfg = model.to(ctx.device), cfg
+        for p in model.routing_parameters():  # stage I never trains the slimming decision
+            p.requires_grad_(False)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from timm.utils import ModelEmaV3
 
-    def step(batch_idx: int, x, y: Tensor) -> dict[str, float] | None:
-        nonlocal specs
-        micro = batch_idx % optim.grad_accum
-        if micro == 0:
-            model.train()
-            specs = sample_members(model.space, rng, cfg.num_random, cfg.sample)
-        x = tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, list | tuple) else x.to(device)
-        last_micro = micro == optim.grad_accum - 1
-        alpha = distill_alpha(pos.global_step, epochs * steps, cfg.distill_weight, cfg.distill_ramp)
-        losses = sandwich_step(train_model, ema.module if ema else None, x, y.to(device), specs, cfg, device=device,
-                               amp=amp, loss_scale=1.0 / optim.grad_accum, sync_last=last_micro, alpha=alpha)
-        for k, v in losses.items():
-            running[k] = 0.9 * running.get(k, v) + 0.1 * v
-        if not last_micro:
-            return None
-        if optim.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step_update(pos.global_step + 1)
-        if ema is not None:
-            ema.update(model, step=pos.global_step + 1)
-        return {"loss_largest": running["largest"], "loss_smallest": running["smallest"],
-                "lr": optimizer.param_groups[0]["lr"], "alpha": alpha}
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+            self.ema.module.eval()
+        self.eval_every, self.checkpoint_every = cfg.eval_every, cfg.checkpoint_every
+        self.dataset = TwoViews(ctx.data.train) if cfg.two_views else ctx.data.train
+        self.specs: list[SliceSpec] = []
 
-    def evaluate_epoch(epoch: int) -> list[dict[str, Any]]:
-        rows = []
-        for spec in (model.space.smallest(), model.space.largest()):
-            r = evaluate(model, data.val, spec, device, amp=amp)
-            rows.append({"subnet": model.space.label(spec), "width": _width(model, spec), "top1": round(r.top1, 3),
-                         "top5": round(r.top5, 3), "loss": round(r.loss, 5), "lr": optimizer.param_groups[0]["lr"]})
+    def restore(self, last: SupernetArtifact) -> None:
+        self.model.load_state_dict(last.state_dict)
+        if self.ema is not None and last.ema_state_dict is not None:
+            self.ema.module.load_state_dict(last.ema_state_dict)
+
+    def training(self) -> AbstractContextManager:
+        return sync_batchnorm(self.model, self.cfg.sync_bn and self.ctx.dist.enabled)
+
+    def alpha(self) -> float:
+        """The soft targets' weight at the current optimizer step."""
+        return distill_alpha(self.pos.global_step, self.epochs * self.steps, self.cfg.distill_weight,
+                             self.cfg.distill_ramp)
+
+    def backward(self, x, y: Tensor, *, first: bool, last: bool) -> dict[str, float]:
+        if first:
+            self.model.train()
+            self.specs = sample_members(self.model.space, self.rng, self.cfg.num_random, self.cfg.sample)
+        losses = sandwich_step(self.train_model, self.ema.module if self.ema else None, x, y, self.specs, self.cfg,
+                               device=self.ctx.device, amp=self.optim.amp, loss_scale=1.0 / self.optim.grad_accum,
+                               sync_last=last, alpha=self.alpha())
+        return {"loss_largest": losses["largest"], "loss_smallest": losses["smallest"]}
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.pos.global_step + 1)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {"lr": self.lr, "alpha": self.alpha()}
+
+    def evaluate(self, epoch: int) -> list[dict[str, Any]]:
+        rows, space = [], self.model.space
+        for spec in (space.smallest(), space.largest()):
+            r = evaluate(self.model, self.ctx.data.val, spec, self.ctx.device, amp=self.optim.amp)
+            rows.append({"subnet": space.label(spec), "width": _width(self.model, spec), "top1": round(r.top1, 3),
+                         "top5": round(r.top5, 3), "loss": round(r.loss, 5), "lr": self.lr})
         return rows
 
-    def save(path, p: Position, completed: bool) -> None:
-        if not dist.main:
-            return
-        SupernetArtifact.from_model(
-            model, recipe=recipe or {}, data_info=data.info, completed=completed,
-            ema_state_dict=ema.module.state_dict() if ema is not None else None,
-            training=p.training_state(optimizer, scheduler, get_rng_state(rng))).save(path)
+    def artifact(self, completed: bool, **fields: Any) -> SupernetArtifact:
+        ema = self.ema.module.state_dict() if self.ema is not None else None
+        return SupernetArtifact.from_model(self.model, recipe=self.ctx.recipe, data_info=self.ctx.data.info,
+                                           completed=completed, ema_state_dict=ema, **fields)
 
-    pos = run_epochs(data=data, run=run, pos=pos, epochs=epochs, steps_per_epoch=steps, grad_accum=optim.grad_accum,
-                     seed=seed, step=step, evaluate=evaluate_epoch, save=save,
-                     score=lambda rows: sum(r["top1"] for r in rows) / len(rows), progress=progress, stop=stop,
-                     eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
-                     dataset=TwoViews(data.train) if cfg.two_views else data.train)
-    final_model = ema.module if ema is not None else model
-    subnets = finalize_supernet(final_model, data, cfg, run, device=device, dist=dist, seed=seed, recipe=recipe,
-                                amp=amp, progress=progress)
-    elapsed = time.monotonic() - t0
-    run.write_json("summary.json", {"kind": "supernet", "model": model.model_name, "epochs": epochs,
-                                    "steps_per_epoch": steps, "global_step": pos.global_step, "elapsed_s": round(elapsed, 1),
-                                    "world_size": dist.world, "environment": environment(device),
-                                    "data": asdict(data.info), "final": [r.to_row() for r in subnets]})
-    return SupernetResult(str(run.path), epochs, subnets, elapsed, model.needs_bn_calibration)
+    def finish(self) -> SupernetResult:
+        final_model = self.ema.module if self.ema is not None else self.model
+        subnets = finalize_supernet(final_model, self.ctx, self.cfg, amp=self.optim.amp)
+        elapsed = self.write_summary("supernet", [r.to_row() for r in subnets])
+        return SupernetResult(str(self.ctx.run.path), self.epochs, subnets, elapsed,
+                              self.model.needs_bn_calibration)
+
+
+def train_supernet(model: Supernet, ctx: RunContext, cfg: SupernetConfig, optim: OptimConfig) -> SupernetResult:
+    """Train ``model`` in ``ctx.run``; resumable at any optimizer step; ends with BN recalibration and a table.
+
+    Raises:
+        TrainingInterrupted: ``ctx.stop`` was set (SIGINT/SIGTERM); ``last.pt`` holds the exact resume point.
+    """
+    return SupernetTrainer(model, ctx, cfg, optim).fit()
 
 
 def _width(model: Supernet, spec: SliceSpec) -> float | str:
@@ -260,28 +229,22 @@ def subnet_table(model: Supernet, data: TrainData, device: torch.device, *, amp:
     return rows
 
 
-def finalize_supernet(model: Supernet, data: TrainData, cfg: SupernetConfig, run: RunDir, *, device: torch.device,
-                      dist: Dist = Dist(), seed: int = 0, recipe: dict[str, Any] | None = None, amp: bool = False,
-                      progress: Progress | None = None) -> list[SubnetRow]:
+def finalize_supernet(model: Supernet, ctx: RunContext, cfg: SupernetConfig, *, amp: bool = False) -> list[SubnetRow]:
     """Recalibrate BN per sub-network (families without BatchNorm skip it), evaluate every one, write final.pt
     and subnets.csv."""
-    progress = progress or Progress()
-    model = unwrap(model)
-    space = model.space
-    specs = space.all_specs()
+    model, data = unwrap(model), ctx.data
     used = 0
     if model.needs_bn_calibration:
-        loader = data.loader(seed=seed, epoch=CALIBRATION_EPOCH)
-        progress.start("recalibrating BN", 1)
-        used = calibrate_bn(model, loader, specs, device, num_batches=cfg.calib_batches, amp=amp)
-        progress.advance(1)
-        progress.finish(f"BN recalibrated on {used} batches per sub-network")
+        ctx.progress.start("recalibrating BN", 1)
+        used = recalibrate_bn(model, data, seed=ctx.seed, device=ctx.device, num_batches=cfg.calib_batches, amp=amp)
+        ctx.progress.advance(1)
+        ctx.progress.finish(f"BN recalibrated on {used} batches per sub-network")
     else:
         logger.info("%s has no BatchNorm: nothing to recalibrate", model.model_name)
-    rows = subnet_table(model, data, device, amp=amp, input_size=data.input_size, progress=progress)
-    if dist.main:
+    rows = subnet_table(model, data, ctx.device, amp=amp, input_size=data.input_size, progress=ctx.progress)
+    if ctx.dist.main:
         SupernetArtifact.from_model(
-            model, recipe=recipe or {}, data_info=data.info, calibrated=used > 0 or not model.needs_bn_calibration, calib_batches=used,
-            subnets=tuple(rows), gate_macs=gate_macs(model, data.input_size)).save(run.final)
-        run.write_csv("subnets.csv", [r.to_row() for r in rows])
+            model, recipe=ctx.recipe, data_info=data.info, calibrated=used > 0 or not model.needs_bn_calibration,
+            calib_batches=used, subnets=tuple(rows), gate_macs=gate_macs(model, data.input_size)).save(ctx.run.final)
+        ctx.run.write_csv("subnets.csv", [r.to_row() for r in rows])
     return rows
