@@ -178,9 +178,9 @@ def test_sync_batchnorm_holds_for_its_scope_only() -> None:
 
 def test_recalibration_re_estimates_bn_and_skips_a_family_without_it() -> None:
     from dsctl.train.calibrate import recalibrate_bn
-    from dsctl.train.data import build_train_data
+    from dsctl.train.data import build_run_data
 
-    data = build_train_data(load_recipe(SMOKE).data)
+    data = build_run_data(load_recipe(SMOKE).data)
     cnn = dsctl.build_model("tiny_ds_resnet")
     before = {k: v.clone() for k, v in cnn.state_dict().items()}
     assert recalibrate_bn(cnn, data, seed=0, device=torch.device("cpu"), num_batches=2) == 2
