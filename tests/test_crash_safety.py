@@ -47,7 +47,9 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     duration = time.monotonic() - t0
     rng = random.Random(0)
     kills = 0
-    for trial in range(KILLS):
+    trial = 0
+    while kills < KILLS and trial < 3 * KILLS:  # until 20 kills happened (a kill time past the run's end kills nothing)
+        trial += 1
         out = tmp_path / f"k{trial}"
         resume = False
         for attempt in range(6):  # kill, resume, maybe kill again, ... until it finishes
@@ -70,4 +72,4 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
         for k in a:
             assert torch.equal(a[k], b[k]), f"trial {trial}: {k} differs after resume"
         assert _metrics(out) == _metrics(ref), f"trial {trial}: metrics differ after resume"
-    assert kills >= KILLS  # at least one real kill per trial on average
+    assert kills >= KILLS
