@@ -89,8 +89,9 @@ def _print(rows: list[FigureRow]) -> None:
     for r in rows:
         subnet = f"{r.subnet} ({r.note})" if r.section in ("p1", "p2") else r.subnet
         parts = f"{r.numerator_value:.4g} / {r.denominator_value:.4g} {r.parts_unit}"
-        table.add_row(f"{r.section} {r.figure}", r.model, subnet, str(r.batch), str(r.input_size) if r.input_size else "-",
-                      f"{r.value:.3f}", r.target, r.meets, parts)
+        size = str(r.input_size) if r.input_size else "-"
+        table.add_row(f"{r.section} {r.figure}", r.model, subnet, str(r.batch), size, f"{r.value:.3f}", r.target,
+                      r.meets, parts)
     Console(width=150).print(table)
 
 

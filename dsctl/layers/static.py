@@ -34,7 +34,9 @@ class Bottleneck(nn.Module):
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+        out = self.body(x)  # ends with BN: a fresh tensor, so the sum and ReLU run in place (torchvision's way)
+        out += self.shortcut(x)
+        return torch.relu_(out)
 
 
 class ClassifierHead(nn.Module):

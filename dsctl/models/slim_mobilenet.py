@@ -53,11 +53,11 @@ class SlimDSBlock(nn.Module):
         self.bn2 = SlimBatchNorm2d(out_choices)
 
     def forward_dw(self, x: Tensor) -> Tensor:
-        x = F.silu(self.bn1(self.dw(x)))
+        x = F.silu(self.bn1(self.dw(x)), inplace=True)  # in place on the fresh BN output
         return x if self.se is None else self.se(x)
 
     def forward_pw(self, x: Tensor, out_channels: int) -> Tensor:
-        return F.silu(self.bn2(self.pw(x, out_channels)))
+        return F.silu(self.bn2(self.pw(x, out_channels)), inplace=True)
 
     def forward(self, x: Tensor, out_channels: int) -> Tensor:
         return self.forward_pw(self.forward_dw(x), out_channels)
@@ -65,8 +65,8 @@ class SlimDSBlock(nn.Module):
     def to_static(self, in_channels: int, out_channels: int, se: nn.Module | None = None) -> nn.Sequential:
         se = se if se is not None else (self.se.to_static(in_channels) if self.se is not None else nn.Identity())
         return nn.Sequential(
-            self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(), se,
-            self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU(),
+            self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(inplace=True), se,
+            self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU(inplace=True),
         )
 
 
@@ -104,7 +104,7 @@ class DSMobileNetV1(Supernet):
 
         ``points`` (if given) receives each stage's globally pooled output, (N, C), by stage name.
         """
-        x = F.silu(self.stem_bn(self.stem(x, widths[0])))
+        x = F.silu(self.stem_bn(self.stem(x, widths[0])), inplace=True)
         if points is not None:
             points[self.stage_cfgs[0].name] = x.mean((2, 3))
         for i, blocks in enumerate(self.stages[: self.gate_stage - 1], start=1):
@@ -151,7 +151,8 @@ class DSMobileNetV1(Supernet):
 
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         w = self.space.check(spec).widths
-        pre: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]), nn.SiLU()]
+        pre: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]),
+                                nn.SiLU(inplace=True)]
         post: list[nn.Module] = []
         prev = w[0]
         for i, blocks in enumerate(self.stages, start=1):
