@@ -31,6 +31,7 @@ class Settings:
     batches: tuple[int, ...] = (1, 32)
     # input size per batch size; None: the model's native size. CPU reduces it at batch 32 (stated in rows)
     batch_input_size: dict[int, int | None] = field(default_factory=dict)
+    dynamic_batch: int = 64
     train_batch: int = 32
     train_input_size: int | None = None
     tool_model: str = "ds_resnet50"

@@ -22,9 +22,9 @@ from benchmarks.common import Env, FigureRow, Settings
 
 __all__ = ["main", "build_settings", "run"]
 
-SECTIONS = ("p1", "p2", "p4", "p5")
+SECTIONS = ("p1", "p2", "p3", "p4", "p5")
 QUICK_MODELS = ("tiny_ds_resnet", "tiny_ds_mobilenetv1")
-CPU_BATCH32_SIZE = 128  # CPU runs batch 32 at this resolution (stated in every row's input_size)
+CPU_REDUCED_SIZE = 128  # CPU runs batches 32 and 64 at this resolution (stated in every row's input_size)
 
 
 def _families() -> tuple[str, ...]:
@@ -41,9 +41,10 @@ def build_settings(args: argparse.Namespace) -> Settings:
     threads = args.threads or torch.get_num_threads()
     if args.quick:
         settings = Settings(device, dtype, threads, True, QUICK_MODELS, min_run_time_s=0.3, rounds=3, warmup=2,
-                            batches=(1, 8), train_batch=8, tool_model="tiny_ds_resnet", tool_repeats=1)
+                            batches=(1, 8), dynamic_batch=8, train_batch=8, tool_model="tiny_ds_resnet",
+                            tool_repeats=1)
     else:
-        reduced = {} if device.type == "cuda" or args.native_size else {32: CPU_BATCH32_SIZE}
+        reduced = {} if device.type == "cuda" or args.native_size else {32: CPU_REDUCED_SIZE, 64: CPU_REDUCED_SIZE}
         settings = Settings(device, dtype, threads, False, _families(), min_run_time_s=3.0, rounds=7, warmup=3,
                             batch_input_size=reduced, train_batch=64 if device.type == "cuda" else 16,
                             train_input_size=None if device.type == "cuda" else 128)
@@ -57,6 +58,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
 
 
 def run(settings: Settings, sections: set[str]) -> list[FigureRow]:
+    from benchmarks.dynamic import bench_routing
     from benchmarks.inference import bench_slicing
     from benchmarks.tools import bench_tools
     from benchmarks.training import bench_training
@@ -69,6 +71,8 @@ def run(settings: Settings, sections: set[str]) -> list[FigureRow]:
     for name in settings.models:
         if sections & {"p1", "p2"}:
             rows += bench_slicing(name, settings, env, sections)
+        if "p3" in sections:
+            rows += bench_routing(name, settings, env)
         if "p4" in sections:
             rows += bench_training(name, settings, env)
     if "p5" in sections:
