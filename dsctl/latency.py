@@ -1,7 +1,7 @@
 """Latency measurement with ``torch.utils.benchmark``, side by side.
 
-``measure_latency`` times several candidates in interleaved rounds (A B C A B C ...), so that a noisy,
-shared machine slows them alike; each round is one ``Timer.blocked_autorange`` block per candidate.
+``measure_latency`` times several candidates in interleaved rounds (A B C, C B A, ...), so that a
+noisy, shared machine slows them alike; each round is one ``Timer.blocked_autorange`` block per candidate.
 Medians and p90 are over the blocks' mean per-iteration times. ``Timer`` synchronises CUDA.
 """
 
@@ -39,7 +39,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, min_run_time_s: float = 1.0,
                      rounds: int = 5, threads: int | None = None) -> dict[str, list[float]]:
-    """Seconds per call of every ``fn()``, timed in interleaved rounds (A B C A B C ...).
+    """Seconds per call of every ``fn()``, timed in interleaved rounds, every other one reversed
+    (A B C, C B A, A B C, ...) so that no candidate always runs right after the same other one (what ran
+    before leaves caches and the allocator in a state that helps or hurts the next).
 
     Each round times every candidate for ``min_run_time_s / rounds`` (at least 0.05 s, at least one block)
     in blocks of calls; the lists hold every block's mean per-call time. The first round sizes the blocks
@@ -57,8 +59,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, 
     times: dict[str, list[float]] = {name: [] for name in fns}
     block: dict[str, int] = {}  # calls per block, from the first round
     per_round = max(min_run_time_s / rounds, 0.05)
-    for _ in range(rounds):
-        for name, timer in timers.items():
+    names = list(timers)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            timer = timers[name]
             if name not in block:
                 m = timer.blocked_autorange(min_run_time=per_round)
                 block[name] = m.number_per_run
