@@ -24,6 +24,7 @@ class Settings:
     dtype: torch.dtype
     threads: int
     quick: bool
+    memory_format: torch.memory_format
     models: tuple[str, ...]
     min_run_time_s: float
     rounds: int
@@ -41,12 +42,18 @@ class Settings:
         size = self.batch_input_size.get(batch)
         return native if size is None else min(size, native)
 
+    def images(self, batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
+        """Random inputs on the device, in the run's dtype and memory format (the layout every op keeps)."""
+        x = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+        return x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
+
 
 @dataclass(frozen=True)
 class Env:
     device: str
     threads: int
     dtype: str
+    memory_format: str
     torch_version: str
     commit: str
     quick: bool
@@ -80,6 +87,7 @@ class FigureRow:
     device: str
     threads: int
     dtype: str
+    memory_format: str
     torch_version: str
     commit: str
     quick: bool
@@ -101,7 +109,7 @@ def figure(env: Env, section: str, name: str, model: str, subnet: str, batch: in
                      _meets(value, target), numerator[0], round(numerator[1], 4), denominator[0],
                      round(denominator[1], 4), parts_unit, None if macs_ratio is None else round(macs_ratio, 4),
                      samples, note,
-                     env.device, env.threads, env.dtype, env.torch_version, env.commit, env.quick)
+                     env.device, env.threads, env.dtype, env.memory_format, env.torch_version, env.commit, env.quick)
 
 
 def median_ms(reports: list[LatencyReport], name: str) -> float:

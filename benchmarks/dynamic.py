@@ -45,10 +45,11 @@ def mixed_routes(model: Supernet, images: torch.Tensor, route_macs: list[int], s
 def bench_routing(model_name: str, settings: Settings, env: Env) -> list[FigureRow]:
     model = build_model(model_name).eval()
     size = settings.input_size(model.default_input_size, settings.dynamic_batch)
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randn(4 * settings.dynamic_batch, model.in_chans, size, size, generator=gen)
+    # in the run's dtype and layout; bench_dynamic moves each batch to the device
+    images = settings.images(4 * settings.dynamic_batch, model.in_chans, size, seed=1).cpu()
     route_macs = macs_table(model, size)
-    window = mixed_routes(model, images, route_macs)
+    window = mixed_routes(model, images.float(), route_macs)
+    model.to(settings.dtype)
     bench = BenchSettings(batches=(settings.dynamic_batch,), device=str(settings.device), threads=settings.threads,
                           warmup=settings.warmup, min_run_time_s=settings.min_run_time_s, input_size=size,
                           rounds=settings.rounds)

@@ -44,7 +44,7 @@ def bench_slicing(model_name: str, settings: Settings, env: Env, sections: set[s
     rows: list[FigureRow] = []
     for batch in batches:
         size = settings.input_size(model.default_input_size, batch)
-        x = torch.randn(batch, model.in_chans, size, size, device=settings.device, dtype=settings.dtype)
+        x = settings.images(batch, model.in_chans, size)
         candidates = {}
         for pick, spec in picks.items():
             candidates[f"static {pick}"] = statics[pick]

@@ -69,9 +69,9 @@ def bench_training(model_name: str, settings: Settings, env: Env) -> list[Figure
     cfg = SupernetConfig(target="id")  # in-place distillation: no teacher network to time
     specs = sample_members(model.space, random.Random(0), cfg.num_random)
     statics = [model.to_static(s).to(device).train().requires_grad_(True) for s in specs]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(settings.train_batch, model.in_chans, size, size, generator=gen).to(device)
-    y = torch.randint(0, model.num_classes, (settings.train_batch,), generator=gen).to(device)
+    x = settings.images(settings.train_batch, model.in_chans, size).float()  # fp32 weights, autocast on CUDA
+    y = torch.randint(0, model.num_classes, (settings.train_batch,), generator=torch.Generator().manual_seed(0))
+    y = y.to(device)
 
     def sandwich() -> None:
         model.zero_grad(set_to_none=True)
