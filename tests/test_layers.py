@@ -72,6 +72,8 @@ def test_conv_keeps_no_copies_while_training() -> None:
     with torch.no_grad():
         conv(x, 5)
     assert conv._slices
+    conv.eval()  # evaluation loops call eval() per batch: the copies stay
+    assert conv._slices
     conv.train()
     assert not conv._slices
     with torch.no_grad():

@@ -75,7 +75,8 @@ class SlimConv2d(nn.Conv2d):
         return sliced
 
     def train(self, mode: bool = True) -> SlimConv2d:
-        self._slices.clear()
+        if mode:  # training changes the weight: free the copies now (eval() keeps them; the stamp checks them)
+            self._slices.clear()
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): new storage, drop the copies
