@@ -28,8 +28,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatc
     assert reader.fieldnames == [f.name for f in fields(FigureRow)]
     assert {(r["section"], r["figure"]) for r in rows} == {
         ("p1", "slicing_overhead"), ("p2", "realised_speedup_sliced"), ("p2", "realised_speedup_static"),
-        ("p3", "dynamic_vs_static_equal_macs"), ("p3", "dynamic_vs_masked"), ("p3", "dynamic_vs_exported"),
-        ("p3", "exported_dynamic_torchscript_vs_exported"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"), ("p5", "tool_cost")}
+        ("p3", "dynamic_vs_static_equal_macs"), ("p3", "dynamic_vs_masked"),
+        ("p3", "supernet_grouped_vs_exported"), ("p3", "torchscript_vs_exported"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"), ("p5", "tool_cost")}
     assert sum(r["section"] == "p1" for r in rows) == 6  # smallest, middle, largest at two batch sizes
     for r in rows:
         assert math.isfinite(float(r["value"])) and float(r["value"]) > 0, r
