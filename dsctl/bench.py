@@ -38,6 +38,7 @@ class BenchSettings:
     warmup: int = 10
     min_run_time_s: float = 1.0
     input_size: int | None = None
+    rounds: int = 5
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class BenchRow:
     """One timed candidate; ``ratio`` is its median latency over the reference's in the same run."""
 
     model: str
+    candidate: str
     kind: str
     subnet: str
     width: str
@@ -90,7 +92,7 @@ def _rows(model: str, reports, meta: dict[str, tuple[str, str, str, int]], refer
     rows = []
     for r in reports:
         kind, subnet, width, macs = meta[r.name]
-        rows.append(BenchRow(model, kind, subnet, width, r.batch, macs, round(r.latency_ms_p50, 4),
+        rows.append(BenchRow(model, r.name, kind, subnet, width, r.batch, macs, round(r.latency_ms_p50, 4),
                              round(r.latency_ms_p90, 4), round(r.throughput, 2),
                              round(r.latency_ms_p50 / ref.latency_ms_p50, 4), reference, str(device), threads,
                              "float32", input_size, torch.__version__, commit))
@@ -112,18 +114,23 @@ def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSet
         for b in settings.batches:
             x = torch.randn(b, model.in_chans, size, size, device=device)
             reports = measure_latency({"static": static, "sliced": bind(model, spec)}, x, warmup=settings.warmup,
-                                      min_run_time_s=settings.min_run_time_s, threads=threads)
+                                      min_run_time_s=settings.min_run_time_s, rounds=settings.rounds, threads=threads)
             rows += _rows(model.model_name, reports, meta, "static", settings, device, threads, commit, size)
     return rows
 
 
 def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, settings: BenchSettings, *,
-                  route_macs: list[int] | None = None, exported: Path | None = None) -> list[BenchRow]:
+                  route_macs: list[int] | None = None, exported: Path | None = None,
+                  torchscript: bool = False) -> list[BenchRow]:
     """Grouped dynamic inference on real images against: the window's widest static sub-network, masking
     the same routes at full width, and the static sub-network closest to the dynamic average MACs.
 
-    ``images`` are real evaluation images (the gate's realistic route mix); each call takes the next
-    batch of them. Ratios are over the widest static sub-network.
+    Dynamic candidates: ``dynamic`` (the supernet, grouped and sliced), ``exported_dynamic`` (the
+    deployable plain-torch :func:`~dsctl.export.export_routed` module, or the file ``exported``) and, with
+    ``torchscript`` (deprecated in torch 2.14; an option while it works), ``exported_dynamic_torchscript``:
+    that module scripted, as ``dsctl export --dynamic`` writes it. ``images`` are real evaluation images
+    (the gate's realistic route mix); each call takes the next batch of them. Ratios are over the widest
+    static sub-network.
     """
     device, threads, commit = _env(settings)
     size = images.shape[-1]
@@ -146,16 +153,20 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
             "dynamic": ("dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg)),
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
             "static_equal_macs": ("static", f"k{k_eq}", r(k_eq), route_macs[k_eq])}
-    candidates["exported_dynamic"] = (load_subnet(exported) if exported is not None
-                                      else torch.jit.script(export_routed(model, window))).to(device)
+    routed = export_routed(model, window).to(device)
+    candidates["exported_dynamic"] = load_subnet(exported).to(device) if exported is not None else routed
     meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
+    if torchscript:
+        candidates["exported_dynamic_torchscript"] = torch.jit.script(routed)
+        meta["exported_dynamic_torchscript"] = ("exported_dynamic", f"dynamic[{lo}:{hi}] torchscript", "dynamic",
+                                                round(avg))
     rows: list[BenchRow] = []
     for b in settings.batches:
         n = max(1, min(16, images.shape[0] // b))
         batches = [images[i * b : (i + 1) * b].to(device) for i in range(n)]
         cycled = {name: _Cycle(fn, batches) for name, fn in candidates.items()}
         reports = measure_latency(cycled, batches[0], warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
-                                  threads=threads)
+                                  rounds=settings.rounds, threads=threads)
         rows += _rows(model.model_name, reports, meta, "static_widest", settings, device, threads, commit, size)
     return rows
 
@@ -174,7 +185,7 @@ def bench_module(name: str, module: nn.Module, in_chans: int, input_size: int, s
     for b in settings.batches:
         x = torch.randn(b, in_chans, input_size, input_size, device=device)
         reports = measure_latency({name: module}, x, warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
-                                  threads=threads)
+                                  rounds=settings.rounds, threads=threads)
         rows += _rows(name, reports, {name: (kind, subnet, width, macs)}, name, settings, device, threads, commit,
                       input_size)
     return rows

@@ -1,7 +1,7 @@
 """Latency measurement with ``torch.utils.benchmark``, side by side.
 
-``measure_latency`` times several candidates in interleaved rounds (A B C A B C ...), so that a noisy,
-shared machine slows them alike; each round is one ``Timer.blocked_autorange`` block per candidate.
+``measure_latency`` times several candidates in interleaved rounds (A B C, C B A, ...), so that a
+noisy, shared machine slows them alike; each round is one ``Timer.blocked_autorange`` block per candidate.
 Medians and p90 are over the blocks' mean per-iteration times. ``Timer`` synchronises CUDA.
 """
 
@@ -11,11 +11,12 @@ import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
-__all__ = ["LatencyReport", "measure_latency", "torch_threads"]
+__all__ = ["LatencyReport", "measure_latency", "time_interleaved", "torch_threads"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,45 @@ def _percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, min_run_time_s: float = 1.0,
+                     rounds: int = 5, threads: int | None = None) -> dict[str, list[float]]:
+    """Seconds per call of every ``fn()``, timed in interleaved rounds, every other one reversed
+    (A B C, C B A, A B C, ...) so that no candidate always runs right after the same other one (what ran
+    before leaves caches and the allocator in a state that helps or hurts the next).
+
+    Each round times every candidate for ``min_run_time_s / rounds`` (at least 0.05 s, at least one block)
+    in blocks of calls; the lists hold every block's mean per-call time. The first round sizes the blocks
+    (``Timer.blocked_autorange``, which also calls once more to warm up); later rounds reuse that size, so
+    a slow candidate (a training step, a command) costs one call per round. Grad mode is the caller's (time
+    a training step by passing a function that runs backward). ``Timer`` synchronises the accelerator.
+    """
+    from torch.utils.benchmark import Timer
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    block: dict[str, int] = {}  # calls per block, from the first round
+    per_round = max(min_run_time_s / rounds, 0.05)
+    with torch_threads(threads) as threads:  # warm-up at the thread count it is timed at; restored after
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        timers = {name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) for name, fn in fns.items()}
+        names = list(timers)
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                timer = timers[name]
+                if name not in block:
+                    m = timer.blocked_autorange(min_run_time=per_round)
+                    block[name] = m.number_per_run
+                    times[name].extend(m.times)
+                    continue
+                spent = 0.0
+                while spent < per_round:
+                    per_call = timer.timeit(block[name]).times[0]
+                    times[name].append(per_call)
+                    spent += per_call * block[name]
+    return times
+
+
 @torch.no_grad()
 def measure_latency(candidates: dict[str, Callable[[Tensor], Tensor]], x: Tensor, *, warmup: int = 10,
                     min_run_time_s: float = 1.0, rounds: int = 5, threads: int | None = None) -> list[LatencyReport]:
@@ -58,21 +98,8 @@ def measure_latency(candidates: dict[str, Callable[[Tensor], Tensor]], x: Tensor
         >>> reports = measure_latency({"static": static_net, "sliced": bind(model, spec)}, torch.randn(1, 3, 224, 224))
         >>> reports[0].latency_ms_p50
     """
-    from torch.utils.benchmark import Timer
-
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    per_round = max(min_run_time_s / rounds, 0.05)
-    with torch_threads(threads) as threads:  # warm-up at the thread count it is timed at
-        for fn in candidates.values():
-            for _ in range(warmup):
-                fn(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        for _ in range(rounds):
-            for name, fn in candidates.items():
-                timer = Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
-                m = timer.blocked_autorange(min_run_time=per_round)
-                times[name].extend(m.times)
+    times = time_interleaved({name: partial(fn, x) for name, fn in candidates.items()}, warmup=warmup,
+                             min_run_time_s=min_run_time_s, rounds=rounds, threads=threads)
     batch = x.shape[0]
     out = []
     for name, t in times.items():

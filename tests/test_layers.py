@@ -30,6 +30,57 @@ def test_depthwise_conv_follows_input_width() -> None:
     torch.testing.assert_close(conv.to_static(6)(x), expected)
 
 
+def _expected_conv(conv: SlimConv2d, x: torch.Tensor, out_c: int) -> torch.Tensor:
+    return F.conv2d(x, conv.weight[:out_c, : x.shape[1]].detach(), conv.bias[:out_c].detach(), padding=1)
+
+
+def test_conv_inference_copies_follow_every_weight_change() -> None:
+    """The eval-mode contiguous copy of a sliced weight is never stale: optimizer step (the gate trains
+    convs of an eval-mode supernet), load_state_dict, new storage, dtype change."""
+    conv = SlimConv2d(8, 8, 3, padding=1, bias=True).eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, 5), _expected_conv(conv, x, 5))
+        torch.testing.assert_close(conv(x, 8), _expected_conv(conv, x, 8))  # every output: the whole bias
+        kept = conv.sliced_weight(5, 4)
+        assert kept.is_contiguous() and kept is conv.sliced_weight(5, 4)  # one copy, reused
+
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    conv(x, 5).square().sum().backward()  # eval mode, grad enabled: the slice is a view autograd sees
+    assert conv.weight.grad[:5, :4].abs().sum() > 0 and conv.weight.grad[5:].abs().sum() == 0
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, 5), _expected_conv(conv, x, 5))
+
+    conv.load_state_dict({k: torch.randn_like(v) for k, v in conv.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, 5), _expected_conv(conv, x, 5))
+
+    conv.weight.data = torch.randn_like(conv.weight)  # new storage, version counter not bumped
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, 5), _expected_conv(conv, x, 5))
+
+    conv.double()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x.double(), 5), _expected_conv(conv, x.double(), 5))
+
+
+def test_conv_keeps_no_copies_while_training() -> None:
+    conv = SlimConv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    conv.eval()
+    with torch.no_grad():
+        conv(x, 5)
+    assert conv._slices
+    conv.eval()  # evaluation loops call eval() per batch: the copies stay
+    assert conv._slices
+    conv.train()
+    assert not conv._slices
+    with torch.no_grad():
+        conv(x, 5)
+        assert not conv._slices and not conv.sliced_weight(5, 4).is_contiguous()
+
+
 def test_linear_slices() -> None:
     lin = SlimLinear(20, 10)
     x = torch.randn(3, 7)

@@ -25,6 +25,12 @@ class SlimConv2d(nn.Conv2d):
     A depthwise conv (``groups == in_channels == out_channels``) is sliced to ``weight[:c]`` with
     ``groups = c``, where ``c`` is the number of input channels; its output width always equals ``c``.
     Only ``groups == 1`` and depthwise convs are supported.
+
+    Outside autograd (no grad, or a frozen weight) and in eval mode, a sliced weight that is not
+    contiguous is copied once per width and kept: the conv kernels would otherwise copy the strided
+    view on every call, which made sliced sub-networks slower than their exported twins (issue 11).
+    The copies are dropped when the weight changes (in-place update, new storage, ``.to()``,
+    ``load_state_dict``) and on ``train()``; at most one per width used since then is held.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -32,16 +38,54 @@ class SlimConv2d(nn.Conv2d):
         self.depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
         if self.groups != 1 and not self.depthwise:
             raise ValueError(f"SlimConv2d supports groups=1 or depthwise, got groups={self.groups}")
+        self._slices: dict[tuple[int, int], Tensor] = {}
+        self._slices_stamp: tuple[int, int] | None = None
 
     def forward(self, x: Tensor, out_channels: int | None = None) -> Tensor:  # type: ignore[override]
         in_c = x.shape[1]
         if self.depthwise:
-            weight, out_c, groups = self.weight[:in_c], in_c, in_c
+            out_c, groups = in_c, in_c
         else:
             out_c = self.out_channels if out_channels is None else out_channels
-            weight, groups = self.weight[:out_c, :in_c], 1
-        bias = None if self.bias is None else self.bias[:out_c]
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+            groups = 1
+        bias = self.bias
+        if bias is not None and out_c != self.out_channels:
+            bias = bias[:out_c]
+        return F.conv2d(x, self.sliced_weight(out_c, in_c), bias, self.stride, self.padding, self.dilation, groups)
+
+    def sliced_weight(self, out_channels: int, in_channels: int) -> Tensor:
+        """``weight[:out_channels, :in_channels]`` (depthwise: ``weight[:out_channels]``), contiguous
+        outside autograd in eval mode (a kept copy, see the class docstring)."""
+        w = self.weight
+        in_w = 1 if self.depthwise else in_channels
+        if in_w == w.shape[1]:  # whole rows: the view is contiguous already
+            return w if out_channels == w.shape[0] else w[:out_channels]
+        if (self.training or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference()
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            return w[:out_channels, :in_w]
+        stamp = (w.data_ptr(), w._version)
+        if stamp != self._slices_stamp:
+            self._slices.clear()
+            self._slices_stamp = stamp
+        key = (out_channels, in_w)
+        sliced = self._slices.get(key)
+        if sliced is None:
+            with torch.inference_mode(False), torch.no_grad():
+                sliced = self._slices[key] = w[:out_channels, :in_w].contiguous()
+        return sliced
+
+    def train(self, mode: bool = True) -> SlimConv2d:
+        if mode:  # training changes the weight: free the copies now (eval() keeps them; the stamp checks them)
+            self._slices.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda(): new storage, drop the copies
+        self._slices.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._slices.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def to_static(self, in_channels: int, out_channels: int | None = None) -> nn.Conv2d:
@@ -101,21 +145,22 @@ class SlimBatchNorm2d(nn.Module):
         self.sync = False  # SyncBatchNorm behaviour under torch.distributed (set by the trainer)
         self.weight = nn.Parameter(torch.ones(self.num_features))
         self.bias = nn.Parameter(torch.zeros(self.num_features))
+        self._stat_names: dict[int, tuple[str, str, str]] = {}  # width -> its three buffer names
         for c in self.choices:
-            suffix = self._suffix(c)
-            self.register_buffer("running_mean" + suffix, torch.zeros(c))
-            self.register_buffer("running_var" + suffix, torch.ones(c))
-            self.register_buffer("num_batches_tracked" + suffix, torch.tensor(0, dtype=torch.long))
-
-    def _suffix(self, c: int) -> str:
-        return "" if c == self.num_features else f"_c{c}"
+            suffix = "" if c == self.num_features else f"_c{c}"
+            names = ("running_mean" + suffix, "running_var" + suffix, "num_batches_tracked" + suffix)
+            self._stat_names[c] = names
+            self.register_buffer(names[0], torch.zeros(c))
+            self.register_buffer(names[1], torch.ones(c))
+            self.register_buffer(names[2], torch.tensor(0, dtype=torch.long))
 
     def stats(self, c: int) -> tuple[Tensor, Tensor, Tensor]:
         """(running_mean, running_var, num_batches_tracked) of width ``c``."""
-        if c not in self.choices:
+        names = self._stat_names.get(c)
+        if names is None:
             raise ValueError(f"SlimBatchNorm2d got {c} channels (allowed: {list(self.choices)})")
-        s = self._suffix(c)
-        return getattr(self, "running_mean" + s), getattr(self, "running_var" + s), getattr(self, "num_batches_tracked" + s)
+        buffers = self._buffers  # read per call: .to() and load_state_dict may replace the tensors
+        return buffers[names[0]], buffers[names[1]], buffers[names[2]]
 
     @torch.no_grad()
     def reset_running_stats(self) -> None:
@@ -134,7 +179,8 @@ class SlimBatchNorm2d(nn.Module):
         if self.training:
             n.add_(1)
             factor = 1.0 / float(n) if self.momentum is None else self.momentum
-        return F.batch_norm(x, mean, var, self.weight[:c], self.bias[:c], self.training, factor, self.eps)
+        weight, bias = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+        return F.batch_norm(x, mean, var, weight, bias, self.training, factor, self.eps)
 
     def _forward_synced(self, x: Tensor, mean: Tensor, var: Tensor, n: Tensor) -> Tensor:
         """Batch statistics over every rank's batch (differentiable all-reduce), as SyncBatchNorm does."""

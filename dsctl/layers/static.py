@@ -34,7 +34,9 @@ class Bottleneck(nn.Module):
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
+        out = self.body(x)  # ends with BN: a fresh tensor, so the sum and ReLU run in place (torchvision's way)
+        out += self.shortcut(x)
+        return torch.relu_(out)
 
 
 class ClassifierHead(nn.Module):
@@ -92,7 +94,8 @@ class RoutedNet(nn.Module):
     """Deployable dynamic network: shared stem, gate, and one static sub-network tail per route.
 
     Samples are grouped by the gate's choice and each group runs its own (narrower, dense) tail;
-    outputs come back in input order. ``first_route`` is the supernet index of ``tails[0]``.
+    outputs come back in input order. ``first_route`` is the supernet index of ``tails[0]``. A plain
+    ``nn.Module`` (TorchScript can script it, but nothing depends on that).
     """
 
     def __init__(self, pre: nn.Module, gate: StaticGate, tails: list[nn.Module], num_classes: int,
@@ -106,11 +109,19 @@ class RoutedNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, routes = self.gate(self.pre(x))
-        out = torch.zeros(x.shape[0], self.num_classes, dtype=h.dtype, device=h.device)
+        n = x.shape[0]
+        counts: list[int] = torch.bincount(routes, minlength=len(self.tails)).tolist()  # the one host sync
+        order = torch.argsort(routes)  # samples grouped by route: group i is order[start_i : start_i + counts[i]]
+        outs: list[Tensor] = []
+        start = 0
         i = 0
         for tail in self.tails:
-            idx = (routes == i).nonzero().squeeze(1)
-            if idx.numel() > 0:
-                out.index_copy_(0, idx, tail(h.index_select(0, idx)))
+            c = counts[i]
+            if c == n:  # the whole batch takes this route: no gather, no scatter
+                return tail(h)
+            if c > 0:
+                outs.append(tail(h.index_select(0, order[start : start + c])))
+            start += c
             i += 1
-        return out
+        grouped = torch.cat(outs)
+        return torch.empty_like(grouped).index_copy_(0, order, grouped)  # back in input order

@@ -56,11 +56,11 @@ class SlimSeparableBlock(nn.Module):
         self.bn2 = SlimBatchNorm2d(out_choices)
 
     def forward_dw(self, x: Tensor) -> Tensor:
-        x = F.silu(self.bn1(self.dw(x)))
+        x = F.silu(self.bn1(self.dw(x)), inplace=True)  # in place on the fresh BN output
         return x if self.se is None else self.se(x)
 
     def forward_pw(self, x: Tensor, out_channels: int) -> Tensor:
-        return F.silu(self.bn2(self.pw(x, out_channels)))
+        return F.silu(self.bn2(self.pw(x, out_channels)), inplace=True)
 
     def forward(self, x: Tensor, out_channels: int) -> Tensor:
         return self.forward_pw(self.forward_dw(x), out_channels)
@@ -70,8 +70,8 @@ class SlimSeparableBlock(nn.Module):
         """Plain-torch layers of :meth:`forward_dw` (depthwise, BN, SiLU, SE or ``se``) and of
         :meth:`forward_pw` (pointwise, BN, SiLU)."""
         se = se if se is not None else (self.se.to_static(in_channels) if self.se is not None else nn.Identity())
-        dw_half = [self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(), se]
-        pw_half = [self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU()]
+        dw_half = [self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(inplace=True), se]
+        pw_half = [self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU(inplace=True)]
         return dw_half, pw_half
 
     def to_static(self, in_channels: int, out_channels: int) -> nn.Sequential:
@@ -124,7 +124,7 @@ class DSMobileNetV1(Supernet):
 
         ``points`` (if given) receives each stage's globally pooled output, (N, C), by stage name.
         """
-        x = F.silu(self.stem_bn(self.stem(x, widths[0])))
+        x = F.silu(self.stem_bn(self.stem(x, widths[0])), inplace=True)
         if points is not None:
             points[self.stage_cfgs[0].name] = x.mean((2, 3))
         for i in range(1, self.gate_stage):
@@ -170,7 +170,8 @@ class DSMobileNetV1(Supernet):
 
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         w = self.space.check(spec).widths
-        pre: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]), nn.SiLU()]
+        pre: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]),
+                                nn.SiLU(inplace=True)]
         post: list[nn.Module] = []
         prev = w[0]
         for i in range(1, len(self.stage_cfgs)):

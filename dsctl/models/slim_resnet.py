@@ -86,17 +86,19 @@ class SlimBottleneck(nn.Module):
 
     def forward(self, x: Tensor, out_channels: int) -> Tensor:
         mid = out_channels // EXPANSION
-        h = F.relu(self.bn1(self.conv1(x, mid)))
-        h = F.relu(self.bn2(self.conv2(h, mid)))
+        # in place on fresh BN outputs, as torchvision does (BN's backward does not need its output)
+        h = F.relu(self.bn1(self.conv1(x, mid)), inplace=True)
+        h = F.relu(self.bn2(self.conv2(h, mid)), inplace=True)
         h = self.bn3(self.conv3(h, out_channels))
         shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x, out_channels))
-        return F.relu(h + shortcut)
+        h += shortcut
+        return F.relu(h, inplace=True)
 
     def to_static(self, in_channels: int, out_channels: int) -> Bottleneck:
         mid = out_channels // EXPANSION
         body = nn.Sequential(
-            self.conv1.to_static(in_channels, mid), self.bn1.to_static(mid), nn.ReLU(),
-            self.conv2.to_static(mid, mid), self.bn2.to_static(mid), nn.ReLU(),
+            self.conv1.to_static(in_channels, mid), self.bn1.to_static(mid), nn.ReLU(inplace=True),
+            self.conv2.to_static(mid, mid), self.bn2.to_static(mid), nn.ReLU(inplace=True),
             self.conv3.to_static(mid, out_channels), self.bn3.to_static(out_channels),
         )
         shortcut = None
@@ -163,7 +165,7 @@ class DSResNet(Supernet):
                 if i > 0 and not (until_gate and cfg.routed)]
 
     def _stem(self, x: Tensor, width: int) -> Tensor:
-        x = F.relu(self.bn1(self.conv1(x, width)))
+        x = F.relu(self.bn1(self.conv1(x, width)), inplace=True)
         return F.max_pool2d(x, 3, 2, 1) if self.imagenet_stem else x
 
     def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
@@ -203,7 +205,8 @@ class DSResNet(Supernet):
     def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
         w = self.space.check(spec).widths
         stem_pool: nn.Module = nn.MaxPool2d(3, 2, 1) if self.imagenet_stem else nn.Identity()
-        pre: list[nn.Module] = [self.conv1.to_static(self.in_chans, w[0]), self.bn1.to_static(w[0]), nn.ReLU(), stem_pool]
+        pre: list[nn.Module] = [self.conv1.to_static(self.in_chans, w[0]), self.bn1.to_static(w[0]),
+                                nn.ReLU(inplace=True), stem_pool]
         post: list[nn.Module] = []
         prev = w[0]
         for i, cfg, blocks in self._layers():

@@ -1,0 +1,1 @@
+"""Issue-11 performance benchmarks: ``python -m benchmarks`` (see run.py and README.md)."""

@@ -1,0 +1,69 @@
+"""P1 slicing overhead and P2 realised speed-up, from one interleaved run per model and batch size.
+
+Candidates: the sliced supernet (``bind(model, spec)``) and its exported static twin
+(``export_subnet``) for the smallest, middle and largest sub-networks, all six timed side by side.
+P1 = sliced / static of the same width; P2 = (sliced largest / sliced sub-network) / (MACs largest / MACs
+sub-network) at the largest batch, with the same figure for the static networks beside it (what the
+hardware gives narrower dense layers, whatever slicing does).
+"""
+
+from __future__ import annotations
+
+
+from benchmarks.common import Env, FigureRow, Settings, figure, median_ms
+from dsctl.export import export_subnet
+from dsctl.flops import count_macs
+from dsctl.latency import measure_latency
+from dsctl.models.base import Supernet, bind
+from dsctl.registry import build_model
+from dsctl.spec import SliceSpec
+
+__all__ = ["bench_slicing", "P1_TARGETS", "P2_TARGETS"]
+
+P1_TARGETS = {1: "<=1.10"}  # batch 1; larger batches: "<=1.03"
+P2_TARGETS = {"ds_resnet50": ">=0.8"}
+
+
+def _picks(model: Supernet) -> dict[str, SliceSpec]:
+    space = model.space
+    return {"smallest": space.smallest(), "middle": space.subnets[len(space.subnets) // 2], "largest": space.largest()}
+
+
+def bench_slicing(model_name: str, settings: Settings, env: Env, sections: set[str]) -> list[FigureRow]:
+    """P1 rows (every batch) and P2 rows (the largest batch) of one registered model."""
+    model = build_model(model_name).eval()
+    picks = _picks(model)
+    statics = {pick: export_subnet(model, spec) for pick, spec in picks.items()}
+    p2_size = settings.input_size(model.default_input_size, settings.batches[-1])
+    macs = {pick: count_macs(s, p2_size, model.in_chans) for pick, s in statics.items()} if "p2" in sections else {}
+    model.to(settings.device, settings.dtype)
+    statics = {pick: s.to(settings.device, settings.dtype) for pick, s in statics.items()}
+    batches = settings.batches if "p1" in sections else settings.batches[-1:]
+    label = {pick: model.space.label(spec) for pick, spec in picks.items()}
+    rows: list[FigureRow] = []
+    for batch in batches:
+        size = settings.input_size(model.default_input_size, batch)
+        x = settings.images(batch, model.in_chans, size)
+        candidates = {}
+        for pick, spec in picks.items():
+            candidates[f"static {pick}"] = statics[pick]
+            candidates[f"sliced {pick}"] = bind(model, spec)
+        reports = measure_latency(candidates, x, warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
+                                  rounds=settings.rounds, threads=settings.threads)
+        ms = {name: median_ms(reports, name) for name in candidates}
+        samples = min(r.samples for r in reports)
+        if "p1" in sections:
+            for pick in picks:
+                num, den = (f"sliced {pick}", ms[f"sliced {pick}"]), (f"static {pick}", ms[f"static {pick}"])
+                rows.append(figure(env, "p1", "slicing_overhead", model_name, label[pick], batch, size, num[1] / den[1],
+                                   numerator=num, denominator=den, target=P1_TARGETS.get(batch, "<=1.03"),
+                                   samples=samples, note=pick))
+        if "p2" in sections and batch == settings.batches[-1]:
+            for pick in ("smallest", "middle"):
+                macs_ratio = macs["largest"] / macs[pick]
+                for kind, target in (("sliced", P2_TARGETS.get(model_name, "")), ("static", "")):
+                    num, den = (f"{kind} largest", ms[f"{kind} largest"]), (f"{kind} {pick}", ms[f"{kind} {pick}"])
+                    rows.append(figure(env, "p2", f"realised_speedup_{kind}", model_name, label[pick], batch, size,
+                                       num[1] / den[1] / macs_ratio, numerator=num, denominator=den, target=target,
+                                       macs_ratio=macs_ratio, samples=samples, note=pick))
+    return rows

@@ -1,0 +1,42 @@
+"""The benchmark runner writes one row per figure with finite ratios and full provenance (no timed asserts)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import fields
+
+import pytest
+
+from benchmarks import tools
+from benchmarks.common import FigureRow
+from benchmarks.run import main
+
+
+def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_command(args: list[str], threads: int):  # a fresh dsctl process per call costs seconds: fake it
+        return lambda: time.sleep(0.002 if args == ["--help"] else 0.004)
+
+    monkeypatch.setattr(tools, "_command", fake_command)
+    out = tmp_path / "quick.csv"
+    assert main(["--quick", "--models", "tiny_ds_resnet", "--threads", "1", "--min-run-time", "0.05", "--rounds", "2",
+                 "--out", str(out)]) == 0
+    with out.open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == [f.name for f in fields(FigureRow)]
+    assert {(r["section"], r["figure"]) for r in rows} == {
+        ("p1", "slicing_overhead"), ("p2", "realised_speedup_sliced"), ("p2", "realised_speedup_static"),
+        ("p3", "dynamic_vs_static_equal_macs"), ("p3", "dynamic_vs_masked"),
+        ("p3", "supernet_grouped_vs_exported"), ("p3", "torchscript_vs_exported"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"), ("p5", "tool_cost")}
+    assert sum(r["section"] == "p1" for r in rows) == 6  # smallest, middle, largest at two batch sizes
+    for r in rows:
+        assert math.isfinite(float(r["value"])) and float(r["value"]) > 0, r
+        assert r["device"] == "cpu" and r["threads"] == "1" and r["quick"] == "True" and r["torch_version"], r
+        assert r["commit"], r
+
+
+def test_only_rejects_unknown_sections() -> None:
+    with pytest.raises(SystemExit):
+        main(["--only", "p1,p9"])
