@@ -167,9 +167,6 @@ def test_train_mode_forward_backward_at_smallest_and_largest(drop_path_rate: flo
 
 
 @pytest.mark.slow  # two exports with reload checks
-@pytest.mark.xfail(reason="known regression at the end of session 3: TorchScript cannot script the token-mode "
-                          "StaticGate with an attention head since the RoutedNet/perf merge; the plain-torch routed "
-                          "model (bench, report) is unaffected", strict=False)
 def test_export_files_and_the_routed_dynamic_export(tmp_path) -> None:
     model = dsctl.build_model("tiny_ds_vit", gate_attention=True).eval()
     report = export_to_file(model, model.space.resolve("0.75"), tmp_path / "sub.pt2")
