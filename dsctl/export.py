@@ -237,20 +237,8 @@ def export_target(target: str, *, width: str | None = None, out: str | Path | No
 
 
 def export_routed(model: Supernet, window: tuple[int, int]) -> nn.Module:
-    """The supernet + gate over ``window`` as one plain-torch module (see dsctl.layers.static.RoutedNet).
-
-    The gate decides as :meth:`~dsctl.layers.gate.SlimGate.decide` does (``route_bias`` included).
-    """
-    from dsctl.layers.static import RoutedNet
-
-    lo, hi = window
-    specs = model.space.subnets[lo : hi + 1]
-    pre, _ = model.to_static_parts(specs[0])
-    if model.gate.attention:  # to_static_parts ends pre with the gate's attention; the static gate applies it
-        pre = nn.Sequential(*list(pre)[:-1])
-    gate = model.gate.to_static(model.gate_in_channels, window)
-    tails = [model.to_static_parts(s)[1] for s in specs]
-    return RoutedNet(pre, gate, tails, model.num_classes, lo).eval()
+    """The supernet + gate over ``window`` as one plain-torch module (:meth:`Supernet.to_static_routed`)."""
+    return model.to_static_routed(window)
 
 
 def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | Path, *, source: str,

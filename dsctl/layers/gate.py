@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsctl.layers.slim import SlimConv2d
-from dsctl.layers.static import StaticGate
+from dsctl.layers.static import SqueezeExcite, StaticGate
 
 __all__ = ["SlimGate", "gumbel_one_hot", "window_mask"]
 
@@ -106,6 +106,15 @@ class SlimGate(nn.Module):
         scores = self.route_logits(e)[:, lo : hi + 1] + self.route_bias[lo : hi + 1]
         return scores.argmax(-1) + lo
 
+    @torch.no_grad()
+    def set_route_bias(self, offsets: list[float], window: tuple[int, int]) -> None:
+        """Store calibrated decision offsets for the routes in ``window`` (inclusive); zero outside it."""
+        lo, hi = window
+        if len(offsets) != hi - lo + 1:
+            raise ValueError(f"set_route_bias: {len(offsets)} offsets for window {window}")
+        self.route_bias.zero_()
+        self.route_bias[lo : hi + 1] = torch.tensor(offsets, dtype=self.route_bias.dtype)
+
     def routing_parameters(self) -> list[nn.Parameter]:
         """Parameters only routing uses: the slimming head, and the encoder when no attention head shares it."""
         params = list(self.head.parameters())
@@ -129,6 +138,20 @@ class SlimGate(nn.Module):
         if self.conv:  # 3x3 conv on the map, then pool its output
             return pixels * r * in_channels * 9 + r * pixels + head
         return in_channels * pixels + in_channels * r + head  # pool the input, then 1x1 on the vector
+
+    @torch.no_grad()
+    def static_attention(self, channels: int) -> nn.Module:
+        """Plain-torch attention head reading ``channels`` active channels: what :meth:`attend` does after
+        :meth:`encode` (a squeeze-and-excitation on maps; on tokens, the class token's encoding scales the
+        first ``channels`` channels of every token). ``nn.Identity`` without an attention head."""
+        if self.expand is None:
+            return nn.Identity()
+        reduce, expand = self.reduce.to_static(channels), self.expand.to_static(self.reduce.out_channels, channels)
+        if self.tokens:
+            from dsctl.layers.static_vit import TokenExcite
+
+            return TokenExcite(reduce, expand, channels)
+        return SqueezeExcite(reduce, expand)
 
     @torch.no_grad()
     def to_static(self, in_channels: int, window: tuple[int, int] | None = None) -> StaticGate:

@@ -122,17 +122,17 @@ class TokenExcite(nn.Module):
     """The gate's attention head on tokens: the first ``width`` channels of every token are scaled by
     sigmoid(expand(relu(reduce(class token)))); the rest pass unchanged."""
 
-    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d, width: int, channels: int) -> None:
+    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d, width: int) -> None:
         super().__init__()
         self.reduce = reduce
         self.expand = expand
         self.width = width
-        self.channels = channels
 
     def forward(self, x: Tensor) -> Tensor:
         active = x.narrow(-1, 0, self.width)
         e = torch.relu(self.reduce(active[:, 0].unsqueeze(-1).unsqueeze(-1)))    # (N, r, 1, 1)
         active = active * torch.sigmoid(self.expand(e)).flatten(1).unsqueeze(1)  # (N, T, width)
-        if self.width == self.channels:
+        idle = x.shape[-1] - self.width
+        if idle == 0:
             return active
-        return torch.cat([active, x.narrow(-1, self.width, self.channels - self.width)], -1)
+        return torch.cat([active, x.narrow(-1, self.width, idle)], -1)

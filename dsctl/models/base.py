@@ -66,9 +66,25 @@ class Supernet(nn.Module):
         """
         return self.to_static(spec)
 
-    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
-        """Plain-torch halves around the gate: ``pre`` ends with the gate's attention head (if any)."""
+    def to_static_parts(self, spec: SliceSpec, *, attention: bool = True) -> tuple[nn.Sequential, nn.Sequential]:
+        """Plain-torch halves around the gate: ``pre`` ends with the gate's attention head (if any; built by
+        :meth:`SlimGate.static_attention`), or stops before it with ``attention=False``."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def to_static_routed(self, window: tuple[int, int]) -> nn.Module:
+        """The supernet and its gate over the inclusive ``window`` as one plain-torch module: the shared
+        ``pre`` (at the window's sub-networks' common width), the static gate (which applies the attention
+        head, if any, and decides as :meth:`SlimGate.decide` does, ``route_bias`` included), and one static
+        tail per route. See :class:`~dsctl.layers.static.RoutedNet`."""
+        from dsctl.layers.static import RoutedNet
+
+        lo, hi = window
+        specs = self.space.subnets[lo : hi + 1]
+        pre, _ = self.to_static_parts(specs[0], attention=False)
+        gate = self.gate.to_static(self.gate_in_channels, window)
+        tails = [self.to_static_parts(s)[1] for s in specs]
+        return RoutedNet(pre, gate, tails, self.num_classes, lo).eval()
 
     def routing_parameters(self) -> list[nn.Parameter]:
         """Gate parameters that only routing uses (stage II trains these; stage I freezes them).

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from dsctl.layers.gate import SlimGate
 from dsctl.layers.slim import SlimBatchNorm2d, SlimConv2d, SlimLinear, SlimSqueezeExcite
-from dsctl.layers.static import ClassifierHead, SqueezeExcite
+from dsctl.layers.static import ClassifierHead
 from dsctl.models.base import GatePoint, Supernet
 from dsctl.models.common import StageConfig, build_space, init_weights
 from dsctl.registry import register_model
@@ -168,7 +168,7 @@ class DSMobileNetV1(Supernet):
             out += [(i, b) for b in self._blocks(i)]
         return out
 
-    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
+    def to_static_parts(self, spec: SliceSpec, *, attention: bool = True) -> tuple[nn.Sequential, nn.Sequential]:
         w = self.space.check(spec).widths
         pre: list[nn.Module] = [self.stem.to_static(self.in_chans, w[0]), self.stem_bn.to_static(w[0]),
                                 nn.SiLU(inplace=True)]
@@ -177,19 +177,15 @@ class DSMobileNetV1(Supernet):
         for i in range(1, len(self.stage_cfgs)):
             for block in self._blocks(i):
                 if block is self.gate_block:  # split after its SE, the gate's attention head: pre ends with it
-                    dw_half, pw_half = block.static_halves(prev, w[i], se=_gate_to_se(self.gate, prev))
-                    pre.extend(dw_half)
+                    se = self.gate.static_attention(prev) if attention else nn.Identity()
+                    dw_half, pw_half = block.static_halves(prev, w[i], se=se)
+                    pre.extend(dw_half if attention else dw_half[:-1])
                     post.extend(pw_half)
                 else:
                     (pre if i < self.gate_stage else post).append(block.to_static(prev, w[i]))
                 prev = w[i]
         post.append(ClassifierHead(self.classifier.to_static(prev)))
         return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
-
-
-def _gate_to_se(gate: SlimGate, channels: int) -> nn.Module:
-    assert gate.expand is not None
-    return SqueezeExcite(gate.reduce.to_static(channels), gate.expand.to_static(gate.reduce.out_channels, channels))
 
 
 @register_model

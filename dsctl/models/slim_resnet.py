@@ -202,7 +202,8 @@ class DSResNet(Supernet):
     def routed_blocks(self) -> list[tuple[int, nn.Module]]:
         return [(i, b) for i, cfg, blocks in self._layers() if cfg.routed for b in blocks]
 
-    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
+    def to_static_parts(self, spec: SliceSpec, *, attention: bool = True) -> tuple[nn.Sequential, nn.Sequential]:
+        # the DS-ResNet gate has no attention head: ``attention`` changes nothing
         w = self.space.check(spec).widths
         stem_pool: nn.Module = nn.MaxPool2d(3, 2, 1) if self.imagenet_stem else nn.Identity()
         pre: list[nn.Module] = [self.conv1.to_static(self.in_chans, w[0]), self.bn1.to_static(w[0]),

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from dsctl.errors import DsctlError
 from dsctl.layers.gate import SlimGate
 from dsctl.layers.slim_vit import SlimAttention, SlimLayerNorm, SlimMlp
-from dsctl.layers.static_vit import IdleSliced, TokenEmbed, TokenExcite, TokenHead, TransformerBlock
+from dsctl.layers.static_vit import IdleSliced, TokenEmbed, TokenHead, TransformerBlock
 from dsctl.models.base import GatePoint, Supernet
 from dsctl.models.common import StageConfig, build_space
 from dsctl.registry import register_model
@@ -262,7 +262,7 @@ class DSViT(Supernet):
             h = block.forward_masked(h, width, widths)
         return self.head(self.norm(h[:, 0]))
 
-    def to_static_parts(self, spec: SliceSpec) -> tuple[nn.Sequential, nn.Sequential]:
+    def to_static_parts(self, spec: SliceSpec, *, attention: bool = True) -> tuple[nn.Sequential, nn.Sequential]:
         """``pre``: embedding, the blocks before the gate (and the gate's attention head, if any);
         ``post``: the routed blocks, final norm and head. Idle channels: see :class:`IdleSliced`."""
         _, pre_w, post_w = self.space.check(spec).widths
@@ -270,9 +270,8 @@ class DSViT(Supernet):
         embed = TokenEmbed(copy.deepcopy(self.patch_embed.proj), self.cls_token, self.pos_embed, self.cfg.img_size)
         pre: list[nn.Module] = [embed, IdleSliced(nn.Sequential(*(b.to_static(pre_w) for b in self._blocks(False))),
                                                   pre_w, dim)]
-        if self.gate.expand is not None:
-            pre.append(TokenExcite(self.gate.reduce.to_static(pre_w),
-                                   self.gate.expand.to_static(self.gate.reduce.out_channels, pre_w), pre_w, dim))
+        if attention and self.gate.attention:
+            pre.append(self.gate.static_attention(pre_w))
         post = [IdleSliced(nn.Sequential(*(b.to_static(post_w) for b in self._blocks(True))), post_w, dim),
                 TokenHead(copy.deepcopy(self.norm), copy.deepcopy(self.head))]
         return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()

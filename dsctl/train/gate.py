@@ -76,14 +76,12 @@ def window_logits(model: Supernet, loader, window: tuple[int, int], device: torc
 def calibrate_gate(model: Supernet, loader, window: tuple[int, int], device: torch.device, *, route_macs: list[int],
                    gate_macs: int, target_macs: float, tolerance: float = 0.02, amp: bool = False) -> Calibration:
     """Fit the decision offsets on held-out data so the average MACs (gate included) meet ``target_macs``,
-    and store them in ``model.gate.route_bias`` (zero outside the window)."""
+    and store them in the gate (:meth:`SlimGate.set_route_bias`)."""
     lo, hi = window
     logits = window_logits(model, loader, window, device, amp=amp)
     cal = calibrate_offsets(logits, [float(m) for m in route_macs[lo : hi + 1]], target_macs - gate_macs,
                             tolerance=tolerance)
-    bias = torch.zeros_like(model.gate.route_bias)
-    bias[lo : hi + 1] = torch.tensor(cal.offsets, dtype=bias.dtype)
-    model.gate.route_bias.copy_(bias)
+    model.gate.set_route_bias(list(cal.offsets), window)
     if not cal.met:
         logger.warning("decision calibration reached %.4gM routed MACs on %d held-out samples for a %.4gM target "
                        "(%+.1f%%): the gate's scores do not separate the samples finely enough",
