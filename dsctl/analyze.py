@@ -308,16 +308,17 @@ class Analysis:
     paths: list[Path] = field(default_factory=list)
 
 
-def _split_data(cfg: DataConfig, split: str, holdout_fraction: float) -> tuple[Any, Tensor, dict[str, Any]]:
-    """(dataset, indices into its source split, data provenance)."""
+def _split_data(cfg: DataConfig, split: str, holdout_fraction: float) -> tuple[Any, Tensor, dict[str, Any], Any]:
+    """(dataset, indices into its source split, data provenance, DataInfo)."""
     from dsctl.data import build_datasets, split_holdout
 
     if split == "val":
         _, ds, info = build_datasets(cfg)
-        return ds, torch.arange(len(ds)), {"source": info.name, "split": "val", "val_size": info.val_size}
+        return ds, torch.arange(len(ds)), {"source": info.name, "split": "val", "val_size": info.val_size}, info
     _, ds = split_holdout(cfg, holdout_fraction)
+    _, _, info = build_datasets(cfg, augment_train=False)
     return ds, torch.as_tensor(list(ds.indices)), {"source": cfg.source, "split": "holdout",
-                                                   "holdout_fraction": holdout_fraction}
+                                                   "holdout_fraction": holdout_fraction}, info
 
 
 def _round(v: float, digits: int) -> float | None:
@@ -388,7 +389,8 @@ def analyze_checkpoint(path: str | Path, *, split: str = "val", out_dir: str | P
     size = recipe.data.input_size
     costs = route_costs(art, model, size)
     macs, g_macs = list(costs.route_macs), costs.gate_macs
-    ds, indices, data_meta = _split_data(recipe.data, split, holdout_fraction)
+    ds, indices, data_meta, info = _split_data(recipe.data, split, holdout_fraction)
+    art.check_data(info)
     batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=recipe.data.workers)
     total = len(loader) if max_batches is None else min(max_batches, len(loader))

@@ -208,6 +208,15 @@ class Artifact:
             raise CheckpointError(f"{self.path}: holds no recipe, so its data is unknown")
         return recipe_from_dict(apply_overrides(self.recipe, list(overrides)), source=f"{self.path} recipe")
 
+    def check_data(self, info: DataInfo) -> None:
+        """DataError (one line) when data of ``info`` cannot feed this run's model (channels, classes)."""
+        from dsctl.data.build import check_fits
+
+        kw, known = self.model_kwargs, self.data_info
+        in_chans = kw.get("in_chans", known.in_chans if known is not None else None)
+        num_classes = kw.get("num_classes", known.num_classes if known is not None else None)
+        check_fits(info, in_chans=in_chans, num_classes=num_classes, what=self.path or self.model_name)
+
     def require_training(self) -> TrainingState:
         if self.training is None:
             raise CheckpointError(f"{self.path}: holds no training state to resume from (use the run's last.pt)")

@@ -135,14 +135,14 @@ def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", re
                     progress: Progress | None = None, stop: StopFlag | None = None,
                     allow_changed: bool = False) -> dict[str, Any]:
     """Run one static baseline end to end in ``out``; returns its summary (also written to summary.json)."""
-    from dsctl.train.launch import build_supernet_for, prepare_run
+    from dsctl.train.launch import build_supernet_for, check_recipe_model_fits, prepare_run
     from dsctl.registry import build_model
     from dsctl.train.static import train_static
 
     cfg = recipe.baseline
     check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), [cfg.method])  # before any folder
     ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
-                      stop=stop)
+                      stop=stop, check=lambda data: check_recipe_model_fits(recipe, data))
     supernet = build_supernet_for(recipe, ctx.data)
     size, chans = ctx.data.input_size, supernet.in_chans
     common = dict(cut_from=supernet, label_smoothing=cfg.label_smoothing)

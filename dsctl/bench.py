@@ -233,6 +233,7 @@ def validation_images(art: Artifact, n: int) -> Tensor:
     from dsctl.train.data import build_run_data
 
     data = build_run_data(art.recipe_config().data)
+    art.check_data(data.info)
     chunks, seen = [], 0
     for x, _ in data.val:
         chunks.append(x)

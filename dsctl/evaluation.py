@@ -108,8 +108,9 @@ def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | N
 
     if width is not None:
         raise DsctlError(f"{art.path}: a baseline network has one fixed width (drop --width)")
-    net = art.build_network()
     data = build_run_data(recipe.data)
+    art.check_data(data.info)
+    net = art.build_network()
     macs = count_macs(net, data.input_size, data.info.in_chans)
     r = evaluate(net.to(dev), data.val, None, dev)
     return EvalReport(art.model_name, data.info.name, art.path, f"{art.meta.method} {art.meta.variant}",
@@ -129,9 +130,10 @@ def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: 
     dev = resolve_device(device)
     if isinstance(art, StaticArtifact):
         return _evaluate_static(art, recipe, dev, width=width)
+    data = build_run_data(recipe.data)
+    art.check_data(data.info)
     model = art.build_model()
     model.to(dev).eval()
-    data = build_run_data(recipe.data)
     if isinstance(art, GateArtifact) and width is None:
         lo, hi = art.window
         r = evaluate_dynamic(model, data.val, art.window, dev, route_macs=list(art.costs.route_macs),

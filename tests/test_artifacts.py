@@ -256,3 +256,34 @@ def test_evaluate_checkpoint_returns_a_report_with_the_json_keys(supernet_file: 
     assert (r.subnet, r.width, r.samples) == ("k2", 0.5, 32)
     assert list(r.to_dict()) == ["model", "data", "checkpoint", "subnet", "width", "top1", "top5", "loss", "samples",
                                  "macs", "params"]
+
+
+def test_data_that_does_not_fit_the_model_is_one_line_in_every_command_that_reads_data(tmp_path) -> None:
+    """Channels and class counts of the data against the run's model: eval, calibrate-bn, analyze,
+    train-gate and bench each refuse before the first batch, naming the file and both numbers."""
+    from typer.testing import CliRunner
+
+    from dsctl.cli import app
+
+    model = dsctl.build_model("tiny_ds_resnet", num_classes=10, in_chans=1)
+    SupernetArtifact.from_model(model, recipe=_recipe()).save(tmp_path / "final.pt")
+    sup = str(tmp_path / "final.pt")
+    three = ["--set", "data.synthetic_channels=3"]
+    runner = CliRunner()
+    for args, text in ((["eval", sup, *three], "3-channel images where the model reads 1"),
+                       (["eval", sup, "--set", "data.synthetic_classes=12"], "12 classes where the model has 10"),
+                       (["calibrate-bn", sup, *three, "--out", str(tmp_path / "c.pt")], "3-channel"),
+                       (["analyze", sup, *three, "--out", str(tmp_path / "a")], "3-channel"),
+                       (["train-gate", str(SMOKE), "--supernet", sup, *three, "--out",
+                         str(tmp_path / "g")], "3-channel")):
+        r = runner.invoke(app, args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and "Traceback" not in r.output, (args, r.output)
+        assert lines[-1].startswith(f"error: {sup}: data 'synthetic' does not fit its model") and text in lines[-1], args
+    assert not (tmp_path / "c.pt").exists() and not (tmp_path / "g").exists()
+    r = runner.invoke(app, ["train-supernet", str(SMOKE), "--set", "model.num_classes=5", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+        "error: recipe model tiny_ds_resnet: data 'synthetic' does not fit its model: 10 classes where the model has "
+        "5 outputs"), r.output
+    assert not (tmp_path / "s").exists()
+    assert dsctl.build_model("tiny_ds_resnet", num_classes=1000, in_chans=1) is not None  # more outputs than classes: fine

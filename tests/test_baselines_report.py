@@ -22,8 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml"
 
 
-@pytest.mark.parametrize("name", ["tiny_ds_resnet", "tiny_ds_mobilenetv1"])
-@pytest.mark.parametrize("method", ["l1", "slimming"])
+_SLOW = pytest.mark.slow  # a Torch-Pruning search or a training each: one case stays in the default run
+
+
+@pytest.mark.parametrize(("name", "method"), [
+    ("tiny_ds_resnet", "l1"),
+    pytest.param("tiny_ds_resnet", "slimming", marks=_SLOW),
+    pytest.param("tiny_ds_mobilenetv1", "l1", marks=_SLOW),
+    pytest.param("tiny_ds_mobilenetv1", "slimming", marks=_SLOW),
+])
 def test_prune_to_macs_meets_target_and_runs(name: str, method: str) -> None:
     model = dsctl.build_model(name)
     net = model.to_static(model.space.full)
@@ -40,7 +47,7 @@ def test_prune_to_macs_meets_target_and_runs(name: str, method: str) -> None:
     rebuilt.load_state_dict(pruned.state_dict())
 
 
-@pytest.mark.parametrize("method", ["uniform", "l1", "slimming"])
+@pytest.mark.parametrize("method", ["uniform", pytest.param("l1", marks=_SLOW), pytest.param("slimming", marks=_SLOW)])
 def test_baseline_runs_and_checkpoint_rebuilds(tmp_path, method: str) -> None:
     recipe = load_recipe(SMOKE, ["optim.epochs=1", f"baseline.method={method}", "baseline.width='0.5'",
                                  "baseline.finetune_epochs=1"])

@@ -14,6 +14,7 @@ from benchmarks.common import FigureRow
 from benchmarks.run import main
 
 
+@pytest.mark.slow  # every section on a real model: about 10 s
 def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_command(args: list[str], threads: int):  # a fresh dsctl process per call costs seconds: fake it
         return lambda: time.sleep(0.002 if args == ["--help"] else 0.004)

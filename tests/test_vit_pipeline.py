@@ -159,6 +159,7 @@ def test_masked_reference_gives_the_routed_outputs() -> None:
     torch.testing.assert_close(masked_forward(model, x, (0, 2)), out, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow  # four CLI commands on the trained runs: about 6 s
 def test_export_eval_flops_and_bench_with_the_masked_row(runs, tmp_path) -> None:
     sup, gate = runs["sup"], runs["gate"]  # (test_vit.py exports every width as pt2)
     _ok(["export", sup, "--width", "0.75", "--format", "torchscript", "--out", tmp_path / "w.ts.pt"])

@@ -55,6 +55,23 @@ class DataInfo:
     classes: tuple[str, ...] = ()
 
 
+def check_fits(info: DataInfo, *, in_chans: int | None, num_classes: int | None, what: str) -> None:
+    """DataError (one line) when data of ``info`` cannot feed a model reading ``in_chans``-channel images
+    into ``num_classes`` outputs; ``None`` means unknown (not checked). ``what`` names the model's origin.
+
+    A model with more outputs than the data has classes is allowed (a 1000-class model evaluated on a
+    10-class subset, say); fewer outputs than labels is not.
+    """
+    problems = []
+    if in_chans is not None and info.in_chans != in_chans:
+        problems.append(f"{info.in_chans}-channel images where the model reads {in_chans} "
+                        f"(for folder data set data.channels={in_chans})")
+    if num_classes is not None and info.num_classes > num_classes:
+        problems.append(f"{info.num_classes} classes where the model has {num_classes} outputs")
+    if problems:
+        raise DataError(f"{what}: data {info.name!r} does not fit its model: {'; '.join(problems)}")
+
+
 def _take_first(ds: Dataset, n: int | None, what: str, *, clamp: bool) -> Dataset:
     """The first `n` samples of `ds` (deterministic, not stratified)."""
     size = len(ds)  # type: ignore[arg-type]

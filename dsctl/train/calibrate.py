@@ -104,6 +104,7 @@ def recalibrate_checkpoint(path: str | Path, *, overrides: list[str] = (), batch
     dev = resolve_device(device)
     model.to(dev)
     data = build_run_data(recipe.data)
+    sup.check_data(data.info)
     n = batches or recipe.supernet.calib_batches
     recalibrate_bn(model, data, seed=recipe.seed, device=dev, num_batches=n)
     rows = subnet_table(model, data, dev, input_size=data.input_size, progress=progress)

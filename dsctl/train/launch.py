@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from dsctl.checkpoint import load_pretrained
 from dsctl.config import Recipe, load_recipe, recipe_to_dict, save_recipe
+from dsctl.data.build import check_fits
 from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
 from dsctl.provenance import Provenance, check_provenance, data_identity, record_provenance, release_lock, run_lock
@@ -45,12 +47,24 @@ def resolve_recipe(recipe_path: str | Path | None, overrides: list[str], resume_
     return load_recipe(recipe_path, overrides)
 
 
-def build_supernet_for(recipe: Recipe, data: TrainData) -> Supernet:
-    """The recipe's model, with classes and input channels taken from the data unless the recipe sets them."""
+def _model_kwargs(recipe: Recipe, data: TrainData) -> dict:
     kwargs = dict(recipe.model.kwargs)
     kwargs.setdefault("num_classes", recipe.model.num_classes or data.info.num_classes)
     kwargs.setdefault("in_chans", data.info.in_chans)
-    model = build_model(recipe.model.name, **kwargs)
+    return kwargs
+
+
+def check_recipe_model_fits(recipe: Recipe, data: TrainData) -> None:
+    """DataError (one line) when the recipe's model, as :func:`build_supernet_for` builds it, cannot read ``data``."""
+    kwargs = _model_kwargs(recipe, data)
+    check_fits(data.info, in_chans=kwargs["in_chans"], num_classes=kwargs["num_classes"],
+               what=f"recipe model {recipe.model.name}")
+
+
+def build_supernet_for(recipe: Recipe, data: TrainData) -> Supernet:
+    """The recipe's model, with classes and input channels taken from the data unless the recipe sets them."""
+    check_recipe_model_fits(recipe, data)
+    model = build_model(recipe.model.name, **_model_kwargs(recipe, data))
     if recipe.model.init_from:
         load_pretrained(model, recipe.model.init_from)
     return model
@@ -66,8 +80,10 @@ def current_provenance(recipe: Recipe, data: TrainData) -> Provenance:
 
 def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
                 allow_changed: bool = False, progress: Progress | None = None,
-                stop: StopFlag | None = None) -> RunContext:
+                stop: StopFlag | None = None, check: Callable[[TrainData], None] | None = None) -> RunContext:
     """Join torchrun's process group if any, build the data, lock and create (or reopen) the run folder.
+
+    ``check`` runs on the built data before anything is recorded (a DataError there leaves no new folder).
 
     ``progress`` defaults to a log line per epoch; ``stop`` (set by SIGINT/SIGTERM) to a fresh flag.
 
@@ -87,6 +103,8 @@ def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume
             raise DsctlError(f"{out} already holds a run (last.pt); use --resume {out} or another --out")
         torch.manual_seed(recipe.seed)
         data = build_run_data(recipe.data, dist)
+        if check is not None:
+            check(data)
         if dist.main:
             now = current_provenance(recipe, data)
             if resume:
@@ -110,7 +128,7 @@ def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", re
     from dsctl.train.supernet import train_supernet
 
     ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
-                      stop=stop)
+                      stop=stop, check=lambda data: check_recipe_model_fits(recipe, data))
     return train_supernet(build_supernet_for(recipe, ctx.data), ctx, recipe.supernet, recipe.optim)
 
 
@@ -126,7 +144,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     if sup.model_name != recipe.model.name:
         raise DsctlError(f"recipe model {recipe.model.name!r} does not match the supernet's {sup.model_name!r}")
     ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
-                      stop=stop)
+                      stop=stop, check=lambda data: sup.check_data(data.info))
     model = sup.build_model()
     model.to(ctx.device)
     if not sup.calibrated and model.needs_bn_calibration:
