@@ -178,7 +178,8 @@ class SearchSpace:
         for spec in self.subnets:
             if abs(self.ratio(spec) - rho) < 1e-6:
                 return spec
-        raise SpecError(f"width {width} is not in the search space (allowed: {self.describe_widths()})")
+        shown = width if isinstance(width, (int, float)) or str(width).strip() == str(width) else repr(width)
+        raise SpecError(f"width {shown} is not in the search space (allowed: {self.describe_widths()})")
 
     def describe_widths(self) -> str:
         ratios = ", ".join(f"{r:g}" for r in self.ratios())

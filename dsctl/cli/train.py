@@ -81,9 +81,12 @@ def _window_override(window: str | None) -> list[str]:
 
     if window is None:
         return []
-    a, sep, b = window.partition(":")
-    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+    import re
+
+    match = re.fullmatch(r" *([0-9]+) *: *([0-9]+) *", window)
+    if match is None:
         raise DsctlError(f"--window {window!r}: expected A:B, two sub-network indices (e.g. 0:3)")
+    a, b = match.groups()
     if int(a) >= int(b):
         raise DsctlError(f"--window {window}: the first index must be smaller than the second (allowed: A:B with "
                          "0 <= A < B <= K-1, K the model's number of sub-networks: see dsctl models)")
