@@ -188,3 +188,61 @@ def test_recalibration_re_estimates_bn_and_skips_a_family_without_it() -> None:
     assert changed and all("running_" in k or "num_batches" in k for k in changed)
     vit = dsctl.build_model("tiny_ds_vit")
     assert recalibrate_bn(vit, data, seed=0, device=torch.device("cpu"), num_batches=2) == 0
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(c) for c in text]
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+@pytest.mark.slow
+def test_torchrun_kill_one_rank_fails_fast_and_the_run_resumes(tmp_path) -> None:
+    """SIGKILL rank 1 of a 2-process gloo run mid-training: the job ends (non-zero) within seconds instead of
+    hanging in a collective, and ``--resume`` finishes the run with the same number of steps as planned."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    common = ["--device", "cpu", "--quiet", "--set", "optim.epochs=6", "--set", "data.synthetic_train_size=512",
+              "--set", "supernet.checkpoint_every=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsctl",
+           "train-supernet", str(SMOKE), "--out", str(out), *common]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "last.pt").exists():  # training is under way and has saved a resume point
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        victim = next(c for c in _children(proc.pid) if _rank_of(c) == 1)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    print(f"job ended {took:.1f} s after rank 1 was killed")
+    assert took < 45, f"the surviving rank needed {took:.0f} s to stop"
+    assert "Signal 9 (SIGKILL)" in err or "exitcode  : -9" in err, err[-3000:]
+    assert not (out / "final.pt").exists()
+    resume = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsctl",
+              "train-supernet", "--resume", str(out), *common]
+    done = subprocess.run(resume, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = read_artifact(out / "last.pt", SupernetArtifact).require_training()
+    assert (state.epoch, state.global_step) == (6, 6 * 512 // 16 // 2)  # 2 ranks x batch 16
+    assert (out / "final.pt").is_file() and json.loads((out / "summary.json").read_text())["world_size"] == 2
