@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dsctl.dynamic import DynamicNet, average_macs, masked_forward
-from dsctl.export import export_routed, export_subnet, load_subnet
+from dsctl.export import export_routed, export_subnet, load_dynamic, load_subnet
 from dsctl.flops import count_macs, gate_macs, macs_table
 from dsctl.latency import measure_latency
 from dsctl.models.base import Supernet, bind
@@ -154,7 +154,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
             "static_equal_macs": ("static", f"k{k_eq}", r(k_eq), route_macs[k_eq])}
     routed = export_routed(model, window).to(device)
-    candidates["exported_dynamic"] = load_subnet(exported).to(device) if exported is not None else routed
+    candidates["exported_dynamic"] = load_dynamic(exported).to(device) if exported is not None else routed
     meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
     if torchscript:
         candidates["exported_dynamic_torchscript"] = torch.jit.script(routed)
@@ -197,11 +197,13 @@ def bench_exported(path: str | Path, settings: BenchSettings) -> list[BenchRow]:
 
     from dsctl.errors import CheckpointError
 
-    sidecar = Path(str(path) + ".json")
+    from dsctl.export import DYNAMIC_SIDECAR
+
+    sidecar = Path(path) / DYNAMIC_SIDECAR if Path(path).is_dir() else Path(str(path) + ".json")
     if not sidecar.is_file():
         raise CheckpointError(f"{path}: no sidecar {sidecar.name} (export it with dsctl export)")
     meta = json.loads(sidecar.read_text())
-    module = load_subnet(path)
+    module = load_dynamic(path) if meta.get("kind") == "dynamic" else load_subnet(path)
     size = settings.input_size or meta["input_size"]
     return bench_module(meta["model"], module, meta["in_chans"], size, settings, kind="exported",
                         subnet=meta.get("subnet", "dynamic"), width=str(meta.get("width", "dynamic")),

@@ -25,10 +25,12 @@ from dsctl.models.base import Supernet
 from dsctl.spec import SliceSpec
 
 __all__ = ["ExportReport", "DynamicExportReport", "export_subnet", "export_to_file", "export_target",
-           "export_dynamic_to_file", "export_gate_run", "load_subnet", "is_exported", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
+           "export_dynamic_to_file", "export_gate_run", "load_subnet", "load_dynamic", "is_exported", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
 
 EXPORT_FORMATS = ("pt2", "torchscript", "onnx")
 _SUFFIXES = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx"}
+DYNAMIC_FORMATS = ("pt2", "torchscript")
+DYNAMIC_SIDECAR = "dynamic.json"  # inside a pt2 dynamic export folder
 MAX_ABS_DIFF = 1e-4
 
 
@@ -84,7 +86,7 @@ class DynamicExportReport:
 
     @property
     def sidecar(self) -> str:
-        return self.path + ".json"
+        return str(Path(self.path) / DYNAMIC_SIDECAR) if self.format == "pt2" else self.path + ".json"
 
 
 def export_subnet(model: Supernet, spec: SliceSpec) -> nn.Module:
@@ -114,9 +116,11 @@ def _save(static: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> Non
 
 
 def is_exported(path: str | Path) -> bool:
-    """Whether ``path`` is an exported file: ``export_to_file`` and ``export_dynamic_to_file`` write a JSON
-    sidecar ``<path>.json`` beside it."""
+    """Whether ``path`` is an export: a file with a JSON sidecar ``<path>.json`` beside it (static exports,
+    TorchScript dynamic exports) or a ``pt2`` dynamic export folder (holding ``dynamic.json``)."""
     p = Path(path)
+    if p.is_dir():
+        return (p / DYNAMIC_SIDECAR).is_file()
     return p.is_file() and Path(str(p) + ".json").is_file()
 
 
@@ -241,37 +245,126 @@ def export_routed(model: Supernet, window: tuple[int, int]) -> nn.Module:
     return model.to_static_routed(window)
 
 
+def _export_program(module: nn.Module, example: torch.Tensor):
+    """``torch.export`` of ``module`` with a dynamic batch dimension (any size, 1 included)."""
+    return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+
+
+def _write_dynamic_programs(routed: nn.Module, example: torch.Tensor, out: Path) -> None:
+    """``front.pt2`` and ``route<i>.pt2`` into a new folder, then renamed to ``out`` (never half written)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.save(_export_program(routed.front, example), str(tmp / "front.pt2"))
+            with torch.no_grad():
+                features, _ = routed.front(example)
+            for i, tail in enumerate(routed.tails):
+                torch.export.save(_export_program(tail, features), str(tmp / f"route{i}.pt2"))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _Program(nn.Module):
+    """A loaded ``torch.export`` program as a submodule that ``eval()`` / ``train()`` leave alone (the
+    program's module refuses ``train()``; it was exported in eval mode and stays so)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> _Program:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor):
+        return self.module(x)
+
+
+def load_dynamic(path: str | Path) -> nn.Module:
+    """Load what ``dsctl export --dynamic`` wrote: a ``pt2`` folder composed into a
+    :class:`~dsctl.layers.static.RoutedNet` of its programs, or a TorchScript file.
+
+    Without dsctl, the folder's programs compose in a few lines of plain PyTorch (README, "Export")."""
+    from dsctl.layers.static import RoutedNet
+
+    p = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if p.is_dir():
+            sidecar = p / DYNAMIC_SIDECAR
+            if not sidecar.is_file():
+                raise CheckpointError(f"{p}: not a dynamic export folder (no {DYNAMIC_SIDECAR})")
+            meta = json.loads(sidecar.read_text())
+            lo, hi = meta["window"]
+            try:
+                front = _Program(torch.export.load(str(p / "front.pt2")).module())
+                tails = [_Program(torch.export.load(str(p / f"route{i}.pt2")).module()) for i in range(hi - lo + 1)]
+            except Exception as err:
+                raise CheckpointError(f"{p}: a program of the dynamic export does not load ({type(err).__name__})") from None
+            return RoutedNet(front, tails, int(meta["num_classes"]), lo).eval()
+        if not p.is_file():
+            raise CheckpointError(f"{p}: no such file or folder")
+        try:
+            return torch.jit.load(str(p), map_location="cpu")
+        except Exception as err:
+            raise CheckpointError(f"{p}: not an exported dynamic model ({type(err).__name__})") from None
+
+
 def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | Path, *, source: str,
                            input_size: int | None = None, route_macs: list[int] | None = None,
-                           gate_macs: int | None = None, seed: int = 0) -> DynamicExportReport:
-    """Write the dynamic model as TorchScript (``torch.jit.load`` runs it without dsctl), verified against
-    dsctl's grouped inference on random input; sidecar ``<out>.json``.
+                           gate_macs: int | None = None, seed: int = 0, fmt: str = "pt2") -> DynamicExportReport:
+    """Write the dynamic model (the supernet's :meth:`~Supernet.to_static_routed` over ``window``), reload it,
+    and verify it against dsctl's grouped inference on random input.
 
-    TorchScript, not ``torch.export``: grouping samples by route gives data-dependent batch sizes, which
-    ``torch.export`` cannot capture without rewriting every tail with ``torch.cond``.
+    ``pt2`` (default): a folder ``out`` of ``torch.export`` programs, ``front.pt2`` (image -> features and the
+    route within the window) and ``route<i>.pt2`` (features -> logits of the window's i-th sub-network), each
+    with a dynamic batch size, plus the sidecar ``dynamic.json``. One program cannot hold the routing:
+    grouping gives data-dependent batch sizes per tail, so the few lines that group samples are plain
+    PyTorch (:func:`load_dynamic`, or the README's example without dsctl). ``torchscript``: one scripted file
+    ``out`` with its sidecar ``<out>.json`` (``torch.jit`` is deprecated in torch 2.14: an option while it works).
     """
     from dsctl.dynamic import dynamic_forward
 
+    if fmt not in DYNAMIC_FORMATS:
+        raise DsctlError(f"unknown --format {fmt!r} for --dynamic (allowed: {', '.join(DYNAMIC_FORMATS)})")
     out = Path(out)
+    if fmt == "pt2" and out.is_file():
+        raise DsctlError(f"{out} is a file: a pt2 dynamic export is a folder of programs (give a folder name)")
     out.parent.mkdir(parents=True, exist_ok=True)
     input_size = model.check_input_size(input_size or model.default_input_size)
     model = model.eval().cpu()
-    routed = export_routed(model, window)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(routed), str(out))
-        loaded = torch.jit.load(str(out))
+    routed = model.to_static_routed(window)
     x = torch.randn(16, model.in_chans, input_size, input_size, generator=torch.Generator().manual_seed(seed))
+    if fmt == "pt2":
+        _write_dynamic_programs(routed, x, out)
+        sidecar = out / DYNAMIC_SIDECAR
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.script(routed), str(out))
+        sidecar = Path(str(out) + ".json")
+    lo, hi = window
+    # the sidecar first: load_dynamic reads the window and class count from it
+    partial = {"window": [lo, hi], "num_classes": model.num_classes}
+    sidecar.write_text(json.dumps(partial) + "\n")
+    loaded = load_dynamic(out)
     with torch.no_grad():
         expected, routes = dynamic_forward(model, x, window)
         got = loaded(x)
     diff = float((got - expected).abs().max())
     if not diff < MAX_ABS_DIFF:
-        out.unlink(missing_ok=True)
+        _remove_export(out)
         raise DsctlError(f"dynamic export check failed: max |exported - supernet| = {diff:.3g} >= {MAX_ABS_DIFF:g}")
-    lo, hi = window
     report = DynamicExportReport(
-        path=str(out), format="torchscript", model=model.model_name, model_kwargs=dict(model.model_kwargs),
+        path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs),
         kind="dynamic", window=(lo, hi), routes={f"k{k}": {"width": model.space.ratio(model.space.subnets[k]),
                                                            "channels": model.static_channels(model.space.subnets[k])}
                                                  for k in range(lo, hi + 1)},
@@ -280,12 +373,22 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
         max_abs_diff=diff, check_routes=torch.bincount(routes - lo, minlength=hi - lo + 1).tolist(),
         torch_version=torch.__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    Path(report.sidecar).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    atomic_write_bytes(sidecar, (json.dumps(asdict(report), indent=2) + "\n").encode())
     return report
 
 
-def export_gate_run(checkpoint: str | Path, *, out: str | Path | None = None,
-                    input_size: int | None = None) -> DynamicExportReport:
+def _remove_export(out: Path) -> None:
+    import shutil
+
+    if out.is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        out.unlink(missing_ok=True)
+        Path(str(out) + ".json").unlink(missing_ok=True)
+
+
+def export_gate_run(checkpoint: str | Path, *, out: str | Path | None = None, input_size: int | None = None,
+                    fmt: str = "pt2") -> DynamicExportReport:
     """What ``dsctl export --dynamic`` writes: a gate run's supernet and gate over its window, with the
     route costs the run stored, verified by :func:`export_dynamic_to_file`. ``out`` defaults to
     ``<model>_dynamic_<lo>-<hi>.ts.pt``; the check runs at ``input_size``, else the run's resolution.
@@ -298,6 +401,7 @@ def export_gate_run(checkpoint: str | Path, *, out: str | Path | None = None,
     gate = read_artifact(checkpoint, GateArtifact, why="--dynamic")
     model = gate.build_model()
     lo, hi = gate.window
-    out = Path(out) if out is not None else Path(f"{model.model_name}_dynamic_{lo}-{hi}.ts.pt")
+    default = f"{model.model_name}_dynamic_{lo}-{hi}" + (".ts.pt" if fmt == "torchscript" else "")
+    out = Path(out) if out is not None else Path(default)
     return export_dynamic_to_file(model, gate.window, out, source=gate.path, input_size=input_size or gate.input_size,
-                                  route_macs=list(gate.costs.route_macs), gate_macs=gate.costs.gate_macs)
+                                  route_macs=list(gate.costs.route_macs), gate_macs=gate.costs.gate_macs, fmt=fmt)

@@ -31,7 +31,7 @@ def _make_exports(folder: Path) -> None:
     spec = model.space.resolve(0.5)
     export_to_file(model, spec, folder / "tiny_ds_resnet_w0.5.pt2")
     export_to_file(model, spec, folder / "tiny_ds_resnet_w0.5.ts.pt", fmt="torchscript")
-    export_dynamic_to_file(model, (0, 3), folder / "dynamic.ts.pt", source="random init")
+    export_dynamic_to_file(model, (0, 3), folder / "dynamic", source="random init")
 
 
 def test_docs_have_python_examples() -> None:

@@ -34,8 +34,9 @@ def test_commands_in_a_row(tmp_path) -> None:
     assert summary["final"]["window"] == [0, 3] and summary["final"]["target_macs_m"] == 1.0
     _ok(["export", str(sup), "--width", "0.5", "--out", str(tmp_path / "half.pt2")])
     assert json.loads((tmp_path / "half.pt2.json").read_text())["source"].endswith("final.pt")
-    _ok(["export", str(gate), "--dynamic", "--out", str(tmp_path / "dyn.ts.pt")])
-    assert json.loads((tmp_path / "dyn.ts.pt.json").read_text())["max_abs_diff"] < 1e-4
+    _ok(["export", str(gate), "--dynamic", "--out", str(tmp_path / "dyn")])  # a folder of torch.export programs
+    assert json.loads((tmp_path / "dyn" / "dynamic.json").read_text())["max_abs_diff"] < 1e-4
+    _ok(["bench", str(tmp_path / "dyn"), "--batch", "2", "--min-run-time", "0.05"])
     _ok(["flops", str(sup), "--all", "--csv", str(tmp_path / "flops.csv")])
     assert list(csv.DictReader((tmp_path / "flops.csv").open()))[0]["input_size"] == "16"
     out = _ok(["eval", str(gate), "--json"])

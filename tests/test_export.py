@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,9 +56,10 @@ def test_export_rejects_width_outside_space(tmp_path) -> None:
     assert not (tmp_path / "x.pt2").exists()
 
 
-def test_dynamic_export_applies_route_bias(tmp_path) -> None:
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("torchscript", marks=pytest.mark.slow)])
+def test_dynamic_export_applies_route_bias(tmp_path, fmt: str) -> None:
     from dsctl.dynamic import dynamic_forward
-    from dsctl.export import export_dynamic_to_file
+    from dsctl.export import export_dynamic_to_file, load_dynamic
     from tests.test_gate_options import graded_conv_gate_model
 
     model, x = graded_conv_gate_model()
@@ -66,12 +69,12 @@ def test_dynamic_export_applies_route_bias(tmp_path) -> None:
         model.gate.route_bias.copy_(torch.tensor([0.0, 0.0, 0.05, -5.0, 0.0, -0.03, 50.0]))
     logits, routes = dynamic_forward(model, x, window)
     assert not torch.equal(routes, plain_routes)
-    export_dynamic_to_file(model, window, tmp_path / "dyn.ts", source="test")
-    loaded = torch.jit.load(str(tmp_path / "dyn.ts"))
-    assert torch.equal(loaded.gate.route_bias, model.gate.route_bias[1:6])
+    report = export_dynamic_to_file(model, window, tmp_path / "dyn", source="test", fmt=fmt)
+    assert report.format == fmt and Path(report.sidecar).is_file()
+    loaded = load_dynamic(tmp_path / "dyn")
     with torch.no_grad():
         got = loaded(x)
-        _, exported_routes = loaded.gate(loaded.pre(x))
+        _, exported_routes = loaded.front(x)
     assert torch.equal(exported_routes + 1, routes)
     torch.testing.assert_close(got, logits, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, plain_logits, atol=1e-4)
@@ -97,3 +100,47 @@ def test_export_refuses_a_pt2_under_another_name_and_never_leaves_a_broken_file(
     (tmp_path / "file").write_text("x")
     with pytest.raises(DsctlError, match="cannot create its folder"):
         export_to_file(model, spec, tmp_path / "file" / "m.pt2")
+
+
+def test_pt2_dynamic_export_runs_without_dsctl_by_the_readme_recipe(tmp_path) -> None:
+    """The folder's programs composed by the README's plain-PyTorch lines, in a process that cannot import
+    dsctl, equal the supernet's grouped inference; batch sizes 1 and odd included."""
+    import subprocess
+    import sys
+
+    from dsctl.dynamic import dynamic_forward
+    from dsctl.export import export_dynamic_to_file
+    from tests.test_gate_options import graded_conv_gate_model
+
+    model, x = graded_conv_gate_model()
+    window = (1, 5)
+    export_dynamic_to_file(model, window, tmp_path / "dyn", source="test")
+    for n in (1, 7, x.shape[0]):
+        torch.save(x[:n].clone(), tmp_path / f"x{n}.pt")
+    script = """
+import json, sys
+sys.modules["dsctl"] = None  # dsctl cannot be imported here
+import torch
+folder = sys.argv[1]
+front = torch.export.load(f"{folder}/front.pt2").module()
+lo, hi = json.load(open(f"{folder}/dynamic.json"))["window"]
+routes = [torch.export.load(f"{folder}/route{i}.pt2").module() for i in range(hi - lo + 1)]
+for n in sys.argv[2:]:
+    x = torch.load(f"{folder}/../x{n}.pt", weights_only=True)
+    features, route = front(x)
+    logits = [None] * len(x)
+    for i, tail in enumerate(routes):
+        idx = (route == i).nonzero().flatten()
+        if len(idx):
+            for j, row in zip(idx.tolist(), tail(features[idx])):
+                logits[j] = row
+    torch.save(torch.stack(logits).detach(), f"{folder}/../y{n}.pt")
+"""
+    sizes = ["1", "7", str(x.shape[0])]
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dyn"), *sizes], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for n in (1, 7, x.shape[0]):
+        expected, _ = dynamic_forward(model, x[:n], window)
+        torch.testing.assert_close(torch.load(tmp_path / f"y{n}.pt"), expected, atol=1e-5, rtol=1e-4)
+

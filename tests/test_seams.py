@@ -51,7 +51,7 @@ def test_to_static_routed_equals_the_supernet_per_route(name: str) -> None:
         point = model.forward_pre(x, model.space.subnets[window[0]], encode=True)
         routes = model.gate.decide(point.encoding, window)
         expected = torch.stack([model(x[i : i + 1], model.space.subnets[int(r)])[0] for i, r in enumerate(routes)])
-        features, static_routes = routed.gate(routed.pre(x))
+        features, static_routes = routed.front(x)
         got = routed(x)
     torch.testing.assert_close(features, point.features, atol=1e-6, rtol=1e-5)
     assert torch.equal(static_routes + window[0], routes)

@@ -176,8 +176,9 @@ def test_export_files_and_the_routed_dynamic_export(tmp_path) -> None:
         model.gate.head.weight.normal_()
         logits = model.gate.route_logits(model.forward_pre(x, model.space.smallest(), encode=True).encoding)
         model.gate.route_bias.copy_(-logits.median(0).values)
-    dyn = export_dynamic_to_file(model, (0, 2), tmp_path / "dyn.ts", source="test", seed=0)
-    assert dyn.max_abs_diff < 1e-5 and sum(c > 0 for c in dyn.check_routes) > 1
+    for fmt in ("pt2", "torchscript"):
+        dyn = export_dynamic_to_file(model, (0, 2), tmp_path / f"dyn-{fmt}", source="test", seed=0, fmt=fmt)
+        assert dyn.max_abs_diff < 1e-5 and sum(c > 0 for c in dyn.check_routes) > 1
 
 
 # -- MACs ---------------------------------------------------------------------------------------------------

@@ -164,8 +164,8 @@ def test_export_eval_flops_and_bench_with_the_masked_row(runs, tmp_path) -> None
     sup, gate = runs["sup"], runs["gate"]  # (test_vit.py exports every width as pt2)
     _ok(["export", sup, "--width", "0.75", "--format", "torchscript", "--out", tmp_path / "w.ts.pt"])
     assert json.loads((tmp_path / "w.ts.pt.json").read_text())["max_abs_diff"] < 1e-4
-    _ok(["export", gate, "--dynamic", "--out", tmp_path / "dyn.ts.pt"])
-    assert json.loads((tmp_path / "dyn.ts.pt.json").read_text())["max_abs_diff"] < 1e-4
+    _ok(["export", gate, "--dynamic", "--out", tmp_path / "dyn"])
+    assert json.loads((tmp_path / "dyn" / "dynamic.json").read_text())["max_abs_diff"] < 1e-4
     assert json.loads(_ok(["eval", gate, "--json"]))["width"] == "dynamic"
     _ok(["flops", sup, "--all", "--csv", tmp_path / "f.csv"])
     _ok(["bench", gate, "--dynamic", "--threads", "1", "--csv", tmp_path / "b.csv"])  # the recipe's measure section

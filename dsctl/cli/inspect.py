@@ -77,8 +77,9 @@ def export_cmd(
                                                              "checkpoint recipe's export.format, else pt2).")] = None,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size of the check (default: the run's, else "
                                                               "the model's).")] = None,
-    dynamic: Annotated[bool, typer.Option("--dynamic", help="Export supernet + gate (a train-gate checkpoint) as one "
-                                                            "TorchScript model with grouped routing.")] = False,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Export supernet + gate (a train-gate checkpoint) with "
+                                                            "grouped routing: a folder of torch.export programs "
+                                                            "(--format pt2, default) or one TorchScript file.")] = False,
     init_from: InitOpt = None,
 ) -> None:
     """Write a fixed-width static sub-network (or, with --dynamic, the routed model) as plain PyTorch,
@@ -92,10 +93,12 @@ def export_cmd(
         if checkpoint is None:
             raise DsctlError("--dynamic needs a gate CHECKPOINT (a train-gate run folder or final.pt)")
         with console.status("exporting dynamic model..."):
-            d = export_gate_run(checkpoint, out=out, input_size=input_size)
+            d = export_gate_run(checkpoint, out=out, input_size=input_size, fmt=fmt or "pt2")
         lo, hi = d.window
-        console.print(table(f"exported {d.path} (load with torch.jit.load)", ["model", "window", "max |diff|"],
+        how = "dsctl.export.load_dynamic, or README 'Export'" if d.format == "pt2" else "torch.jit.load"
+        console.print(table(f"exported {d.path} (load with {how})", ["model", "window", "max |diff|"],
                             [[d.model, f"{lo}:{hi}", f"{d.max_abs_diff:.2e}"]]))
+        console.print(f"sidecar: {d.sidecar}")
         return
     with console.status(f"exporting {checkpoint or model_name}..."):
         r = export_target(checkpoint or model_name or "", width=width, out=out, fmt=fmt, input_size=input_size,

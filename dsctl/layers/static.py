@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "RoutedNet"]
+__all__ = ["SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "StaticFront", "RoutedNet"]
 
 
 class SqueezeExcite(nn.Module):
@@ -90,25 +90,37 @@ class StaticGate(nn.Module):
         return x, (self.head(e.flatten(1)) + self.route_bias).argmax(1)
 
 
-class RoutedNet(nn.Module):
-    """Deployable dynamic network: shared stem, gate, and one static sub-network tail per route.
+class StaticFront(nn.Module):
+    """The shared part of a routed network: ``pre`` then the static gate; returns (features, routes)."""
 
-    Samples are grouped by the gate's choice and each group runs its own (narrower, dense) tail;
-    outputs come back in input order. ``first_route`` is the supernet index of ``tails[0]``. A plain
-    ``nn.Module`` (TorchScript can script it, but nothing depends on that).
-    """
-
-    def __init__(self, pre: nn.Module, gate: StaticGate, tails: list[nn.Module], num_classes: int,
-                 first_route: int) -> None:
+    def __init__(self, pre: nn.Module, gate: StaticGate) -> None:
         super().__init__()
         self.pre = pre
         self.gate = gate
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.gate(self.pre(x))
+
+
+class RoutedNet(nn.Module):
+    """Deployable dynamic network: a front (shared stem and gate, returning features and window-relative
+    routes) and one static sub-network tail per route.
+
+    Samples are grouped by the gate's choice and each group runs its own (narrower, dense) tail;
+    outputs come back in input order. ``first_route`` is the supernet index of ``tails[0]``. A plain
+    ``nn.Module`` over any front and tails: :class:`StaticFront` and static tails, or the programs of a
+    ``torch.export`` dynamic export (see dsctl.export.load_dynamic); TorchScript can script it too.
+    """
+
+    def __init__(self, front: nn.Module, tails: list[nn.Module], num_classes: int, first_route: int) -> None:
+        super().__init__()
+        self.front = front
         self.tails = nn.ModuleList(tails)
         self.num_classes = num_classes
         self.first_route = first_route
 
     def forward(self, x: Tensor) -> Tensor:
-        h, routes = self.gate(self.pre(x))
+        h, routes = self.front(x)
         n = x.shape[0]
         counts: list[int] = torch.bincount(routes, minlength=len(self.tails)).tolist()  # the one host sync
         order = torch.argsort(routes)  # samples grouped by route: group i is order[start_i : start_i + counts[i]]

@@ -77,14 +77,14 @@ class Supernet(nn.Module):
         ``pre`` (at the window's sub-networks' common width), the static gate (which applies the attention
         head, if any, and decides as :meth:`SlimGate.decide` does, ``route_bias`` included), and one static
         tail per route. See :class:`~dsctl.layers.static.RoutedNet`."""
-        from dsctl.layers.static import RoutedNet
+        from dsctl.layers.static import RoutedNet, StaticFront
 
         lo, hi = window
         specs = self.space.subnets[lo : hi + 1]
         pre, _ = self.to_static_parts(specs[0], attention=False)
         gate = self.gate.to_static(self.gate_in_channels, window)
         tails = [self.to_static_parts(s)[1] for s in specs]
-        return RoutedNet(pre, gate, tails, self.num_classes, lo).eval()
+        return RoutedNet(StaticFront(pre, gate), tails, self.num_classes, lo).eval()
 
     def routing_parameters(self) -> list[nn.Parameter]:
         """Gate parameters that only routing uses (stage II trains these; stage I freezes them).
