@@ -21,6 +21,7 @@ from dsctl.routing import gate_targets, member_correct
 from dsctl.spec import width_label
 from dsctl.train.common import all_reduce_sum, autocast, evaluate, resolve_device
 from dsctl.train.data import build_run_data
+from dsctl.train.progress import Progress
 
 __all__ = ["DynamicEval", "EvalReport", "evaluate_checkpoint", "evaluate_dynamic"]
 
@@ -44,7 +45,8 @@ class DynamicEval:
 
 @torch.no_grad()
 def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: torch.device, *,
-                     route_macs: list[int], gate_macs: int, amp: bool = False, rule: str = "authors") -> DynamicEval:
+                     route_macs: list[int], gate_macs: int, amp: bool = False, rule: str = "authors",
+                     progress=None) -> DynamicEval:
     """Real dynamic inference (the gate's decision rule, grouped sliced sub-networks) over ``loader``.
 
     ``gate_sgs_acc`` is the agreement of the routes with the gate targets of ``rule`` (computed on every
@@ -72,6 +74,8 @@ def evaluate_dynamic(model: Supernet, loader, window: tuple[int, int], device: t
         c5 += float((top == y[:, None]).any(1).sum())
         sgs_right += float((gate_targets(member_correct(members, y), rule) + lo == routes).sum())
         n += y.numel()
+        if progress is not None:
+            progress.advance()
     c1, c5, loss_sum, n, sgs_right, *counts = all_reduce_sum([c1, c5, loss_sum, n, sgs_right, *hist.tolist()], device)
     histogram = [int(c) for c in counts]
     return DynamicEval(100 * c1 / n, 100 * c5 / n, loss_sum / n, int(n), histogram,
@@ -103,7 +107,7 @@ class EvalReport:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | None) -> EvalReport:
+def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | None, progress) -> EvalReport:
     from dsctl.flops import count_macs, count_params
 
     if width is not None:
@@ -112,36 +116,44 @@ def _evaluate_static(art: StaticArtifact, recipe: Recipe, dev, *, width: str | N
     art.check_data(data.info)
     net = art.build_network()
     macs = count_macs(net, data.input_size, data.info.in_chans)
-    r = evaluate(net.to(dev), data.val, None, dev)
+    progress.start(f"evaluating {art.meta.method} {art.meta.variant} on {data.info.name}", len(data.val))
+    r = evaluate(net.to(dev), data.val, None, dev, progress=progress)
+    progress.finish()
     return EvalReport(art.model_name, data.info.name, art.path, f"{art.meta.method} {art.meta.variant}",
                       art.meta.width_label, r.top1, r.top5, r.loss, r.samples, macs, params=count_params(net))
 
 
 def evaluate_checkpoint(path: str | Path, *, width: str | None = None, dynamic: bool = False,
-                        overrides: list[str] = (), device: str = "auto") -> EvalReport:  # type: ignore[assignment]
+                        overrides: list[str] = (), device: str = "auto",  # type: ignore[assignment]
+                        progress: Progress | None = None) -> EvalReport:
     """Evaluate a checkpoint on the validation split of its recipe's data (``overrides`` may change it).
 
     Gate checkpoints are evaluated dynamically (the gate's decision rule, grouped sliced inference) unless
     a width is given; supernet checkpoints need a width (default: the full network) and cannot be
-    ``dynamic``; baseline checkpoints take neither.
+    ``dynamic``; baseline checkpoints take neither. ``progress`` follows the batches (default: silent).
     """
+    progress = progress or Progress()
     art = read_artifact(path, GateArtifact if dynamic else Artifact, why="--dynamic" if dynamic else "")
     recipe = art.recipe_config(overrides)
     dev = resolve_device(device)
     if isinstance(art, StaticArtifact):
-        return _evaluate_static(art, recipe, dev, width=width)
+        return _evaluate_static(art, recipe, dev, width=width, progress=progress)
     data = build_run_data(recipe.data)
     art.check_data(data.info)
     model = art.build_model()
     model.to(dev).eval()
     if isinstance(art, GateArtifact) and width is None:
         lo, hi = art.window
+        progress.start(f"evaluating dynamic[{lo}:{hi}] on {data.info.name}", len(data.val))
         r = evaluate_dynamic(model, data.val, art.window, dev, route_macs=list(art.costs.route_macs),
-                             gate_macs=art.costs.gate_macs)
+                             gate_macs=art.costs.gate_macs, progress=progress)
+        progress.finish()
         return EvalReport(model.model_name, data.info.name, art.path, f"dynamic[{lo}:{hi}]", "dynamic", r.top1,
                           r.top5, r.loss, r.samples, r.avg_macs, histogram=r.histogram, gate_sgs_acc=r.gate_sgs_acc)
     spec = model.space.resolve(width or "largest")
-    r = evaluate(model, data.val, spec, dev)
+    progress.start(f"evaluating {model.space.label(spec)} on {data.info.name}", len(data.val))
+    r = evaluate(model, data.val, spec, dev, progress=progress)
+    progress.finish()
     m = count_subnet(model, spec, data.input_size)
     return EvalReport(model.model_name, data.info.name, art.path, model.space.label(spec), width_label(m.width),
                       r.top1, r.top5, r.loss, r.samples, m.macs, params=m.params)

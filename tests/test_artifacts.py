@@ -287,3 +287,28 @@ def test_data_that_does_not_fit_the_model_is_one_line_in_every_command_that_read
         "5 outputs"), r.output
     assert not (tmp_path / "s").exists()
     assert dsctl.build_model("tiny_ds_resnet", num_classes=1000, in_chans=1) is not None  # more outputs than classes: fine
+
+
+def test_evaluation_reports_progress_per_batch(tmp_path) -> None:
+    from dsctl.evaluation import evaluate_checkpoint
+    from dsctl.train.progress import Progress
+
+    class Record(Progress):
+        def __init__(self) -> None:
+            self.events: list[tuple] = []
+
+        def start(self, description: str, total: int, completed: int = 0) -> None:
+            self.events.append(("start", description, total))
+
+        def advance(self, n: int = 1, **metrics: float) -> None:
+            self.events.append(("advance", n))
+
+        def finish(self, summary: str = "") -> None:
+            self.events.append(("finish",))
+
+    SupernetArtifact.from_model(dsctl.build_model("tiny_ds_resnet"), recipe=_recipe()).save(tmp_path / "final.pt")
+    seen = Record()
+    evaluate_checkpoint(tmp_path / "final.pt", width="0.5", device="cpu", progress=seen)
+    batches = seen.events[0][2]
+    assert seen.events[0][:2] == ("start", "evaluating k2 on synthetic") and batches >= 1
+    assert seen.events[1:] == [("advance", 1)] * batches + [("finish",)]

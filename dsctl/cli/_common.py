@@ -66,10 +66,21 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not the stream of the first command that
+    configured logging: in-process callers, such as test runners, replace it between commands)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(quiet: bool = False) -> None:
     """dsctl's INFO lines go to stderr (with --quiet they replace the progress bars)."""
     fmt = "%(asctime)s %(message)s" if quiet else "%(message)s"
-    logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("dsctl").setLevel(logging.INFO)
 
 

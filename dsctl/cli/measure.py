@@ -32,8 +32,9 @@ def eval_cmd(
     if width is not None and dynamic:
         raise DsctlError(f"--width {width} and --dynamic contradict each other (a static sub-network or the gate's "
                          "routing: give one)")
-    result = evaluate_checkpoint(checkpoint, width=width, dynamic=dynamic,
-                                 overrides=recipe_overrides(set_, data), device=device)
+    with progress_display(quiet=as_json) as progress:  # --json: stdout holds the JSON alone
+        result = evaluate_checkpoint(checkpoint, width=width, dynamic=dynamic,
+                                     overrides=recipe_overrides(set_, data), device=device, progress=progress)
     if as_json:
         console.print_json(json.dumps(result.to_dict()))
         return

@@ -149,10 +149,11 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, spec: SliceSpec | None, device: torch.device, *,
-             amp: bool = False, max_batches: int | None = None) -> EvalResult:
+             amp: bool = False, max_batches: int | None = None, progress=None) -> EvalResult:
     """Top-1 / top-5 (percent) and mean cross-entropy of ``model(x, spec)``, summed across ranks.
 
-    ``spec=None`` calls ``model(x)`` (static or dynamic models).
+    ``spec=None`` calls ``model(x)`` (static or dynamic models). ``progress`` (a started
+    :class:`~dsctl.train.progress.Progress`) advances once per batch.
     """
     was_training = model.training
     model.eval()
@@ -170,6 +171,8 @@ def evaluate(model: nn.Module, loader: Iterable, spec: SliceSpec | None, device:
         correct1 += float(hit[:, 0].sum())
         correct5 += float(hit.any(1).sum())
         n += y.numel()
+        if progress is not None:
+            progress.advance()
     correct1, correct5, loss_sum, n = all_reduce_sum([correct1, correct5, loss_sum, n], device)
     model.train(was_training)
     if n == 0:
