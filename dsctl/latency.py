@@ -62,8 +62,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, 
     a slow candidate (a training step, a command) costs one call per round. Grad mode is the caller's (time
     a training step by passing a function that runs backward). ``Timer`` synchronises the accelerator.
     """
-    from torch.utils.benchmark import Timer
-
+    Timer = _timer()
     times: dict[str, list[float]] = {name: [] for name in fns}
     block: dict[str, int] = {}  # calls per block, from the first round
     per_round = max(min_run_time_s / rounds, 0.05)
@@ -106,3 +105,19 @@ def measure_latency(candidates: dict[str, Callable[[Tensor], Tensor]], x: Tensor
         p50 = statistics.median(t)
         out.append(LatencyReport(name, batch, p50 * 1e3, _percentile(t, 0.9) * 1e3, batch / p50, len(t)))
     return out
+
+
+def _timer():
+    """``torch.utils.benchmark.Timer``; its import drags in torch.utils.cpp_extension, which logs a
+    "No CUDA runtime is found, using CUDA_HOME" warning on CPU-only machines: not dsctl's output to give."""
+    import logging
+
+    ext = logging.getLogger("torch.utils.cpp_extension")
+    level = ext.level
+    ext.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        ext.setLevel(level)
+    return Timer
+
