@@ -38,9 +38,25 @@ class Settings:
     tool_model: str = "ds_resnet50"
     tool_repeats: int = 3
 
-    def input_size(self, native: int, batch: int) -> int:
-        size = self.batch_input_size.get(batch)
-        return native if size is None else min(size, native)
+    def input_size(self, model, batch: int) -> int:
+        """The resolution ``model`` runs at for ``batch``: the reduced one if set and the model takes it,
+        else its native size (a DS-ViT's position embedding fixes its size: always native)."""
+        return self._size(model, self.batch_input_size.get(batch))
+
+    def train_size(self, model) -> int:
+        return self._size(model, self.train_input_size)
+
+    @staticmethod
+    def _size(model, reduced: int | None) -> int:
+        from dsctl.errors import DsctlError
+
+        native = model.default_input_size
+        if reduced is None or reduced >= native:
+            return native
+        try:
+            return model.check_input_size(reduced)
+        except DsctlError:
+            return native
 
     def images(self, batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
         """Random inputs on the device, in the run's dtype and memory format (the layout every op keeps)."""

@@ -44,7 +44,7 @@ def mixed_routes(model: Supernet, images: torch.Tensor, route_macs: list[int], s
 
 def bench_routing(model_name: str, settings: Settings, env: Env) -> list[FigureRow]:
     model = build_model(model_name).eval()
-    size = settings.input_size(model.default_input_size, settings.dynamic_batch)
+    size = settings.input_size(model, settings.dynamic_batch)
     # in the run's dtype and layout; bench_dynamic moves each batch to the device
     images = settings.images(4 * settings.dynamic_batch, model.in_chans, size, seed=1).cpu()
     route_macs = macs_table(model, size)

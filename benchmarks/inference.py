@@ -34,7 +34,7 @@ def bench_slicing(model_name: str, settings: Settings, env: Env, sections: set[s
     model = build_model(model_name).eval()
     picks = _picks(model)
     statics = {pick: export_subnet(model, spec) for pick, spec in picks.items()}
-    p2_size = settings.input_size(model.default_input_size, settings.batches[-1])
+    p2_size = settings.input_size(model, settings.batches[-1])
     macs = {pick: count_macs(s, p2_size, model.in_chans) for pick, s in statics.items()} if "p2" in sections else {}
     model.to(settings.device, settings.dtype)
     statics = {pick: s.to(settings.device, settings.dtype) for pick, s in statics.items()}
@@ -42,7 +42,7 @@ def bench_slicing(model_name: str, settings: Settings, env: Env, sections: set[s
     label = {pick: model.space.label(spec) for pick, spec in picks.items()}
     rows: list[FigureRow] = []
     for batch in batches:
-        size = settings.input_size(model.default_input_size, batch)
+        size = settings.input_size(model, batch)
         x = settings.images(batch, model.in_chans, size)
         candidates = {}
         for pick, spec in picks.items():

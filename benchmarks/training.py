@@ -65,7 +65,7 @@ def _static_step(nets: list[nn.Module], x: torch.Tensor, y: torch.Tensor, cfg: S
 def bench_training(model_name: str, settings: Settings, env: Env) -> list[FigureRow]:
     device, amp = settings.device, settings.device.type == "cuda"
     model = build_model(model_name).to(device).train()
-    size = settings.train_input_size or model.default_input_size
+    size = settings.train_size(model)
     cfg = SupernetConfig(target="id")  # in-place distillation: no teacher network to time
     specs = sample_members(model.space, random.Random(0), cfg.num_random)
     statics = [model.to_static(s).to(device).train().requires_grad_(True) for s in specs]
