@@ -9,8 +9,10 @@ no dsctl: ``torch.export.load(path).module()`` or ``torch.jit.load(path)``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,6 +117,21 @@ def _save(static: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> Non
             raise DsctlError(f"unknown export format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
 
 
+@contextmanager
+def _quiet_loading():
+    """torch.export.load logs a warning with a traceback before it refuses a file that is not an archive;
+    dsctl turns the refusal into one line, so the log is muted (Python warnings too) while loading."""
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def is_exported(path: str | Path) -> bool:
     """Whether ``path`` is an export: a file with a JSON sidecar ``<path>.json`` beside it (static exports,
     TorchScript dynamic exports) or a ``pt2`` dynamic export folder (holding ``dynamic.json``)."""
@@ -129,8 +146,7 @@ def load_subnet(path: str | Path) -> nn.Module:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_loading():
         try:
             if p.suffix == ".pt2":
                 return torch.export.load(str(p)).module()
@@ -296,8 +312,7 @@ def load_dynamic(path: str | Path) -> nn.Module:
     from dsctl.layers.static import RoutedNet
 
     p = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_loading():
         if p.is_dir():
             sidecar = p / DYNAMIC_SIDECAR
             if not sidecar.is_file():

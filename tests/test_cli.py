@@ -203,3 +203,41 @@ def test_error_lines_keep_bracketed_values() -> None:
     r = runner.invoke(app, ["train-gate", "recipes/smoke/synthetic_tiny_ds_resnet.yaml", "--supernet", "x",
                             "--window", "3:1"])
     assert r.exit_code == 1 and "0 <= A < B <= K-1" in r.output, r.output
+
+
+@pytest.mark.parametrize("where", ["init_from", "export_file", "export_pt2", "dynamic_folder"])
+def test_a_code_carrying_pickle_never_runs_in_any_loader(tmp_path, where: str) -> None:
+    """--init-from, an exported sub-network (.pt or .pt2 with a sidecar) and a dynamic export folder: each
+    refuses a file whose unpickling would call a function, in one line, without calling it."""
+    import json
+
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = {"state_dict": {"w": Evil()}}
+    if where == "init_from":
+        torch.save(evil, tmp_path / "evil.pt")
+        args = ["flops", "tiny_ds_resnet", "--init-from", str(tmp_path / "evil.pt")]
+    elif where in ("export_file", "export_pt2"):
+        name = "evil.ts.pt" if where == "export_file" else "evil.pt2"
+        torch.save(evil, tmp_path / name)
+        (tmp_path / f"{name}.json").write_text(json.dumps({"model": "tiny_ds_resnet", "in_chans": 1, "input_size": 28}))
+        args = ["bench", str(tmp_path / name), "--batch", "1", "--min-run-time", "0.05"]
+    else:
+        folder = tmp_path / "dyn"
+        folder.mkdir()
+        torch.save(evil, folder / "front.pt2")
+        torch.save(evil, folder / "route0.pt2")
+        (folder / "dynamic.json").write_text(json.dumps({"kind": "dynamic", "window": [0, 0], "num_classes": 10,
+                                                         "model": "tiny_ds_resnet", "in_chans": 1, "input_size": 28}))
+        args = ["bench", str(folder), "--batch", "1", "--min-run-time", "0.05"]
+    result = runner.invoke(app, args)
+    out = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 1 and "Traceback" not in out and "weights_only" not in out, out
+    assert out.strip().splitlines()[-1].startswith("error:"), out
+    assert not marker.exists()
