@@ -23,8 +23,10 @@ data:
 quickstart: setup data
 	$(VENV)/bin/dsctl quickstart
 
+# one pytest worker per core (each with one torch thread, tests/conftest.py); the slow suite runs serially
+# because its kill and torchrun tests time processes against each other
 test: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-slow: setup data
 	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]

@@ -16,6 +16,8 @@ This module must stay importable without torch.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -443,11 +445,27 @@ def recipe_from_dict(data: Mapping[str, Any], *, source: str = "recipe") -> Reci
     """
     if not isinstance(data, Mapping):
         raise RecipeError(f"{source}: the top level must be a mapping of sections, got {_short_repr(data)}")
+    bad = _non_finite(data, "")
+    if bad:
+        raise RecipeError(f"{source}: {bad[0]}: {bad[1]} is not a finite number (no recipe value may be NaN or "
+                          "infinite)")
     try:
         return Recipe.model_validate(dict(data))
     except pydantic.ValidationError as exc:
         lines = [f"{source}: {_format_error(e)}" for e in exc.errors()]
         raise RecipeError("\n".join(lines)) from None
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """The dotted path and value of the first NaN or infinite float in a nested recipe mapping, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "<top>", value
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found = _non_finite(child, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

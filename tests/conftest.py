@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -11,6 +12,9 @@ import dsctl
 from dsctl.registry import model_kwargs_allowed
 
 TINY_MODELS = [n for n in dsctl.list_models() if n.startswith("tiny_")]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one torch thread each
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -26,8 +26,9 @@ torch.save(m(x).detach(), sys.argv[4])
 """
 
 
-@pytest.mark.parametrize("fmt", ["pt2", pytest.param("torchscript", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", ["tiny_ds_resnet", pytest.param("tiny_ds_mobilenetv1", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a fresh interpreter per case (about 10 s); the default run reloads pt2 exports in-process
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+@pytest.mark.parametrize("name", ["tiny_ds_resnet", "tiny_ds_mobilenetv1"])
 def test_export_loads_without_dsctl_and_matches(tmp_path, name: str, fmt: str) -> None:
     model = dsctl.build_model(name).eval()
     spec = model.space.resolve("0.5")
@@ -102,6 +103,7 @@ def test_export_refuses_a_pt2_under_another_name_and_never_leaves_a_broken_file(
         export_to_file(model, spec, tmp_path / "file" / "m.pt2")
 
 
+@pytest.mark.slow  # an export and a fresh interpreter: about 12 s
 def test_pt2_dynamic_export_runs_without_dsctl_by_the_readme_recipe(tmp_path) -> None:
     """The folder's programs composed by the README's plain-PyTorch lines, in a process that cannot import
     dsctl, equal the supernet's grouped inference; batch sizes 1 and odd included."""
