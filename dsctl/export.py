@@ -304,13 +304,26 @@ class _Program(nn.Module):
         return self.module(x)
 
 
+def _compose_programs(folder: Path, window: tuple[int, int], num_classes: int) -> nn.Module:
+    """The programs of a pt2 dynamic export folder as one :class:`~dsctl.layers.static.RoutedNet`."""
+    from dsctl.layers.static import RoutedNet
+
+    lo, hi = window
+    with _quiet_loading():
+        try:
+            front = _Program(torch.export.load(str(folder / "front.pt2")).module())
+            tails = [_Program(torch.export.load(str(folder / f"route{i}.pt2")).module()) for i in range(hi - lo + 1)]
+        except Exception as err:
+            raise CheckpointError(f"{folder}: a program of the dynamic export does not load "
+                                  f"({type(err).__name__})") from None
+    return RoutedNet(front, tails, num_classes, lo).eval()
+
+
 def load_dynamic(path: str | Path) -> nn.Module:
     """Load what ``dsctl export --dynamic`` wrote: a ``pt2`` folder composed into a
     :class:`~dsctl.layers.static.RoutedNet` of its programs, or a TorchScript file.
 
     Without dsctl, the folder's programs compose in a few lines of plain PyTorch (README, "Export")."""
-    from dsctl.layers.static import RoutedNet
-
     p = Path(path)
     with _quiet_loading():
         if p.is_dir():
@@ -318,13 +331,7 @@ def load_dynamic(path: str | Path) -> nn.Module:
             if not sidecar.is_file():
                 raise CheckpointError(f"{p}: not a dynamic export folder (no {DYNAMIC_SIDECAR})")
             meta = json.loads(sidecar.read_text())
-            lo, hi = meta["window"]
-            try:
-                front = _Program(torch.export.load(str(p / "front.pt2")).module())
-                tails = [_Program(torch.export.load(str(p / f"route{i}.pt2")).module()) for i in range(hi - lo + 1)]
-            except Exception as err:
-                raise CheckpointError(f"{p}: a program of the dynamic export does not load ({type(err).__name__})") from None
-            return RoutedNet(front, tails, int(meta["num_classes"]), lo).eval()
+            return _compose_programs(p, tuple(meta["window"]), int(meta["num_classes"]))
         if not p.is_file():
             raise CheckpointError(f"{p}: no such file or folder")
         try:
@@ -361,16 +368,14 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
     if fmt == "pt2":
         _write_dynamic_programs(routed, x, out)
         sidecar = out / DYNAMIC_SIDECAR
+        loaded = _compose_programs(out, window, model.num_classes)  # what load_dynamic gives once the sidecar is written
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.save(torch.jit.script(routed), str(out))
         sidecar = Path(str(out) + ".json")
+        loaded = load_dynamic(out)
     lo, hi = window
-    # the sidecar first: load_dynamic reads the window and class count from it
-    partial = {"window": [lo, hi], "num_classes": model.num_classes}
-    sidecar.write_text(json.dumps(partial) + "\n")
-    loaded = load_dynamic(out)
     with torch.no_grad():
         expected, routes = dynamic_forward(model, x, window)
         got = loaded(x)
