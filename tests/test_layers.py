@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsctl.layers import SlimBatchNorm2d, SlimConv2d, SlimLinear
+from dsctl.layers.slim_vit import SlimLayerNorm, SlimQKVLinear
 
 
 def test_conv_slices_input_and_output() -> None:
@@ -79,6 +81,62 @@ def test_conv_keeps_no_copies_while_training() -> None:
     with torch.no_grad():
         conv(x, 5)
         assert not conv._slices and not conv.sliced_weight(5, 4).is_contiguous()
+
+
+def _reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` computes on ``x`` at x's width, from freshly sliced weights (nothing kept)."""
+    d = x.shape[-1] if not isinstance(layer, SlimBatchNorm2d) else x.shape[1]
+    w = layer.weight.detach()
+    b = None if layer.bias is None else layer.bias.detach()
+    if isinstance(layer, SlimQKVLinear):
+        wq, bq = w.view(3, layer.dim, layer.dim)[:, :d, :d].reshape(3 * d, d), b.view(3, layer.dim)[:, :d].reshape(-1)
+        return F.linear(x, wq, bq)
+    if isinstance(layer, SlimLinear):
+        return F.linear(x, w[:3, :d], b[:3])
+    if isinstance(layer, SlimLayerNorm):
+        return F.layer_norm(x, (d,), w[:d], b[:d], layer.eps)
+    mean, var, _ = layer.stats(d)
+    return F.batch_norm(x, mean, var, w[:d], b[:d], False, 0.0, layer.eps)
+
+
+def _call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x, 3) if type(layer) is SlimLinear else layer(x)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: SlimLinear(8, 6), (2, 5)),
+    (lambda: SlimQKVLinear(8), (2, 3, 4)),
+    (lambda: SlimLayerNorm(8), (2, 3, 4)),
+    (lambda: SlimBatchNorm2d((4, 8)), (2, 4, 3, 3)),
+], ids=["linear", "qkv", "layernorm", "batchnorm"])
+def test_kept_slices_follow_every_weight_change(make, shape) -> None:
+    """Every layer that keeps its eval-mode slices (KeptSlices) computes from the current weights after an
+    optimizer step, load_state_dict, new storage and a dtype change, and keeps nothing while training."""
+    layer = make().eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-1, 1)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(_call(layer, x), _reference(layer, x))
+        assert layer._slices  # kept
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    _call(layer, x).square().sum().backward()  # eval mode, grad enabled: views autograd sees
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(_call(layer, x), _reference(layer, x))
+    layer.load_state_dict({k: torch.rand_like(v) + 0.5 if v.is_floating_point() else v  # variances > 0
+                          for k, v in layer.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(_call(layer, x), _reference(layer, x))
+    layer.weight.data = torch.randn_like(layer.weight)  # new storage, version counter not bumped
+    with torch.no_grad():
+        torch.testing.assert_close(_call(layer, x), _reference(layer, x))
+    layer.double()
+    with torch.no_grad():
+        torch.testing.assert_close(_call(layer, x.double()), _reference(layer, x.double()))
+    layer.train()
+    assert not layer._slices
 
 
 def test_linear_slices() -> None:

@@ -16,65 +16,53 @@ from torch import Tensor, nn
 
 from dsctl.layers.static import SqueezeExcite
 
-__all__ = ["SlimConv2d", "SlimLinear", "SlimBatchNorm2d", "SlimSqueezeExcite"]
+__all__ = ["KeptSlices", "SlimConv2d", "SlimLinear", "SlimBatchNorm2d", "SlimSqueezeExcite"]
 
 
-class SlimConv2d(nn.Conv2d):
-    """Conv2d whose weight is sliced to ``[:out_channels, :in_channels]`` per call.
+class KeptSlices(nn.Module):
+    """Mixin for a layer whose weight is sliced per call: contiguous copies of its slices, kept per width
+    in eval mode outside autograd.
 
-    A depthwise conv (``groups == in_channels == out_channels``) is sliced to ``weight[:c]`` with
-    ``groups = c``, where ``c`` is the number of input channels; its output width always equals ``c``.
-    Only ``groups == 1`` and depthwise convs are supported.
-
-    Outside autograd (no grad, or a frozen weight) and in eval mode, a sliced weight that is not
-    contiguous is copied once per width and kept: the conv kernels would otherwise copy the strided
-    view on every call, which made sliced sub-networks slower than their exported twins (issue 11).
-    The copies are dropped when the weight changes (in-place update, new storage, ``.to()``,
-    ``load_state_dict``) and on ``train()``; at most one per width used since then is held.
+    A strided slice such as ``weight[:out, :in]`` (or DS-ViT's head-aware q/k/v rows) makes the kernels
+    copy it on every call, which made sliced sub-networks slower than their exported twins (issue 11).
+    :meth:`kept` returns a copy made once per key instead, when nothing can differentiate through it (no
+    grad, or a frozen weight), the layer is in eval mode and nobody traces or compiles. The copies are
+    dropped when ``weight`` or ``bias`` changes (in-place update, new storage: checked on every call), on
+    ``.to()`` and friends, ``load_state_dict`` and ``train()``; at most one per key used since then is held.
     """
+
+    weight: Tensor
+    bias: Tensor | None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
-        if self.groups != 1 and not self.depthwise:
-            raise ValueError(f"SlimConv2d supports groups=1 or depthwise, got groups={self.groups}")
-        self._slices: dict[tuple[int, int], Tensor] = {}
-        self._slices_stamp: tuple[int, int] | None = None
+        self._slices: dict[object, object] = {}
+        self._slices_stamp: tuple[int, ...] | None = None
 
-    def forward(self, x: Tensor, out_channels: int | None = None) -> Tensor:  # type: ignore[override]
-        in_c = x.shape[1]
-        if self.depthwise:
-            out_c, groups = in_c, in_c
-        else:
-            out_c = self.out_channels if out_channels is None else out_channels
-            groups = 1
-        bias = self.bias
-        if bias is not None and out_c != self.out_channels:
-            bias = bias[:out_c]
-        return F.conv2d(x, self.sliced_weight(out_c, in_c), bias, self.stride, self.padding, self.dilation, groups)
-
-    def sliced_weight(self, out_channels: int, in_channels: int) -> Tensor:
-        """``weight[:out_channels, :in_channels]`` (depthwise: ``weight[:out_channels]``), contiguous
-        outside autograd in eval mode (a kept copy, see the class docstring)."""
+    def _may_keep(self) -> bool:
         w = self.weight
-        in_w = 1 if self.depthwise else in_channels
-        if in_w == w.shape[1]:  # whole rows: the view is contiguous already
-            return w if out_channels == w.shape[0] else w[:out_channels]
-        if (self.training or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference()
-                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            return w[:out_channels, :in_w]
-        stamp = (w.data_ptr(), w._version)
+        return not (self.training or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference()
+                    or torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+    def kept(self, key: object, make):
+        """``make()`` (a tensor or a tuple of them), kept under ``key`` while the weights stay as they are;
+        ``make()`` itself, a view autograd sees, whenever keeping is not safe (see the class docstring)."""
+        if not self._may_keep():
+            return make()
+        w, b = self.weight, self.bias
+        stamp = (w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
         if stamp != self._slices_stamp:
             self._slices.clear()
             self._slices_stamp = stamp
-        key = (out_channels, in_w)
-        sliced = self._slices.get(key)
-        if sliced is None:
+        out = self._slices.get(key)
+        if out is None:
             with torch.inference_mode(False), torch.no_grad():
-                sliced = self._slices[key] = w[:out_channels, :in_w].contiguous()
-        return sliced
+                made = make()
+                out = self._slices[key] = (tuple(t if t is None else t.contiguous() for t in made)
+                                           if isinstance(made, tuple) else made.contiguous())
+        return out
 
-    def train(self, mode: bool = True) -> SlimConv2d:
+    def train(self, mode: bool = True):
         if mode:  # training changes the weight: free the copies now (eval() keeps them; the stamp checks them)
             self._slices.clear()
         return super().train(mode)
@@ -86,6 +74,47 @@ class SlimConv2d(nn.Conv2d):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self._slices.clear()
         super()._load_from_state_dict(*args, **kwargs)
+
+
+class SlimConv2d(KeptSlices, nn.Conv2d):
+    """Conv2d whose weight is sliced to ``[:out_channels, :in_channels]`` per call.
+
+    A depthwise conv (``groups == in_channels == out_channels``) is sliced to ``weight[:c]`` with
+    ``groups = c``, where ``c`` is the number of input channels; its output width always equals ``c``.
+    Only ``groups == 1`` and depthwise convs are supported. A slice that cuts the input channels is kept
+    contiguous in eval mode (:class:`KeptSlices`).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
+        if self.groups != 1 and not self.depthwise:
+            raise ValueError(f"SlimConv2d supports groups=1 or depthwise, got groups={self.groups}")
+
+    def forward(self, x: Tensor, out_channels: int | None = None) -> Tensor:  # type: ignore[override]
+        in_c = x.shape[1]
+        if self.depthwise:
+            out_c, groups = in_c, in_c
+        else:
+            out_c = self.out_channels if out_channels is None else out_channels
+            groups = 1
+        weight, bias = self.sliced(out_c, in_c)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def sliced(self, out_channels: int, in_channels: int) -> tuple[Tensor, Tensor | None]:
+        """``weight[:out_channels, :in_channels]`` (depthwise: ``weight[:out_channels]``) and
+        ``bias[:out_channels]``: the whole tensors at full width, else kept in eval mode outside autograd
+        (the weight contiguous, see :class:`KeptSlices`; views where slicing copies nothing)."""
+        w, b = self.weight, self.bias
+        in_w = 1 if self.depthwise else in_channels
+        if out_channels == w.shape[0] and in_w == w.shape[1]:
+            return w, b
+        return self.kept((out_channels, in_w),
+                         lambda: (w[:out_channels, :in_w], None if b is None else b[:out_channels]))
+
+    def sliced_weight(self, out_channels: int, in_channels: int) -> Tensor:
+        """The weight of :meth:`sliced`."""
+        return self.sliced(out_channels, in_channels)[0]
 
     @torch.no_grad()
     def to_static(self, in_channels: int, out_channels: int | None = None) -> nn.Conv2d:
@@ -107,13 +136,18 @@ class SlimConv2d(nn.Conv2d):
         return conv
 
 
-class SlimLinear(nn.Linear):
-    """Linear layer sliced to ``weight[:out_features, :x.shape[-1]]`` per call."""
+class SlimLinear(KeptSlices, nn.Linear):
+    """Linear layer sliced to ``weight[:out_features, :x.shape[-1]]`` per call (a slice that cuts the input
+    features is kept contiguous in eval mode: :class:`KeptSlices`)."""
 
     def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:  # type: ignore[override]
         out_f = self.out_features if out_features is None else out_features
-        bias = None if self.bias is None else self.bias[:out_f]
-        return F.linear(x, self.weight[:out_f, : x.shape[-1]], bias)
+        in_f = x.shape[-1]
+        w, b = self.weight, self.bias
+        if out_f == self.out_features and in_f == self.in_features:
+            return F.linear(x, w, b)
+        weight, bias = self.kept((out_f, in_f), lambda: (w[:out_f, :in_f], None if b is None else b[:out_f]))
+        return F.linear(x, weight, bias)
 
     @torch.no_grad()
     def to_static(self, in_features: int, out_features: int | None = None) -> nn.Linear:
@@ -126,7 +160,7 @@ class SlimLinear(nn.Linear):
         return lin
 
 
-class SlimBatchNorm2d(nn.Module):
+class SlimBatchNorm2d(KeptSlices, nn.Module):
     """BatchNorm with private running statistics per width choice and one shared, sliced affine.
 
     The statistics are picked from ``x.shape[1]``. The largest choice uses the standard buffer names
@@ -179,7 +213,10 @@ class SlimBatchNorm2d(nn.Module):
         if self.training:
             n.add_(1)
             factor = 1.0 / float(n) if self.momentum is None else self.momentum
-        weight, bias = (self.weight, self.bias) if c == self.num_features else (self.weight[:c], self.bias[:c])
+        if c == self.num_features:
+            weight, bias = self.weight, self.bias
+        else:  # views (nothing to copy), kept in eval mode: slicing costs more than the lookup at batch 1
+            weight, bias = self.kept(c, lambda: (self.weight[:c], self.bias[:c]))
         return F.batch_norm(x, mean, var, weight, bias, self.training, factor, self.eps)
 
     def _forward_synced(self, x: Tensor, mean: Tensor, var: Tensor, n: Tensor) -> Tensor:

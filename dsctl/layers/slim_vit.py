@@ -17,18 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.layers.slim import SlimLinear
+from dsctl.layers.slim import KeptSlices, SlimLinear
 from dsctl.layers.static_vit import Attention, Mlp
 
 __all__ = ["SlimLayerNorm", "SlimQKVLinear", "SlimAttention", "SlimMlp"]
 
 
-class SlimLayerNorm(nn.LayerNorm):
+class SlimLayerNorm(KeptSlices, nn.LayerNorm):
     """LayerNorm over the active last-dim width d, with the affine sliced to ``[:d]``."""
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         d = x.shape[-1]
-        return F.layer_norm(x, (d,), self.weight[:d], self.bias[:d], self.eps)
+        if d == self.weight.shape[0]:
+            return F.layer_norm(x, (d,), self.weight, self.bias, self.eps)
+        weight, bias = self.kept(d, lambda: (self.weight[:d], self.bias[:d]))  # views, kept in eval mode
+        return F.layer_norm(x, (d,), weight, bias, self.eps)
 
     def forward_masked(self, x: Tensor, keep: Tensor) -> Tensor:
         """Per sample, LayerNorm over its kept channels only; the others come out zero."""
@@ -46,7 +49,7 @@ class SlimLayerNorm(nn.LayerNorm):
         return norm
 
 
-class SlimQKVLinear(nn.Linear):
+class SlimQKVLinear(KeptSlices, nn.Linear):
     """The fused q/k/v projection ``[3D, D]`` (rows [q; k; v]), sliced head-aware.
 
     At width d the active rows are ``[0:d]``, ``[D:D+d]`` and ``[2D:2D+d]`` (q, k and v of the first
@@ -61,6 +64,9 @@ class SlimQKVLinear(nn.Linear):
         """(weight [3 * width, width], bias [3 * width]) of the first ``width`` channels of q, k and v."""
         if width == self.dim:
             return self.weight, self.bias
+        return self.kept(width, lambda: self._gather(width))
+
+    def _gather(self, width: int) -> tuple[Tensor, Tensor | None]:
         weight = self.weight.view(3, self.dim, self.dim)[:, :width, :width].reshape(3 * width, width)
         bias = None if self.bias is None else self.bias.view(3, self.dim)[:, :width].reshape(3 * width)
         return weight, bias

@@ -110,6 +110,15 @@ def _with_idle(active: Tensor, x: Tensor) -> Tensor:
     return active if d == x.shape[-1] else torch.cat([active, x[..., d:]], -1)
 
 
+def _run_blocks(blocks, x: Tensor, width: int) -> Tensor:
+    """``blocks`` in turn at one ``width``: the idle channels are split off once and joined once, not per
+    block (the same values as calling each block, without a slice and a concatenation per block)."""
+    h = x[..., :width]
+    for block in blocks:
+        h = block.forward_active(h)
+    return _with_idle(h, x)
+
+
 class SlimViTBlock(nn.Module):
     """Pre-norm transformer block with dynamic idle slicing (timm ``Block`` names: norm1, attn, norm2, mlp)."""
 
@@ -123,10 +132,12 @@ class SlimViTBlock(nn.Module):
 
     def forward(self, x: Tensor, width: int) -> Tensor:
         """x: (N, T, D) -> (N, T, D); only channels [:width] change."""
-        h = x[..., :width]
+        return _with_idle(self.forward_active(x[..., :width]), x)
+
+    def forward_active(self, h: Tensor) -> Tensor:
+        """The block on its active channels alone: h (N, T, d) -> (N, T, d), d = the block's width."""
         h = h + _drop_path(self.attn(self.norm1(h)), self.drop_path, self.training)
-        h = h + _drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training)
-        return _with_idle(h, x)
+        return h + _drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training)
 
     def forward_masked(self, x: Tensor, width: int, widths: Tensor) -> Tensor:
         """The block at ``width`` for the whole batch, sample i masked to its own width ``widths[i]`` (<= width):
@@ -219,9 +230,7 @@ class DSViT(Supernet):
 
     def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
         width = spec.widths[1]
-        x = self._embed(x)
-        for block in self._blocks(routed=False):
-            x = block(x, width)
+        x = _run_blocks(self._blocks(routed=False), self._embed(x), width)
         if not (encode or self.gate.attention):
             return GatePoint(x, None)
         active = x[..., :width]
@@ -229,9 +238,7 @@ class DSViT(Supernet):
         return GatePoint(_with_idle(self.gate.attend(active, e), x), e)
 
     def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
-        width = spec.widths[2]
-        for block in self._blocks(routed=True):
-            h = block(h, width)
+        h = _run_blocks(self._blocks(routed=True), h, spec.widths[2])
         return self.head(self.norm(h[:, 0]))  # LayerNorm is per token: norm(h)[:, 0] == norm(h[:, 0])
 
     @torch.no_grad()
