@@ -122,8 +122,9 @@ def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSet
 def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, settings: BenchSettings, *,
                   route_macs: list[int] | None = None, exported: Path | None = None,
                   torchscript: bool = False) -> list[BenchRow]:
-    """Grouped dynamic inference on real images against: the window's widest static sub-network, masking
-    the same routes at full width, and the static sub-network closest to the dynamic average MACs.
+    """Grouped dynamic inference on real images against: the window's widest and narrowest static
+    sub-networks, masking the same routes at full width, and the static sub-network closest to the dynamic
+    average MACs.
 
     Dynamic candidates: ``dynamic`` (the supernet, grouped and sliced), ``exported_dynamic`` (the
     deployable plain-torch :func:`~dsctl.export.export_routed` module, or the file ``exported``) and, with
@@ -156,6 +157,9 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
     routed = export_routed(model, window).to(device)
     candidates["exported_dynamic"] = load_dynamic(exported).to(device) if exported is not None else routed
     meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
+    if k_eq != lo:  # the window's cheapest member: with the widest, it brackets the routed cost
+        candidates["static_narrowest"] = export_subnet(model, specs[lo]).to(device)
+        meta["static_narrowest"] = ("static", f"k{lo}", r(lo), route_macs[lo])
     if torchscript:
         candidates["exported_dynamic_torchscript"] = torch.jit.script(routed)
         meta["exported_dynamic_torchscript"] = ("exported_dynamic", f"dynamic[{lo}:{hi}] torchscript", "dynamic",

@@ -30,7 +30,12 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatc
     assert {(r["section"], r["figure"]) for r in rows} == {
         ("p1", "slicing_overhead"), ("p2", "realised_speedup_sliced"), ("p2", "realised_speedup_static"),
         ("p3", "dynamic_vs_static_equal_macs"), ("p3", "dynamic_vs_masked"),
-        ("p3", "supernet_grouped_vs_exported"), ("p3", "torchscript_vs_exported"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"), ("p5", "tool_cost")}
+        ("p3", "supernet_grouped_vs_exported"), ("p3", "torchscript_vs_exported"),
+        ("p3", "dynamic_vs_interpolated_static"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"),
+        ("p5", "tool_cost")}
+    # the interpolated reference lies between the window's two static networks
+    interp = next(r for r in rows if r["figure"] == "dynamic_vs_interpolated_static")
+    assert " at 0." in interp["numerator"] and interp["note"].startswith("window k")
     assert sum(r["section"] == "p1" for r in rows) == 6  # smallest, middle, largest at two batch sizes
     for r in rows:
         assert math.isfinite(float(r["value"])) and float(r["value"]) > 0, r
