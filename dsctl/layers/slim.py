@@ -39,17 +39,13 @@ class KeptSlices(nn.Module):
         self._slices: dict[object, object] = {}
         self._slices_stamp: tuple[int, ...] | None = None
 
-    def _may_keep(self) -> bool:
-        w = self.weight
-        return not (self.training or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference()
-                    or torch.jit.is_tracing() or torch.compiler.is_compiling())
-
     def kept(self, key: object, make):
         """``make()`` (a tensor or a tuple of them), kept under ``key`` while the weights stay as they are;
         ``make()`` itself, a view autograd sees, whenever keeping is not safe (see the class docstring)."""
-        if not self._may_keep():
-            return make()
         w, b = self.weight, self.bias
+        if (self.training or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference()
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            return make()
         stamp = (w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
         if stamp != self._slices_stamp:
             self._slices.clear()

@@ -132,7 +132,7 @@ class SlimViTBlock(nn.Module):
 
     def forward(self, x: Tensor, width: int) -> Tensor:
         """x: (N, T, D) -> (N, T, D); only channels [:width] change."""
-        return _with_idle(self.forward_active(x[..., :width]), x)
+        return _run_blocks((self,), x, width)
 
     def forward_active(self, h: Tensor) -> Tensor:
         """The block on its active channels alone: h (N, T, d) -> (N, T, d), d = the block's width."""
