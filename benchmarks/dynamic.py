@@ -3,8 +3,8 @@
 No trained gate is needed: the gate's slimming head gets seeded random weights, and the per-route offsets
 are calibrated (``calibrate_offsets``) so the routed average MACs on the timed images is a target, which
 spreads the images over the window as a trained, calibrated gate does. Two mixes: the four sub-networks
-around the middle one at its MACs, and the gates' default window (the two that bracket the target) halfway
-between the middle one and the next (see :func:`bench_routing`). ``dsctl.bench.bench_dynamic``
+around the middle one at its MACs, and the gates' default window (``gate.window_size`` sub-networks around
+the target) halfway between the middle one and the next (see :func:`bench_routing`). ``dsctl.bench.bench_dynamic``
 then times, side by side on the same images: the deployed routed model (plain torch, no TorchScript),
 its TorchScript twin, grouped sliced inference in the supernet, masking at full width, and the static
 sub-network closest to the average MACs.
@@ -47,9 +47,10 @@ def mixed_routes(model: Supernet, images: torch.Tensor, route_macs: list[int], t
 
 def bench_routing(model_name: str, settings: Settings, env: Env) -> list[FigureRow]:
     """Two route mixes: the four sub-networks around the middle one, spending its MACs (a static network of
-    exactly equal MACs exists); and the gates' default window (``gate.window_size``: the two sub-networks
-    that bracket the target) at the MACs halfway between the middle one and the next, compared with the
-    latency interpolated in MACs between those two static networks (no static network has that cost)."""
+    exactly equal MACs exists); and the gates' default window (``gate.window_size`` sub-networks around
+    the target) at the MACs halfway between the middle one and the next, compared with the latency
+    interpolated in MACs between the two static networks that bracket the routed cost (no static network
+    has that cost)."""
     model = build_model(model_name).eval()
     size = settings.input_size(model, settings.dynamic_batch)
     # in the run's dtype and layout; bench_dynamic moves each batch to the device
@@ -88,10 +89,11 @@ def _figures(model_name: str, rows: list[BenchRow], window: tuple[int, int], siz
         return f"{r.candidate} {r.subnet}", r.latency_ms_p50
 
     if interpolate:
-        # by sub-network, not candidate name: the narrowest member is timed as `static_equal_macs` when
-        # it is also the one closest to the routed cost
-        statics = {r.subnet: r for r in rows if r.kind == "static"}
-        lo, hi = statics[f"k{window[0]}"], statics[f"k{window[1]}"]
+        # the two timed statics that bracket the routed cost (by MACs, not candidate name: either may be
+        # timed as `static_equal_macs`, `static_narrowest`, `static_bracket` or `static_widest`)
+        statics = sorted((r for r in rows if r.kind == "static"), key=lambda r: r.macs)
+        lo = max((r for r in statics if r.macs <= dyn.macs), key=lambda r: r.macs)
+        hi = min((r for r in statics if r.macs > dyn.macs), key=lambda r: r.macs)
         t = (dyn.macs - lo.macs) / (hi.macs - lo.macs)
         ref = lo.latency_ms_p50 + t * (hi.latency_ms_p50 - lo.latency_ms_p50)
         return [row("dynamic_vs_interpolated_static", f"{lo.subnet}..{hi.subnet} at {t:.2f}", ref, ">=0.9"),

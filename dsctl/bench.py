@@ -123,8 +123,8 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
                   route_macs: list[int] | None = None, exported: Path | None = None,
                   torchscript: bool = False) -> list[BenchRow]:
     """Grouped dynamic inference on real images against: the window's widest and narrowest static
-    sub-networks, masking the same routes at full width, and the static sub-network closest to the dynamic
-    average MACs.
+    sub-networks, masking the same routes at full width, the static sub-network closest to the dynamic
+    average MACs and the one on the other side of that average (``static_bracket``: the two bracket it).
 
     Dynamic candidates: ``dynamic`` (the supernet, grouped and sliced), ``exported_dynamic`` (the
     deployable plain-torch :func:`~dsctl.export.export_routed` module, or the file ``exported``) and, with
@@ -157,9 +157,14 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
     routed = export_routed(model, window).to(device)
     candidates["exported_dynamic"] = load_dynamic(exported).to(device) if exported is not None else routed
     meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
-    if k_eq != lo:  # the window's cheapest member: with the widest, it brackets the routed cost
-        candidates["static_narrowest"] = export_subnet(model, specs[lo]).to(device)
-        meta["static_narrowest"] = ("static", f"k{lo}", r(lo), route_macs[lo])
+    # the window's cheapest member, and the sub-network on the other side of the routed cost from the
+    # closest one (the two statics that bracket the routed cost interpolate a static of equal MACs)
+    below = max(k for k in range(lo, hi + 1) if route_macs[k] <= avg) if route_macs[lo] <= avg else lo
+    other = below + 1 if below == k_eq else below
+    for name, k in (("static_narrowest", lo), ("static_bracket", min(other, hi))):
+        if k not in (k_eq, hi) and not any(m[1] == f"k{k}" for m in meta.values()):
+            candidates[name] = export_subnet(model, specs[k]).to(device)
+            meta[name] = ("static", f"k{k}", r(k), route_macs[k])
     if torchscript:
         candidates["exported_dynamic_torchscript"] = torch.jit.script(routed)
         meta["exported_dynamic_torchscript"] = ("exported_dynamic", f"dynamic[{lo}:{hi}] torchscript", "dynamic",

@@ -169,7 +169,8 @@ class GateConfig(BaseModel):
     """Gate training: which sub-networks the gate may choose, its targets, losses and decision rule.
 
     * ``window``: (first, last) sub-network index; None: the ``window_size`` sub-networks around
-      ``target_macs_m`` (default 2: the two that bracket it), all of them when no target is set.
+      ``target_macs_m`` (default 3: those that bracket it with the mean cost closest to it), all of them
+      when no target is set.
     * ``sgs_target``: ``authors`` (the window's smallest if it is right, else its widest) or
       ``cheapest`` (the cheapest window member that is right; the cheapest when none is).
     * ``class_weighting``: weight the gate's cross-entropy by the inverse frequency of each target.
@@ -182,7 +183,7 @@ class GateConfig(BaseModel):
     model_config = _FROZEN
 
     window: tuple[int, int] | None = None
-    window_size: int = Field(default=2, ge=2)
+    window_size: int = Field(default=3, ge=2)
     tau: float = Field(default=1.0, gt=0.0)
     sgs_target: Literal["authors", "cheapest"] = "cheapest"
     class_weighting: bool = True

@@ -98,8 +98,8 @@ def _window_override(window: str | None) -> list[str]:
 def train_gate_cmd(
     recipe: RecipeArg = None,
     supernet: Annotated[Path | None, typer.Option(help="Supernet run folder or checkpoint (required unless --resume).")] = None,
-    window: Annotated[str | None, typer.Option(help="Routing window A:B of sub-network indices (default: all).")] = None,
-    target_macs: Annotated[float | None, typer.Option(help="MACs target in millions: penalise average MACs above it.")] = None,
+    window: Annotated[str | None, typer.Option(help="Routing window A:B of sub-network indices (default: the recipe's gate.window_size sub-networks around --target-macs, all without a target).")] = None,
+    target_macs: Annotated[float | None, typer.Option(help="Average MACs in millions the routed model spends (gate included): chooses the window, and the decision is calibrated on held-out training data to meet it (gate.complexity=target adds a two-sided loss toward it).")] = None,
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<recipe name>).")] = None,
     set_: SetOpt = None,
