@@ -41,12 +41,18 @@ class KeptSlices(nn.Module):
 
     def kept(self, key: object, make):
         """``make()`` (a tensor or a tuple of them), kept under ``key`` while the weights stay as they are;
-        ``make()`` itself, a view autograd sees, whenever keeping is not safe (see the class docstring)."""
-        w, b = self.weight, self.bias
+        ``make()`` itself, a view autograd sees, whenever keeping is not safe (see the class docstring).
+
+        Called once per layer per forward, so it reads the parameters from ``_parameters`` directly:
+        ``nn.Module.__getattr__`` costs about a microsecond a name, a quarter of the whole lookup, and at
+        batch 1 every microsecond between two operators lets the intra-op threads fall asleep (issue 11).
+        """
+        params = self._parameters
+        w, b = params["weight"], params.get("bias")
         if (self.training or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference()
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             return make()
-        stamp = (w.data_ptr(), w._version) + ((b.data_ptr(), b._version) if b is not None else ())
+        stamp = (w.data_ptr(), w._version) if b is None else (w.data_ptr(), w._version, b.data_ptr(), b._version)
         if stamp != self._slices_stamp:
             self._slices.clear()
             self._slices_stamp = stamp
@@ -101,12 +107,14 @@ class SlimConv2d(KeptSlices, nn.Conv2d):
         """``weight[:out_channels, :in_channels]`` (depthwise: ``weight[:out_channels]``) and
         ``bias[:out_channels]``: the whole tensors at full width, else kept in eval mode outside autograd
         (the weight contiguous, see :class:`KeptSlices`; views where slicing copies nothing)."""
-        w, b = self.weight, self.bias
         in_w = 1 if self.depthwise else in_channels
-        if out_channels == w.shape[0] and in_w == w.shape[1]:
-            return w, b
-        return self.kept((out_channels, in_w),
-                         lambda: (w[:out_channels, :in_w], None if b is None else b[:out_channels]))
+        if out_channels == self.out_channels and in_w == self.in_channels // self.groups:
+            return self.weight, self.bias
+        return self.kept((out_channels, in_w), lambda: self._slice(out_channels, in_w))
+
+    def _slice(self, out_channels: int, in_w: int) -> tuple[Tensor, Tensor | None]:
+        w, b = self.weight, self.bias
+        return w[:out_channels, :in_w], None if b is None else b[:out_channels]
 
     def sliced_weight(self, out_channels: int, in_channels: int) -> Tensor:
         """The weight of :meth:`sliced`."""
@@ -139,11 +147,14 @@ class SlimLinear(KeptSlices, nn.Linear):
     def forward(self, x: Tensor, out_features: int | None = None) -> Tensor:  # type: ignore[override]
         out_f = self.out_features if out_features is None else out_features
         in_f = x.shape[-1]
-        w, b = self.weight, self.bias
         if out_f == self.out_features and in_f == self.in_features:
-            return F.linear(x, w, b)
-        weight, bias = self.kept((out_f, in_f), lambda: (w[:out_f, :in_f], None if b is None else b[:out_f]))
+            return F.linear(x, self.weight, self.bias)
+        weight, bias = self.kept((out_f, in_f), lambda: self._slice(out_f, in_f))
         return F.linear(x, weight, bias)
+
+    def _slice(self, out_f: int, in_f: int) -> tuple[Tensor, Tensor | None]:
+        w, b = self.weight, self.bias
+        return w[:out_f, :in_f], None if b is None else b[:out_f]
 
     @torch.no_grad()
     def to_static(self, in_features: int, out_features: int | None = None) -> nn.Linear:

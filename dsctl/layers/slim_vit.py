@@ -28,7 +28,7 @@ class SlimLayerNorm(KeptSlices, nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         d = x.shape[-1]
-        if d == self.weight.shape[0]:
+        if d == self.normalized_shape[0]:
             return F.layer_norm(x, (d,), self.weight, self.bias, self.eps)
         weight, bias = self.kept(d, lambda: (self.weight[:d], self.bias[:d]))  # views, kept in eval mode
         return F.layer_norm(x, (d,), weight, bias, self.eps)

@@ -150,7 +150,7 @@ class DSMobileNetV1(Supernet):
     def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
         w = spec.widths
         h = self.gate_block.forward_pw(h, w[self.gate_stage])
-        for block in self._blocks(self.gate_stage)[1:]:
+        for block in list(self._blocks(self.gate_stage))[1:]:  # a ModuleList slice is a new ModuleList
             h = block(h, w[self.gate_stage])
         for i in range(self.gate_stage + 1, len(self.stage_cfgs)):
             for block in self._blocks(i):

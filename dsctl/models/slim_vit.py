@@ -224,9 +224,10 @@ class DSViT(Supernet):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
         return x + self.pos_embed  # (N, T, D), T = grid * grid + 1
 
-    def _blocks(self, routed: bool) -> nn.ModuleList:
+    def _blocks(self, routed: bool) -> tuple[SlimViTBlock, ...]:
         g = self.cfg.gate_after
-        return self.blocks[g:] if routed else self.blocks[:g]  # type: ignore[return-value]
+        blocks = tuple(self.blocks)  # slicing the ModuleList would build a new ModuleList per call
+        return blocks[g:] if routed else blocks[:g]
 
     def forward_pre(self, x: Tensor, spec: SliceSpec, encode: bool = False) -> GatePoint:
         width = spec.widths[1]
