@@ -139,6 +139,29 @@ def test_kept_slices_follow_every_weight_change(make, shape) -> None:
     assert not layer._slices
 
 
+def test_parametrized_weights_are_not_kept() -> None:
+    """A parametrized weight (weight norm, ...) is recomputed by its parametrization: nothing is kept, so a
+    changed parametrization parameter changes the sliced output."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(()))
+
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * self.s
+
+    lin = SlimLinear(20, 10).eval()
+    parametrize.register_parametrization(lin, "weight", Scale())
+    x = torch.randn(3, 7)
+    with torch.no_grad():
+        before = lin(x, 4)
+        lin.parametrizations.weight[0].s.fill_(2.0)
+        torch.testing.assert_close(lin(x, 4) - lin.bias[:4], 2 * (before - lin.bias[:4]))
+    assert not lin._slices
+
+
 def test_linear_slices() -> None:
     lin = SlimLinear(20, 10)
     x = torch.randn(3, 7)

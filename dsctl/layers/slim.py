@@ -48,7 +48,9 @@ class KeptSlices(nn.Module):
         batch 1 every microsecond between two operators lets the intra-op threads fall asleep (issue 11).
         """
         params = self._parameters
-        w, b = params["weight"], params.get("bias")
+        if "weight" not in params or "bias" not in params:  # parametrized (weight_norm, ...): not ours to keep
+            return make()
+        w, b = params["weight"], params["bias"]
         if (self.training or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference()
                 or torch.jit.is_tracing() or torch.compiler.is_compiling()):
             return make()
