@@ -159,7 +159,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
     meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
     # the window's cheapest member, and the sub-network on the other side of the routed cost from the
     # closest one (the two statics that bracket the routed cost interpolate a static of equal MACs)
-    below = max(k for k in range(lo, hi + 1) if route_macs[k] <= avg) if route_macs[lo] <= avg else lo
+    below = max((k for k in range(lo, hi + 1) if route_macs[k] <= avg), default=lo)
     other = below + 1 if below == k_eq else below
     for name, k in (("static_narrowest", lo), ("static_bracket", min(other, hi))):
         if k not in (k_eq, hi) and not any(m[1] == f"k{k}" for m in meta.values()):

@@ -66,6 +66,11 @@ class KeptSlices(nn.Module):
                                            if isinstance(made, tuple) else made.contiguous())
         return out
 
+    def _first(self, rows: int, cols: int) -> tuple[Tensor, Tensor | None]:
+        """Views of ``weight[:rows, :cols]`` and ``bias[:rows]`` (what a conv or linear layer keeps)."""
+        w, b = self.weight, self.bias
+        return w[:rows, :cols], None if b is None else b[:rows]
+
     def train(self, mode: bool = True):
         if mode:  # training changes the weight: free the copies now (eval() keeps them; the stamp checks them)
             self._slices.clear()
@@ -112,11 +117,7 @@ class SlimConv2d(KeptSlices, nn.Conv2d):
         in_w = 1 if self.depthwise else in_channels
         if out_channels == self.out_channels and in_w == self.in_channels // self.groups:
             return self.weight, self.bias
-        return self.kept((out_channels, in_w), lambda: self._slice(out_channels, in_w))
-
-    def _slice(self, out_channels: int, in_w: int) -> tuple[Tensor, Tensor | None]:
-        w, b = self.weight, self.bias
-        return w[:out_channels, :in_w], None if b is None else b[:out_channels]
+        return self.kept((out_channels, in_w), lambda: self._first(out_channels, in_w))
 
     def sliced_weight(self, out_channels: int, in_channels: int) -> Tensor:
         """The weight of :meth:`sliced`."""
@@ -151,12 +152,8 @@ class SlimLinear(KeptSlices, nn.Linear):
         in_f = x.shape[-1]
         if out_f == self.out_features and in_f == self.in_features:
             return F.linear(x, self.weight, self.bias)
-        weight, bias = self.kept((out_f, in_f), lambda: self._slice(out_f, in_f))
+        weight, bias = self.kept((out_f, in_f), lambda: self._first(out_f, in_f))
         return F.linear(x, weight, bias)
-
-    def _slice(self, out_f: int, in_f: int) -> tuple[Tensor, Tensor | None]:
-        w, b = self.weight, self.bias
-        return w[:out_f, :in_f], None if b is None else b[:out_f]
 
     @torch.no_grad()
     def to_static(self, in_features: int, out_features: int | None = None) -> nn.Linear:
