@@ -103,7 +103,7 @@ def grouped_post(model: Supernet, h: Tensor, routes: Tensor) -> Tensor:
     out: Tensor | None = None
     for k in torch.unique(routes).tolist():
         idx = (routes == k).nonzero().squeeze(1)
-        y = model.forward_post(h.index_select(0, idx), specs[k])
+        y = model.forward_post(h[idx], specs[k])  # keeps h's memory format (index_select would not)
         if out is None:
             out = y.new_empty(h.shape[0], y.shape[1])
         out.index_copy_(0, idx, y)

@@ -132,7 +132,9 @@ class RoutedNet(nn.Module):
             if c == n:  # the whole batch takes this route: no gather, no scatter
                 return tail(h)
             if c > 0:
-                outs.append(tail(h.index_select(0, order[start : start + c])))
+                # indexing, not index_select: index_select returns NCHW-contiguous rows of a channels_last
+                # tensor, and every layer after it would then run in the slower layout
+                outs.append(tail(h[order[start : start + c]]))
             start += c
             i += 1
         grouped = torch.cat(outs)
