@@ -70,6 +70,7 @@ class Env:
     threads: int
     dtype: str
     memory_format: str
+    allocator: str
     torch_version: str
     commit: str
     quick: bool
@@ -104,6 +105,7 @@ class FigureRow:
     threads: int
     dtype: str
     memory_format: str
+    allocator: str
     torch_version: str
     commit: str
     quick: bool
@@ -125,7 +127,8 @@ def figure(env: Env, section: str, name: str, model: str, subnet: str, batch: in
                      _meets(value, target), numerator[0], round(numerator[1], 4), denominator[0],
                      round(denominator[1], 4), parts_unit, None if macs_ratio is None else round(macs_ratio, 4),
                      samples, note,
-                     env.device, env.threads, env.dtype, env.memory_format, env.torch_version, env.commit, env.quick)
+                     env.device, env.threads, env.dtype, env.memory_format, env.allocator, env.torch_version,
+                     env.commit, env.quick)
 
 
 def median_ms(reports: list[LatencyReport], name: str) -> float:

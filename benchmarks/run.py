@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.allocator import ALLOCATORS, allocator_setting
 from benchmarks.common import Env, FigureRow, Settings
 
 __all__ = ["main", "build_settings", "run"]
@@ -61,7 +62,13 @@ def build_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def run(settings: Settings, sections: set[str]) -> list[FigureRow]:
+def run(settings: Settings, sections: set[str], allocator: str = "system") -> list[FigureRow]:
+    """Every figure of ``sections``; ``allocator``: what freed memory does meanwhile (benchmarks.allocator)."""
+    with allocator_setting(allocator) as in_effect:
+        return _run(settings, sections, in_effect)
+
+
+def _run(settings: Settings, sections: set[str], allocator: str) -> list[FigureRow]:
     from benchmarks.dynamic import bench_routing
     from benchmarks.inference import bench_slicing
     from benchmarks.tools import bench_tools
@@ -70,7 +77,8 @@ def run(settings: Settings, sections: set[str]) -> list[FigureRow]:
 
     torch.set_num_threads(settings.threads)
     env = Env(str(settings.device), settings.threads, str(settings.dtype).removeprefix("torch."),
-              str(settings.memory_format).removeprefix("torch."), torch.__version__, git_commit(), settings.quick)
+              str(settings.memory_format).removeprefix("torch."), allocator, torch.__version__, git_commit(),
+              settings.quick)
     rows: list[FigureRow] = []
     for name in settings.models:
         if sections & {"p1", "p2"}:
@@ -91,6 +99,7 @@ def _print(rows: list[FigureRow]) -> None:
     r0 = rows[0]
     quick = ", QUICK: smoke run" if r0.quick else ""
     table = Table(title=f"issue 11 figures ({r0.device}, {r0.threads} threads, {r0.dtype}, {r0.memory_format}, "
+                        f"allocator {r0.allocator}, "
                         f"torch {r0.torch_version}, {r0.commit}{quick})", title_justify="left")
     for col in ("figure", "model", "subnet", "batch", "px", "value", "target", "ok", "numerator / denominator"):
         table.add_column(col, justify="right" if col in ("batch", "px", "value") else "left")
@@ -112,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="comma-separated model names (default: every registered family)")
     parser.add_argument("--memory-format", choices=list(MEMORY_FORMATS), default="channels_last",
                         help="layout of the inputs, which every layer keeps (default: channels_last)")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="retain",
+                        help="retain: freed CPU memory stays in the heap for the next forward (what jemalloc, tcmalloc "
+                             "or MALLOC_MMAP_MAX_=0 give); system: glibc's defaults, which unmap and re-fault "
+                             "activations above 32 MB on every forward (default: retain; recorded in every row)")
     parser.add_argument("--native-size", action="store_true", help="CPU: batch 32 at the native size too")
     parser.add_argument("--min-run-time", type=float, help="seconds of timing per candidate and measurement")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per measurement")
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"(allowed: {', '.join(SECTIONS)})")
     logging.basicConfig(level=logging.WARNING)
     settings = build_settings(args)
-    rows = run(settings, sections)
+    rows = run(settings, sections, args.allocator)
     from benchmarks.tools import ROOT
     from dsctl.report import write_csv
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import platform
+import sys
 import time
 from dataclasses import fields
 
 import pytest
+import torch
 
 from benchmarks import tools
 from benchmarks.common import FigureRow
@@ -46,3 +50,33 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatc
 def test_only_rejects_unknown_sections() -> None:
     with pytest.raises(SystemExit):
         main(["--only", "p1,p9"])
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"), reason="glibc's mallopt")
+def test_retain_keeps_freed_memory_for_reuse_and_restores_the_defaults() -> None:
+    """Under ``retain`` a freed 256 MB buffer stays resident (the next forward reuses it, no page faults);
+    under glibc's defaults, and again after the block, it goes back to the OS on free."""
+    from benchmarks.allocator import allocator_setting
+
+    def given_back_on_free(mb: int = 256) -> float:
+        buf = torch.ones(mb * 2**18)  # touched
+        held = _rss_mb()
+        del buf
+        return held - _rss_mb()
+
+    with allocator_setting("system") as used:
+        assert used == "system" and given_back_on_free() > 192
+    with allocator_setting("retain") as used:
+        assert used == "retain" and os.environ["MALLOC_MMAP_MAX_"] == "0"  # P5's child processes too
+        assert given_back_on_free() < 64
+    assert os.environ.get("MALLOC_MMAP_MAX_") != "0"
+    # glibc's defaults are back (larger than the retained 256 MB, which the heap would hand out again)
+    assert given_back_on_free(512) > 448
+    with pytest.raises(ValueError, match="allowed: retain, system"):
+        with allocator_setting("jemalloc"):
+            pass
