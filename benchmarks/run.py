@@ -4,9 +4,11 @@
     python -m benchmarks --quick            # tiny models, few repeats: a smoke run (< 2 min, 1 thread)
     python -m benchmarks --only p1,p2 --threads 2
     python -m benchmarks --device cuda      # synchronised timing, bfloat16
+    python -m benchmarks --only recipes     # opt-in: the quick recipes end to end (~30 min on 2 cores)
 
-Writes ``results/benchmarks/<device>-<threads>t[-quick].csv`` (one :class:`FigureRow` per figure, with
-device, threads, dtype, torch version and commit) and prints the table. See benchmarks/README.md.
+Writes ``results/benchmarks/<device>-<threads>t[-quick][-<sections>].csv`` (one :class:`FigureRow` per
+figure, with device, threads, dtype, allocator, torch version and commit; the sections are named when
+not all of p1..p5 ran) and prints the table. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from benchmarks.common import Env, FigureRow, Settings
 __all__ = ["main", "build_settings", "run"]
 
 SECTIONS = ("p1", "p2", "p3", "p4", "p5")
+# opt-in sections: the quick recipes trained end to end (~30 min on 2 cores, needs Fashion-MNIST)
+EXTRA_SECTIONS = ("recipes",)
 QUICK_MODELS = ("tiny_ds_resnet", "tiny_ds_mobilenetv1")
 # inputs in channels_last: convolutions, BN and pooling keep it, and on CPU (oneDNN) and CUDA alike it ran
 # every network faster than NCHW (ResNet-50 k0 1.4x at batch 32, 1 thread); sliced and static get the same
@@ -89,6 +93,10 @@ def _run(settings: Settings, sections: set[str], allocator: str) -> list[FigureR
             rows += bench_training(name, settings, env)
     if "p5" in sections:
         rows += bench_tools(settings, env)
+    if "recipes" in sections:
+        from benchmarks.recipes import bench_recipes
+
+        rows += bench_recipes(settings, env)
     return rows
 
 
@@ -114,7 +122,9 @@ def _print(rows: list[FigureRow]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({', '.join(SECTIONS)})")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections ({', '.join(SECTIONS + EXTRA_SECTIONS)}; default: "
+                             f"{','.join(SECTIONS)}; recipes: the quick recipes end to end, ~30 min)")
     parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (a smoke run, not figures)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
@@ -131,17 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="CSV path (default: results/benchmarks/<device>-<threads>t.csv)")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
-    if not sections <= set(SECTIONS):
-        parser.error(f"--only {args.only!r}: unknown section(s) {sorted(sections - set(SECTIONS))} "
-                     f"(allowed: {', '.join(SECTIONS)})")
+    allowed = SECTIONS + EXTRA_SECTIONS
+    if not sections <= set(allowed):
+        parser.error(f"--only {args.only!r}: unknown section(s) {sorted(sections - set(allowed))} "
+                     f"(allowed: {', '.join(allowed)})")
     logging.basicConfig(level=logging.WARNING)
     settings = build_settings(args)
     rows = run(settings, sections, args.allocator)
     from benchmarks.tools import ROOT
     from dsctl.report import write_csv
 
+    # a run of some sections only is named after them: it never overwrites the full run's file
+    part = "" if sections == set(SECTIONS) else "-" + "-".join(s for s in allowed if s in sections)
     out = args.out or ROOT / "results" / "benchmarks" / (
-        f"{settings.device.type}-{settings.threads}t{'-quick' if settings.quick else ''}.csv")
+        f"{settings.device.type}-{settings.threads}t{'-quick' if settings.quick else ''}{part}.csv")
     write_csv(out, rows)
     _print(rows)
     print(f"wrote {out}")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import fields
 
 import pytest
-import torch
 
 from benchmarks import tools
 from benchmarks.common import FigureRow
@@ -52,31 +51,71 @@ def test_only_rejects_unknown_sections() -> None:
         main(["--only", "p1,p9"])
 
 
-def _rss_mb() -> float:
+_ALLOCATOR_PROBE = """
+import os, torch
+from benchmarks.allocator import allocator_setting
+
+def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def given_back_on_free(mb=256):
+    buf = torch.ones(mb * 2**18)  # touched
+    held = rss_mb()
+    del buf
+    return held - rss_mb()
+
+with allocator_setting("system") as used:
+    print(used, given_back_on_free())
+with allocator_setting("retain") as used:
+    print(used, given_back_on_free(), os.environ["MALLOC_MMAP_MAX_"])
+# glibc's defaults are back (larger than the retained 256 MB, which the heap would hand out again)
+print("after", given_back_on_free(512), os.environ.get("MALLOC_MMAP_MAX_"))
+"""
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"), reason="glibc's mallopt")
 def test_retain_keeps_freed_memory_for_reuse_and_restores_the_defaults() -> None:
     """Under ``retain`` a freed 256 MB buffer stays resident (the next forward reuses it, no page faults);
-    under glibc's defaults, and again after the block, it goes back to the OS on free."""
+    under glibc's defaults, and again after the block, it goes back to the OS on free. In a fresh process:
+    what earlier tests left in this one's heap would serve the allocations."""
+    out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], cwd=tools.ROOT, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    system, retain, after = (line.split() for line in out[:3])
+    assert system[0] == "system" and float(system[1]) > 192
+    assert retain[0] == "retain" and float(retain[1]) < 64 and retain[2] == "0"  # P5's child processes too
+    assert float(after[1]) > 448 and after[2] == "None"
     from benchmarks.allocator import allocator_setting
 
-    def given_back_on_free(mb: int = 256) -> float:
-        buf = torch.ones(mb * 2**18)  # touched
-        held = _rss_mb()
-        del buf
-        return held - _rss_mb()
+    with pytest.raises(ValueError, match="allowed: retain, system"), allocator_setting("jemalloc"):
+        pass
 
-    with allocator_setting("system") as used:
-        assert used == "system" and given_back_on_free() > 192
-    with allocator_setting("retain") as used:
-        assert used == "retain" and os.environ["MALLOC_MMAP_MAX_"] == "0"  # P5's child processes too
-        assert given_back_on_free() < 64
-    assert os.environ.get("MALLOC_MMAP_MAX_") != "0"
-    # glibc's defaults are back (larger than the retained 256 MB, which the heap would hand out again)
-    assert given_back_on_free(512) > 448
-    with pytest.raises(ValueError, match="allowed: retain, system"):
-        with allocator_setting("jemalloc"):
-            pass
+
+def test_stated_minutes() -> None:
+    from benchmarks.recipes import stated_minutes
+
+    assert stated_minutes("sized for 2 CPU cores (~14 minutes: measured)") == 14
+    assert stated_minutes("~2.5 min per run") == 2.5 and stated_minutes("no duration") is None
+
+
+@pytest.mark.slow  # one smoke training in a fresh process: about 15 s
+def test_recipe_section_times_a_real_run_and_its_phases(tmp_path) -> None:
+    from benchmarks.common import Env
+    from benchmarks.recipes import bench_recipes
+    from benchmarks.run import build_settings
+    import argparse
+
+    recipe = tmp_path / "smoke.yaml"
+    text = (tools.ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml").read_text()
+    recipe.write_text(text.replace("description: Seconds-long smoke run", "description: ~1 min smoke run"))
+    args = argparse.Namespace(device="cpu", threads=1, memory_format="channels_last", quick=True, native_size=False,
+                              models=None, min_run_time=None, rounds=None)
+    env = Env("cpu", 1, "float32", "channels_last", "system", "x", "c", True)
+    rows = bench_recipes(build_settings(args), env, [recipe])
+    by = {r.figure: r for r in rows}
+    stated = by["recipe_time_vs_stated"]
+    assert stated.denominator_value == 60 and stated.value == pytest.approx(stated.numerator_value / 60, abs=1e-3)
+    shares = [r for r in rows if r.figure.startswith("recipe_share_")]
+    assert {"recipe_share_step", "recipe_share_backward", "recipe_share_data", "recipe_share_teacher", "recipe_share_ema"} <= set(by)
+    assert sum(r.value for r in shares) == pytest.approx(1.0, abs=0.05)
+    assert "images/s end to end" in stated.note

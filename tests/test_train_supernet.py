@@ -77,7 +77,14 @@ def test_run_folder_contents(tmp_path) -> None:
     assert [(r["epoch"], r["subnet"]) for r in metrics] == [("0", "k0"), ("0", "k6"), ("1", "k0"), ("1", "k6")]
     rows = list(csv.DictReader((run / "subnets.csv").open()))
     assert {"subnet", "width", "macs", "params", "top1", "top5", "loss"} <= set(rows[0]) and len(rows) == 7
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2
+    # where the time went: every phase timed, nothing counted twice (phases + other = elapsed, 0.1 s rounding)
+    phases = summary["time_s"]
+    assert {"data", "step", "backward", "teacher", "ema", "evaluate", "checkpoint", "finish", "other"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(summary["elapsed_s"], abs=0.1 * len(phases))
+    assert phases["step"] > phases["ema"] and summary["images_trained"] == 2 * 128
+    assert result.time is not None and result.time.images == 2 * 128
     final = read_artifact(run / "final.pt", SupernetArtifact)
     assert final.calibrated and final.subnets == tuple(result.subnets) and len(result.subnets) == 7
     assert final.costs is not None and final.costs.route_macs == tuple(r.macs for r in result.subnets)

@@ -14,6 +14,7 @@ from dsctl.spec import width_label
 
 if TYPE_CHECKING:
     from dsctl.artifacts import SubnetRow
+    from dsctl.train.timing import RunTime
 
 app = typer.Typer()
 
@@ -50,6 +51,7 @@ def train_supernet_cmd(
                                  allow_changed=allow_changed)
     when = "after BN recalibration" if result.bn_recalibrated else "(no BatchNorm: nothing to recalibrate)"
     print_subnets(f"{cfg.model.name}: sub-networks {when} ({result.run_dir})", result.subnets)
+    _print_time(result.time)
 
 
 @app.command("calibrate-bn")
@@ -135,6 +137,12 @@ def train_gate_cmd(
                                                             "held-out MACs (M)", "gate target acc", "routes"], [
         [f"{lo}:{hi}", f"{f.top1:.2f}", f"{f.top5:.2f}", f"{f.avg_macs / 1e6:.3f}", target, held,
          f"{f.gate_sgs_acc:.1f}", " ".join(str(c) for c in f.histogram[lo: hi + 1])]]))
+    _print_time(result.time)
+
+
+def _print_time(timing: RunTime | None) -> None:
+    if timing is not None:
+        console.print(f"time: {timing.describe()} (summary.json \"time_s\")", highlight=False)
 
 
 class BaselineMethod(str, Enum):

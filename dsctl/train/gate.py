@@ -37,6 +37,7 @@ from dsctl.errors import DsctlError
 from dsctl.evaluation import DynamicEval, evaluate_dynamic
 from dsctl.models.base import Supernet
 from dsctl.train.common import autocast
+from dsctl.train.timing import RunTime
 from dsctl.train.trainer import RunContext, Trainer
 
 __all__ = ["sgs_targets", "complexity_loss", "calibrate_gate", "GateResult", "GateTrainer", "train_gate"]
@@ -95,6 +96,7 @@ class GateResult:
     window: tuple[int, int]
     final: GateReport
     elapsed_s: float = 0.0
+    time: RunTime | None = None  # where the time went (also in summary.json)
 
 
 class GateTrainer(Trainer):
@@ -139,7 +141,8 @@ class GateTrainer(Trainer):
         sgs = F.cross_entropy(out.gate_logits, targets, weight=weight)
         cplx = complexity_loss(out.expected_macs, cfg)
         loss = cfg.task_weight * task + cfg.sgs_weight * sgs + cplx
-        (loss / self.optim.grad_accum).backward()
+        with self.clock.phase("backward"):
+            (loss / self.optim.grad_accum).backward()
         return {k: float(v.detach()) for k, v in (("task", task), ("sgs", sgs), ("macs_m", out.expected_macs / 1e6))}
 
     def step_metrics(self) -> dict[str, float]:
@@ -182,8 +185,8 @@ class GateTrainer(Trainer):
                            calibration=calibration)
         if self.ctx.dist.main:
             self.artifact(True, final=final).save(self.ctx.run.final)
-        elapsed = self.write_summary("gate", final.to_dict(), supernet=self.source)
-        return GateResult(str(self.ctx.run.path), self.window, final, elapsed)
+        timing = self.write_summary("gate", final.to_dict(), supernet=self.source)
+        return GateResult(str(self.ctx.run.path), self.window, final, timing.elapsed_s, timing)
 
 
 def train_gate(model: Supernet, ctx: RunContext, cfg: GateConfig, optim: OptimConfig, *, window: tuple[int, int],

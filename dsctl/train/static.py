@@ -73,7 +73,8 @@ class StaticTrainer(Trainer):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if self.extra_loss is not None:
             loss = loss + self.extra_loss(self.model)
-        (loss / self.optim.grad_accum).backward()
+        with self.clock.phase("backward"):
+            (loss / self.optim.grad_accum).backward()
         return {"loss": float(loss.detach())}
 
     def _evaluate(self):

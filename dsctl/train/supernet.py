@@ -40,6 +40,7 @@ from dsctl.train.calibrate import recalibrate_bn
 from dsctl.train.common import EvalResult, autocast, evaluate, soft_cross_entropy, unwrap
 from dsctl.train.data import TrainData
 from dsctl.train.progress import Progress
+from dsctl.train.timing import PhaseClock, RunTime
 from dsctl.train.trainer import RunContext, Trainer, sync_batchnorm
 
 logger = logging.getLogger(__name__)
@@ -55,18 +56,21 @@ class SupernetResult:
     subnets: list[SubnetRow] = field(default_factory=list)
     elapsed_s: float = 0.0
     bn_recalibrated: bool = True  # False for families without BatchNorm (nothing to recalibrate)
+    time: RunTime | None = None  # where the time went (also in summary.json)
 
 
 def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple[Tensor, Tensor], y: Tensor,
                   specs: list[SliceSpec], cfg: SupernetConfig, *, device: torch.device, amp: bool,
-                  loss_scale: float = 1.0, sync_last: bool = True, alpha: float = 1.0) -> dict[str, float]:
+                  loss_scale: float = 1.0, sync_last: bool = True, alpha: float = 1.0,
+                  clock: PhaseClock | None = None) -> dict[str, float]:
     """Forward and backward every sandwich member on one batch; returns each member's loss.
 
     ``specs`` is ``[largest, random..., smallest]``. With multi-view consistency (``cfg.two_views``) ``x``
     is a pair of views of the same images: every member (students and the largest) sees the first, the
     EMA teacher the second, so each student is distilled toward the teacher's prediction on the other view. ``sync_last=False`` keeps DDP from reducing gradients
     (gradient accumulation). ``alpha`` is the soft targets' weight for the students (the rest on the
-    labels). Gradients are accumulated into ``.grad``; the caller steps the optimizer.
+    labels). Gradients are accumulated into ``.grad``; the caller steps the optimizer. ``clock`` times the
+    teacher's forward (``teacher``) and the backward passes (``backward``).
     """
     if cfg.two_views and not isinstance(x, tuple | list):
         raise ValueError("multi-view consistency needs two views per image: x = (view_a, view_b)")
@@ -74,7 +78,7 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple
     largest, *randoms, smallest = specs
     targets: dict[str, Tensor] = {}
     if cfg.target in ("ib", "eib", "mvco") and teacher is not None and alpha > 0:
-        with torch.no_grad(), autocast(device, amp):
+        with clock.phase("teacher") if clock else nullcontext(), torch.no_grad(), autocast(device, amp):
             targets["largest"] = F.softmax(teacher(x_teacher, largest).float(), -1)
             if cfg.target == "eib":
                 preds = [targets["largest"]] + [F.softmax(teacher(x_teacher, s).float(), -1) for s in randoms]
@@ -99,7 +103,8 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple
                 soft = targets["ensemble"] if name == "smallest" and cfg.target == "eib" else targets["largest"]
                 loss = soft_cross_entropy(logits, soft) if alpha == 1 else (
                     (1 - alpha) * hard + alpha * soft_cross_entropy(logits, soft))
-            (loss * loss_scale).backward()
+            with clock.phase("backward") if clock else nullcontext():
+                (loss * loss_scale).backward()
         losses[name] = float(loss.detach())
     return losses
 
@@ -159,12 +164,13 @@ class SupernetTrainer(Trainer):
             self.specs = sample_members(self.model.space, self.rng, self.cfg.num_random, self.cfg.sample)
         losses = sandwich_step(self.train_model, self.ema.module if self.ema else None, x, y, self.specs, self.cfg,
                                device=self.ctx.device, amp=self.optim.amp, loss_scale=1.0 / self.optim.grad_accum,
-                               sync_last=last, alpha=self.alpha())
+                               sync_last=last, alpha=self.alpha(), clock=self.clock)
         return {"loss_largest": losses["largest"], "loss_smallest": losses["smallest"]}
 
     def after_step(self) -> None:
         if self.ema is not None:
-            self.ema.update(self.model, step=self.pos.global_step + 1)
+            with self.clock.phase("ema"):
+                self.ema.update(self.model, step=self.pos.global_step + 1)
 
     def step_metrics(self) -> dict[str, float]:
         return {"lr": self.lr, "alpha": self.alpha()}
@@ -185,9 +191,9 @@ class SupernetTrainer(Trainer):
     def finish(self) -> SupernetResult:
         final_model = self.ema.module if self.ema is not None else self.model
         subnets = finalize_supernet(final_model, self.ctx, self.cfg, amp=self.optim.amp)
-        elapsed = self.write_summary("supernet", [r.to_row() for r in subnets])
-        return SupernetResult(str(self.ctx.run.path), self.epochs, subnets, elapsed,
-                              self.model.needs_bn_calibration)
+        timing = self.write_summary("supernet", [r.to_row() for r in subnets])
+        return SupernetResult(str(self.ctx.run.path), self.epochs, subnets, timing.elapsed_s,
+                              self.model.needs_bn_calibration, timing)
 
 
 def train_supernet(model: Supernet, ctx: RunContext, cfg: SupernetConfig, optim: OptimConfig) -> SupernetResult:

@@ -42,6 +42,7 @@ from dsctl.train.common import Dist, build_training, get_rng_state, set_rng_stat
 from dsctl.train.data import TrainData
 from dsctl.train.progress import LogProgress, Progress
 from dsctl.train.run import RunDir, StopFlag, TrainingInterrupted, catch_signals, environment
+from dsctl.train.timing import PhaseClock, RunTime
 
 __all__ = ["NonFiniteLoss", "Position", "RunContext", "Trainer", "sync_batchnorm"]
 
@@ -141,6 +142,8 @@ class Trainer:
         self.rng = random.Random(ctx.seed)  # the trainer's own draws (sandwich members); checkpointed
         self.pos = Position()
         self.t0 = time.monotonic()
+        self.clock = PhaseClock()  # where this process's time goes (summary.json "time_s"); hooks add phases
+        self.images = 0  # images trained by this process (all ranks)
 
     # -- what a trainer supplies -------------------------------------------------------------------------
     def trainable(self) -> nn.Module:
@@ -214,18 +217,22 @@ class Trainer:
                                                                    **self.ddp_options)
         with self.training():
             self._epochs()
-        return self.finish()
+        with self.clock.phase("finish"):
+            return self.finish()
 
-    def write_summary(self, kind: str, final: Any, **extra: Any) -> float:
-        """Write summary.json (what ran, where, how long, final numbers); returns the elapsed seconds."""
+    def write_summary(self, kind: str, final: Any, **extra: Any) -> RunTime:
+        """Write summary.json (what ran, where, how long and where the time went, final numbers)."""
         elapsed = time.monotonic() - self.t0
         ctx = self.ctx
+        timing = RunTime(round(elapsed, 1), self.clock.breakdown(elapsed), self.images)
         self.ctx.run.write_json("summary.json", {
             "kind": kind, "model": getattr(self.model, "model_name", ""), **extra, "epochs": self.epochs,
-            "steps_per_epoch": self.steps, "global_step": self.pos.global_step, "elapsed_s": round(elapsed, 1),
-            "world_size": ctx.dist.world, "environment": environment(ctx.device), "data": asdict(ctx.data.info),
-            "final": final})
-        return elapsed
+            "steps_per_epoch": self.steps, "global_step": self.pos.global_step, "elapsed_s": timing.elapsed_s,
+            "time_s": timing.phases_s, "images_trained": self.images,
+            "images_per_s": round(timing.images_per_s, 1), "world_size": ctx.dist.world,
+            "environment": environment(ctx.device), "data": asdict(ctx.data.info), "final": final})
+        logger.info("%s run time: %s", kind, timing.describe())
+        return timing
 
     def _step(self, batch_idx: int, x: Tensor | tuple[Tensor, ...], y: Tensor) -> dict[str, float] | None:
         """One micro-batch; after the last of an accumulation group, the optimizer step and its display values."""
@@ -250,8 +257,10 @@ class Trainer:
 
     def _save(self, path, completed: bool) -> None:
         if self.ctx.dist.main:
-            rng = get_rng_state(self.rng)
-            self.artifact(completed, training=self.pos.training_state(self.optimizer, self.scheduler, rng)).save(path)
+            with self.clock.phase("checkpoint"):
+                rng = get_rng_state(self.rng)
+                state = self.pos.training_state(self.optimizer, self.scheduler, rng)
+                self.artifact(completed, training=state).save(path)
 
     def _interrupted(self) -> TrainingInterrupted:
         self._save(self.ctx.run.last, False)
@@ -269,12 +278,14 @@ class Trainer:
                 loader = ctx.data.loader(seed=ctx.seed, epoch=pos.epoch, start_batch=pos.batch, dataset=self.dataset)
                 progress.start(f"epoch {pos.epoch + 1}/{epochs}", self.steps, pos.batch // self.optim.grad_accum)
                 t_epoch, seen = time.monotonic(), 0
-                for x, y in _batches(loader, stop):
+                for x, y in _batches(loader, stop, self.clock):
                     if pos.batch >= batches_per_epoch:
                         break
-                    metrics = self._step(pos.batch, x, y)
+                    with self.clock.phase("step"):
+                        metrics = self._step(pos.batch, x, y)
                     pos.batch += 1
                     seen += y.shape[0]
+                    self.images += y.shape[0] * ctx.dist.world
                     if metrics is None:
                         continue
                     pos.global_step += 1
@@ -297,8 +308,10 @@ class Trainer:
                 rows: list[dict[str, Any]] = []
                 if (pos.epoch + 1) % self.eval_every == 0 or pos.epoch + 1 == epochs:
                     train = {f"train_{k}": round(v, 5) for k, v in pos.last_metrics.items()}
+                    with self.clock.phase("evaluate"):
+                        evaluated = self.evaluate(pos.epoch)
                     rows = [{"epoch": pos.epoch, **r, **train, "epoch_s": round(time.monotonic() - t_epoch, 1)}
-                            for r in self.evaluate(pos.epoch)]
+                            for r in evaluated]
                 s = self.score(rows) if rows else float("-inf")
                 improved = s > pos.best
                 pos.best = max(pos.best, s)
@@ -313,12 +326,15 @@ class Trainer:
                     f"{r.get('subnet', r.get('model', ''))} top1 {r['top1']:.2f}" for r in rows))
 
 
-def _batches(loader, stop: StopFlag):
-    """The loader's batches; a signal that also killed its worker processes still ends in a clean stop."""
-    it = iter(loader)
+def _batches(loader, stop: StopFlag, clock: PhaseClock):
+    """The loader's batches; a signal that also killed its worker processes still ends in a clean stop.
+    The time spent waiting for them is the clock's ``data`` phase."""
+    with clock.phase("data"):
+        it = iter(loader)  # starts the workers, if any
     while True:
         try:
-            batch = next(it)
+            with clock.phase("data"):
+                batch = next(it)
         except StopIteration:
             return
         except RuntimeError:
