@@ -51,8 +51,11 @@ def bench_recipes(settings: Settings, env: Env, recipes: list[Path] | None = Non
         stated = stated_minutes(cfg.description or "")
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
-            subprocess.run([sys.executable, "-m", "dsctl", "train-supernet", str(recipe), "--out", str(run), "--quiet"],
-                           cwd=ROOT, env=child_env, check=True, capture_output=True)
+            proc = subprocess.run([sys.executable, "-m", "dsctl", "train-supernet", str(recipe), "--out", str(run),
+                                   "--quiet"], cwd=ROOT, env=child_env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:  # e.g. the recipe's data is not installed: dsctl's own one-line error
+                said = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise SystemExit(f"benchmarks --only recipes: {recipe.name} failed (exit {proc.returncode}): {said}")
             summary = json.loads((run / "summary.json").read_text())
         elapsed, phases = summary["elapsed_s"], summary["time_s"]
         name = f"recipes/quick/{recipe.name}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import platform
@@ -91,6 +92,16 @@ def test_retain_keeps_freed_memory_for_reuse_and_restores_the_defaults() -> None
         pass
 
 
+def _one_thread():
+    """The quick runner's settings at one thread, and an Env for its rows."""
+    from benchmarks.common import Env
+    from benchmarks.run import build_settings
+
+    args = argparse.Namespace(device="cpu", threads=1, memory_format="channels_last", quick=True, native_size=False,
+                              models=None, min_run_time=None, rounds=None)
+    return build_settings(args), Env("cpu", 1, "float32", "channels_last", "system", "x", "c", True)
+
+
 def test_stated_minutes() -> None:
     from benchmarks.recipes import stated_minutes
 
@@ -100,22 +111,28 @@ def test_stated_minutes() -> None:
 
 @pytest.mark.slow  # one smoke training in a fresh process: about 15 s
 def test_recipe_section_times_a_real_run_and_its_phases(tmp_path) -> None:
-    from benchmarks.common import Env
     from benchmarks.recipes import bench_recipes
-    from benchmarks.run import build_settings
-    import argparse
 
     recipe = tmp_path / "smoke.yaml"
     text = (tools.ROOT / "recipes/smoke/synthetic_tiny_ds_resnet.yaml").read_text()
     recipe.write_text(text.replace("description: Seconds-long smoke run", "description: ~1 min smoke run"))
-    args = argparse.Namespace(device="cpu", threads=1, memory_format="channels_last", quick=True, native_size=False,
-                              models=None, min_run_time=None, rounds=None)
-    env = Env("cpu", 1, "float32", "channels_last", "system", "x", "c", True)
-    rows = bench_recipes(build_settings(args), env, [recipe])
+    rows = bench_recipes(*_one_thread(), [recipe])
     by = {r.figure: r for r in rows}
     stated = by["recipe_time_vs_stated"]
     assert stated.denominator_value == 60 and stated.value == pytest.approx(stated.numerator_value / 60, abs=1e-3)
     shares = [r for r in rows if r.figure.startswith("recipe_share_")]
-    assert {"recipe_share_step", "recipe_share_backward", "recipe_share_data", "recipe_share_teacher", "recipe_share_ema"} <= set(by)
+    phases = {"step", "backward", "data", "teacher", "ema", "evaluate", "checkpoint", "finish"}
+    assert {f"recipe_share_{p}" for p in phases} <= set(by)
     assert sum(r.value for r in shares) == pytest.approx(1.0, abs=0.05)
     assert "images/s end to end" in stated.note
+
+
+@pytest.mark.slow  # a fresh dsctl process: about 5 s
+def test_recipe_section_reports_a_failed_run_in_one_line(tmp_path) -> None:
+    from benchmarks.recipes import bench_recipes
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("description: ~1 min\nmodel:\n  name: tiny_ds_resnet\ndata:\n  source: folder\n"
+                      f"  root: {tmp_path / 'no_such_folder'}\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml failed \(exit [1-9]\): .*no_such_folder"):
+        bench_recipes(*_one_thread(), [recipe])
