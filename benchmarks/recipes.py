@@ -14,7 +14,6 @@ Opt-in (``--only recipes``): about half an hour on 2 CPU cores, and it needs the
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -22,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import Env, FigureRow, Settings, figure
+from benchmarks.tools import ROOT, child_env
 from dsctl.config import load_recipe
 
 __all__ = ["bench_recipes", "stated_minutes", "QUICK_RECIPES"]
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK_RECIPES = ROOT / "recipes" / "quick"
 _STATED = re.compile(r"~\s*(\d+(?:\.\d+)?)\s*min")
 
@@ -44,15 +43,14 @@ def _supernet_recipes() -> list[Path]:
 
 def bench_recipes(settings: Settings, env: Env, recipes: list[Path] | None = None) -> list[FigureRow]:
     rows: list[FigureRow] = []
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    child_env.update(OMP_NUM_THREADS=str(settings.threads), MKL_NUM_THREADS=str(settings.threads))
+    env_vars = {k: v for k, v in child_env(settings.threads).items() if not k.startswith("MALLOC_")}
     for recipe in recipes or _supernet_recipes():
         cfg = load_recipe(recipe)
         stated = stated_minutes(cfg.description or "")
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
             proc = subprocess.run([sys.executable, "-m", "dsctl", "train-supernet", str(recipe), "--out", str(run),
-                                   "--quiet"], cwd=ROOT, env=child_env, capture_output=True, text=True, check=False)
+                                   "--quiet"], cwd=ROOT, env=env_vars, capture_output=True, text=True, check=False)
             if proc.returncode != 0:  # e.g. the recipe's data is not installed: dsctl's own one-line error
                 said = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
                 raise SystemExit(f"benchmarks --only recipes: {recipe.name} failed (exit {proc.returncode}): {said}")

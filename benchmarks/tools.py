@@ -16,13 +16,18 @@ from pathlib import Path
 from benchmarks.common import Env, FigureRow, Settings, figure, median_s
 from dsctl.latency import time_interleaved
 
-__all__ = ["bench_tools", "ROOT"]
+__all__ = ["bench_tools", "child_env", "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def child_env(threads: int) -> dict[str, str]:
+    """The environment of a fresh ``python -m dsctl`` process limited to ``threads``."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def _command(args: list[str], threads: int) -> Callable[[], None]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = child_env(threads)
 
     def run() -> None:
         subprocess.run([sys.executable, "-m", "dsctl", *args], cwd=ROOT, env=env, check=True, capture_output=True)

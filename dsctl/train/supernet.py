@@ -74,11 +74,12 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple
     """
     if cfg.two_views and not isinstance(x, tuple | list):
         raise ValueError("multi-view consistency needs two views per image: x = (view_a, view_b)")
+    clock = clock or PhaseClock()  # nobody reads a throwaway clock
     x_student, x_teacher = (x if isinstance(x, tuple | list) else (x, x))
     largest, *randoms, smallest = specs
     targets: dict[str, Tensor] = {}
     if cfg.target in ("ib", "eib", "mvco") and teacher is not None and alpha > 0:
-        with clock.phase("teacher") if clock else nullcontext(), torch.no_grad(), autocast(device, amp):
+        with clock.phase("teacher"), torch.no_grad(), autocast(device, amp):
             targets["largest"] = F.softmax(teacher(x_teacher, largest).float(), -1)
             if cfg.target == "eib":
                 preds = [targets["largest"]] + [F.softmax(teacher(x_teacher, s).float(), -1) for s in randoms]
@@ -103,7 +104,7 @@ def sandwich_step(model: nn.Module, teacher: nn.Module | None, x: Tensor | tuple
                 soft = targets["ensemble"] if name == "smallest" and cfg.target == "eib" else targets["largest"]
                 loss = soft_cross_entropy(logits, soft) if alpha == 1 else (
                     (1 - alpha) * hard + alpha * soft_cross_entropy(logits, soft))
-            with clock.phase("backward") if clock else nullcontext():
+            with clock.phase("backward"):
                 (loss * loss_scale).backward()
         losses[name] = float(loss.detach())
     return losses
