@@ -55,7 +55,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     else:
         reduced = {} if device.type == "cuda" or args.native_size else {32: CPU_REDUCED_SIZE, 64: CPU_REDUCED_SIZE}
         settings = Settings(device, dtype, threads, False, fmt, _families(), min_run_time_s=3.0, rounds=7, warmup=3,
-                            batch_input_size=reduced, train_batch=64 if device.type == "cuda" else 16,
+                            large_batch_rounds=25, batch_input_size=reduced, train_batch=64 if device.type == "cuda" else 16,
                             train_input_size=None if device.type == "cuda" else 128)
     if args.models:
         settings = replace(settings, models=tuple(args.models.split(",")))
@@ -63,6 +63,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
         settings = replace(settings, min_run_time_s=args.min_run_time)
     if args.rounds is not None:
         settings = replace(settings, rounds=args.rounds)
+    if args.large_batch_rounds is not None:
+        settings = replace(settings, large_batch_rounds=args.large_batch_rounds)
     return settings
 
 
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native-size", action="store_true", help="CPU: batch 32 at the native size too")
     parser.add_argument("--min-run-time", type=float, help="seconds of timing per candidate and measurement")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per measurement")
+    parser.add_argument("--large-batch-rounds", type=int,
+                        help="P1/P2 at batch > 1: at least this many rounds (default 25; each is one call per "
+                             "candidate, so this is the sample count behind each median)")
     parser.add_argument("--out", type=Path, help="CSV path (default: results/benchmarks/<device>-<threads>t.csv)")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))

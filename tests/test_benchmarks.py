@@ -32,7 +32,7 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatc
         rows = list(reader)
     assert reader.fieldnames == [f.name for f in fields(FigureRow)]
     assert {(r["section"], r["figure"]) for r in rows} == {
-        ("p1", "slicing_overhead"), ("p2", "realised_speedup_sliced"), ("p2", "realised_speedup_static"),
+        ("p1", "slicing_overhead"), ("p1", "timing_noise"), ("p2", "realised_speedup_sliced"), ("p2", "realised_speedup_static"),
         ("p3", "dynamic_vs_static_equal_macs"), ("p3", "dynamic_vs_masked"),
         ("p3", "supernet_grouped_vs_exported"), ("p3", "torchscript_vs_exported"),
         ("p3", "dynamic_vs_interpolated_static"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"),
@@ -40,7 +40,11 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatc
     # the interpolated reference lies between the window's two static networks
     interp = next(r for r in rows if r["figure"] == "dynamic_vs_interpolated_static")
     assert " at 0." in interp["numerator"] and interp["note"].startswith("window k")
-    assert sum(r["section"] == "p1" for r in rows) == 6  # smallest, middle, largest at two batch sizes
+    # smallest, middle, largest at two batch sizes
+    assert sum(r["figure"] == "slicing_overhead" for r in rows) == 6
+    # the A/A control: the static largest network under two names, one row per batch size
+    noise = [r for r in rows if r["figure"] == "timing_noise"]
+    assert len(noise) == 2 and all(r["numerator"] == "static largest again" for r in noise)
     for r in rows:
         assert math.isfinite(float(r["value"])) and float(r["value"]) > 0, r
         assert r["device"] == "cpu" and r["threads"] == "1" and r["quick"] == "True" and r["torch_version"], r
@@ -98,7 +102,7 @@ def _one_thread():
     from benchmarks.run import build_settings
 
     args = argparse.Namespace(device="cpu", threads=1, memory_format="channels_last", quick=True, native_size=False,
-                              models=None, min_run_time=None, rounds=None)
+                              models=None, min_run_time=None, rounds=None, large_batch_rounds=None)
     return build_settings(args), Env("cpu", 1, "float32", "channels_last", "system", "x", "c", True)
 
 
