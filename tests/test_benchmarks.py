@@ -140,3 +140,21 @@ def test_recipe_section_reports_a_failed_run_in_one_line(tmp_path) -> None:
                       f"  root: {tmp_path / 'no_such_folder'}\n")
     with pytest.raises(SystemExit, match=r"bad.yaml failed \(exit [1-9]\): .*no_such_folder"):
         bench_recipes(*_one_thread(), [recipe])
+
+
+def test_reference_twin_computes_what_the_exported_full_network_computes() -> None:
+    """P1's ``static_vs_reference`` times the library model with the same shapes and weights as the exported
+    full network: both give the same logits, so the ratio compares implementations, not models."""
+    import torch
+
+    from benchmarks.inference import reference_model
+    from dsctl.export import export_subnet
+    from dsctl.registry import build_model
+
+    model = build_model("ds_deit_tiny").eval()
+    label, ref = reference_model("ds_deit_tiny", model)
+    assert label == "timm deit_tiny_patch16_224"
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(export_subnet(model, model.space.full)(x), ref(x), atol=1e-4, rtol=1e-4)
+    assert reference_model("tiny_ds_resnet", build_model("tiny_ds_resnet")) is None
