@@ -50,3 +50,43 @@ def test_sliced_subnetwork_runs_no_more_operators_than_its_export(name: str) -> 
         static = _ops(export_subnet(model, spec), x)
         extra = {op: n - static[op] for op, n in sliced.items() if n > static[op] and op not in _VIEWS}
         assert not extra, f"{name} {spec}: the sliced forward runs extra operators {extra}"
+
+
+class _ConvInputs(TorchDispatchMode):
+    """The spatial size of every convolution's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution):
+            self.sizes.append(tuple(args[0].shape[2:]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_squeeze_excitation_and_gate_run_matrix_products_not_convolutions(routed: bool) -> None:
+    """A 1x1 conv on pooled (N, C, 1, 1) vectors (every SE block, the gate's encoder and attention head) runs
+    as a matrix product (``dsctl.layers.static.pointwise``): oneDNN's convolution took 3-8x as long on those
+    shapes, per call. Sliced, exported and routed networks alike; the results are the convolution's."""
+    from dsctl.export import export_routed
+
+    model = build_model("tiny_ds_mobilenetv1").eval()
+    x = torch.randn(4, 1, 28, 28)
+    spec = model.space.subnets[model.space.num_subnets // 2]
+    nets = [export_routed(model, (1, 3))] if routed else [bind(model, spec), export_subnet(model, spec)]
+    for net in nets:
+        with torch.no_grad(), _ConvInputs() as seen:
+            net(x)
+        assert seen.sizes and (1, 1) not in seen.sizes, f"{type(net).__name__}: convolutions on 1x1 maps"
+
+
+def test_pointwise_is_the_convolution() -> None:
+    from dsctl.layers.static import pointwise
+
+    x, w, b = torch.randn(5, 96, 1, 1), torch.randn(66, 96, 1, 1), torch.randn(66)
+    torch.testing.assert_close(pointwise(x, w, b), torch.nn.functional.conv2d(x, w, b), rtol=1e-5, atol=1e-5)
+    # a sliced weight (a strided view) too
+    torch.testing.assert_close(pointwise(x[:, :48], w[:30, :48], b[:30]),
+                               torch.nn.functional.conv2d(x[:, :48], w[:30, :48], b[:30]), rtol=1e-5, atol=1e-5)

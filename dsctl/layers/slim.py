@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.layers.static import SqueezeExcite
+from dsctl.layers.static import SqueezeExcite, pointwise
 
 __all__ = ["KeptSlices", "SlimConv2d", "SlimLinear", "SlimBatchNorm2d", "SlimSqueezeExcite"]
 
@@ -97,6 +97,8 @@ class SlimConv2d(KeptSlices, nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
+        # a 1x1 conv without padding maps (N, C, 1, 1) vectors to (N, O, 1, 1): a matrix product (pointwise)
+        self.on_vectors = self.kernel_size == (1, 1) and self.padding == (0, 0) and self.groups == 1
         if self.groups != 1 and not self.depthwise:
             raise ValueError(f"SlimConv2d supports groups=1 or depthwise, got groups={self.groups}")
 
@@ -108,6 +110,8 @@ class SlimConv2d(KeptSlices, nn.Conv2d):
             out_c = self.out_channels if out_channels is None else out_channels
             groups = 1
         weight, bias = self.sliced(out_c, in_c)
+        if self.on_vectors and x.shape[-1] == 1 and x.shape[-2] == 1:  # an SE's or the gate's pooled input
+            return pointwise(x, weight, bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def sliced(self, out_channels: int, in_channels: int) -> tuple[Tensor, Tensor | None]:

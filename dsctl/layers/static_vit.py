@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsctl.layers.static import pointwise
+
 __all__ = ["Attention", "Mlp", "TransformerBlock", "IdleSliced", "TokenEmbed", "TokenHead", "TokenExcite"]
 
 
@@ -130,8 +132,9 @@ class TokenExcite(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         active = x.narrow(-1, 0, self.width)
-        e = torch.relu(self.reduce(active[:, 0].unsqueeze(-1).unsqueeze(-1)))    # (N, r, 1, 1)
-        active = active * torch.sigmoid(self.expand(e)).flatten(1).unsqueeze(1)  # (N, T, width)
+        e = torch.relu(pointwise(active[:, 0].unsqueeze(-1).unsqueeze(-1), self.reduce.weight, self.reduce.bias))
+        g = pointwise(e, self.expand.weight, self.expand.bias)  # (N, width, 1, 1)
+        active = active * torch.sigmoid(g).flatten(1).unsqueeze(1)  # (N, T, width)
         idle = x.shape[-1] - self.width
         if idle == 0:
             return active
