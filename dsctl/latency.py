@@ -1,13 +1,15 @@
 """Latency measurement with ``torch.utils.benchmark``, side by side.
 
 ``measure_latency`` times several candidates in interleaved rounds (A B C, C B A, ...), so that a
-noisy, shared machine slows them alike; each round is one ``Timer.blocked_autorange`` block per candidate.
-Medians and p90 are over the blocks' mean per-iteration times. ``Timer`` synchronises CUDA.
+noisy, shared machine slows them alike; the first round sizes each candidate's blocks of calls
+(``Timer.blocked_autorange``), every round times such blocks.
+Medians and p90 are over the blocks' mean per-iteration times. Timing synchronises CUDA (as ``Timer`` does).
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,10 +61,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, 
     Each round times every candidate for ``min_run_time_s / rounds`` (at least 0.05 s, at least one block)
     in blocks of calls; the lists hold every block's mean per-call time. The first round sizes the blocks
     (``Timer.blocked_autorange``, which also calls once more to warm up); later rounds reuse that size, so
-    a slow candidate (a training step, a command) costs one call per round. Grad mode is the caller's (time
-    a training step by passing a function that runs backward). ``Timer`` synchronises the accelerator.
+    a slow candidate (a training step, a command) costs one call per round, timed with ``perf_counter``
+    between accelerator synchronisations, as ``Timer`` times. Grad mode is the caller's (time
+    a training step by passing a function that runs backward). Timing synchronises the accelerator.
     """
     Timer = _timer()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # as Timer does
     times: dict[str, list[float]] = {name: [] for name in fns}
     block: dict[str, int] = {}  # calls per block, from the first round
     per_round = max(min_run_time_s / rounds, 0.05)
@@ -82,10 +86,22 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, 
                     continue
                 spent = 0.0
                 while spent < per_round:
-                    per_call = timer.timeit(block[name]).times[0]
+                    per_call = _time_block(fns[name], block[name], sync)
                     times[name].append(per_call)
                     spent += per_call * block[name]
     return times
+
+
+def _time_block(fn: Callable[[], object], number: int, sync: Callable[[], None]) -> float:
+    """Mean seconds per call of ``number`` calls. Not ``Timer.timeit``, which first runs
+    ``max(number // 100, 2)`` untimed calls: for a one-call block (a batch-32 forward, a training step)
+    three calls per sample instead of one."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / number
 
 
 @torch.no_grad()
