@@ -7,7 +7,7 @@ phase (``dsctl.train.timing``: data loading, forward + optimizer, backward, teac
 evaluation, checkpoints, the final step). Rows: the wall time over the duration the recipe states
 ("~N min" in its description; target: at most 1.10 of it) and each phase's share of the wall time.
 
-Opt-in (``--only recipes``): about half an hour on 2 CPU cores, and it needs the recipes' data
+Opt-in (``--only recipes``): about 25 minutes on 2 CPU cores, and it needs the recipes' data
 (Fashion-MNIST: ``apt-get install dataset-fashion-mnist``).
 """
 

@@ -4,7 +4,7 @@
     python -m benchmarks --quick            # tiny models, few repeats: a smoke run (< 2 min, 1 thread)
     python -m benchmarks --only p1,p2 --threads 2
     python -m benchmarks --device cuda      # synchronised timing, bfloat16
-    python -m benchmarks --only recipes     # opt-in: the quick recipes end to end (~30 min on 2 cores)
+    python -m benchmarks --only recipes     # opt-in: the quick recipes end to end (~25 min on 2 cores)
 
 Writes ``results/benchmarks/<device>-<threads>t[-quick][-<sections>].csv`` (one :class:`FigureRow` per
 figure, with device, threads, dtype, allocator, torch version and commit; the sections are named when
@@ -26,7 +26,7 @@ from benchmarks.common import Env, FigureRow, Settings
 __all__ = ["main", "build_settings", "run"]
 
 SECTIONS = ("p1", "p2", "p3", "p4", "p5")
-# opt-in sections: the quick recipes trained end to end (~30 min on 2 cores, needs Fashion-MNIST)
+# opt-in sections: the quick recipes trained end to end (~25 min on 2 cores, needs Fashion-MNIST)
 EXTRA_SECTIONS = ("recipes",)
 QUICK_MODELS = ("tiny_ds_resnet", "tiny_ds_mobilenetv1")
 # inputs in channels_last: convolutions, BN and pooling keep it, and on CPU (oneDNN) and CUDA alike it ran
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections ({', '.join(SECTIONS + EXTRA_SECTIONS)}; default: "
-                             f"{','.join(SECTIONS)}; recipes: the quick recipes end to end, ~30 min)")
+                             f"{','.join(SECTIONS)}; recipes: the quick recipes end to end, ~25 min)")
     parser.add_argument("--quick", action="store_true", help="tiny models, few repeats (a smoke run, not figures)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pointwise", "SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "StaticFront", "RoutedNet"]
+__all__ = ["pointwise", "linear_of", "SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "StaticFront", "RoutedNet"]
 
 
 def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -24,17 +24,36 @@ def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x.flatten(1), weight.flatten(1), bias)[:, :, None, None]
 
 
-class SqueezeExcite(nn.Module):
-    """x * sigmoid(expand(relu(reduce(mean(x))))); the two 1x1 convs run as matrix products (:func:`pointwise`)."""
+def linear_of(conv: nn.Conv2d | nn.Linear) -> nn.Linear:
+    """The ``nn.Linear`` that a 1x1 ``conv`` is on (N, C) vectors (a copy of its weights); a Linear as is."""
+    if isinstance(conv, nn.Linear):
+        return conv
+    linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None, device=conv.weight.device,
+                       dtype=conv.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.flatten(1))
+        if conv.bias is not None:
+            linear.bias.copy_(conv.bias)
+    return linear
 
-    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d) -> None:
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(expand(relu(reduce(mean(x))))), reduce and expand ``nn.Linear`` on the pooled (N, C) vector.
+
+    Given as 1x1 convs (what the supernet holds), they are converted (:func:`linear_of`): on a pooled vector a
+    1x1 conv is a matrix product, and oneDNN's convolution took 3-8x as long as ``F.linear`` on these shapes
+    (see :func:`pointwise`). Linear modules, not a functional call on conv weights, so that module-level tools
+    (Torch-Pruning's dependency graph, fvcore) see the layers as what they are.
+    """
+
+    def __init__(self, reduce: nn.Conv2d | nn.Linear, expand: nn.Conv2d | nn.Linear) -> None:
         super().__init__()
-        self.reduce = reduce
-        self.expand = expand
+        self.reduce = linear_of(reduce)
+        self.expand = linear_of(expand)
 
     def forward(self, x: Tensor) -> Tensor:
-        e = torch.relu(pointwise(x.mean((2, 3), keepdim=True), self.reduce.weight, self.reduce.bias))
-        return x * torch.sigmoid(pointwise(e, self.expand.weight, self.expand.bias))
+        e = torch.relu(self.reduce(x.mean((2, 3))))
+        return x * torch.sigmoid(self.expand(e))[:, :, None, None]
 
 
 class Bottleneck(nn.Module):
