@@ -31,7 +31,7 @@ class Settings:
     warmup: int
     # P1/P2 at batch > 1: at least this many interleaved rounds. A batch-32 forward takes longer than a
     # round's share of ``min_run_time_s``, so each round gives one sample per candidate: with 7 rounds the
-    # identical largest computation read 0.91-1.22 sliced / static; with 25+ single-call rounds, within 2%.
+    # identical largest computation read 0.91-1.22 sliced / static; with 25 rounds the A/A row reads 0.97-1.01.
     large_batch_rounds: int = 3
     batches: tuple[int, ...] = (1, 32)
     # input size per batch size; None: the model's native size. CPU reduces it at batch 32 (stated in rows)

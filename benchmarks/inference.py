@@ -93,9 +93,10 @@ def bench_slicing(model_name: str, settings: Settings, env: Env, sections: set[s
         ms = {name: median_ms(reports, name) for name in candidates}
         samples = min(r.samples for r in reports)
         if "p1" in sections:
-            again, first = ("static largest again", ms["static largest again"]), ("static largest", ms["static largest"])
-            rows.append(figure(env, "p1", "timing_noise", model_name, label["largest"], batch, size, again[1] / first[1],
-                               numerator=again, denominator=first, samples=samples,
+            again = ("static largest again", ms["static largest again"])
+            first = ("static largest", ms["static largest"])
+            rows.append(figure(env, "p1", "timing_noise", model_name, label["largest"], batch, size,
+                               again[1] / first[1], numerator=again, denominator=first, samples=samples,
                                note="A/A control: the same network twice"))
             if reference is not None:
                 num, den = ("static largest", ms["static largest"]), (reference[0], ms[reference[0]])

@@ -55,7 +55,8 @@ def build_settings(args: argparse.Namespace) -> Settings:
     else:
         reduced = {} if device.type == "cuda" or args.native_size else {32: CPU_REDUCED_SIZE, 64: CPU_REDUCED_SIZE}
         settings = Settings(device, dtype, threads, False, fmt, _families(), min_run_time_s=3.0, rounds=7, warmup=3,
-                            large_batch_rounds=25, batch_input_size=reduced, train_batch=64 if device.type == "cuda" else 16,
+                            large_batch_rounds=25, batch_input_size=reduced,
+                            train_batch=64 if device.type == "cuda" else 16,
                             train_input_size=None if device.type == "cuda" else 128)
     if args.models:
         settings = replace(settings, models=tuple(args.models.split(",")))

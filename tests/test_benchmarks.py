@@ -32,7 +32,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatc
         rows = list(reader)
     assert reader.fieldnames == [f.name for f in fields(FigureRow)]
     assert {(r["section"], r["figure"]) for r in rows} == {
-        ("p1", "slicing_overhead"), ("p1", "timing_noise"), ("p2", "realised_speedup_sliced"), ("p2", "realised_speedup_static"),
+        ("p1", "slicing_overhead"), ("p1", "timing_noise"), ("p2", "realised_speedup_sliced"),
+        ("p2", "realised_speedup_static"),
         ("p3", "dynamic_vs_static_equal_macs"), ("p3", "dynamic_vs_masked"),
         ("p3", "supernet_grouped_vs_exported"), ("p3", "torchscript_vs_exported"),
         ("p3", "dynamic_vs_interpolated_static"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"),

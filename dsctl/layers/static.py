@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pointwise", "linear_of", "SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "StaticFront", "RoutedNet"]
+__all__ = ["pointwise", "linear_of", "SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "StaticFront",
+           "RoutedNet"]
 
 
 def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
