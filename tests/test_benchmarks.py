@@ -159,3 +159,21 @@ def test_reference_twin_computes_what_the_exported_full_network_computes() -> No
     with torch.no_grad():
         torch.testing.assert_close(export_subnet(model, model.space.full)(x), ref(x), atol=1e-4, rtol=1e-4)
     assert reference_model("tiny_ds_resnet", build_model("tiny_ds_resnet")) is None
+
+
+def test_report_command_is_the_one_the_report_says_produced_it(tmp_path) -> None:
+    from benchmarks.tools import COMMITTED_REPORT, report_command
+
+    md = tmp_path / "REPORT.md"
+    md.write_text("# Report\n\nProduced by `dsctl report runs/a runs/b --out results/x --batch 32 --title 'a b'` at "
+                  "commit `abc`.\n")
+    args, why = report_command(md, tmp_path / "out", root=tmp_path)
+    assert args is None and "runs/a" in why  # the run folders are not here
+    (tmp_path / "runs/a").mkdir(parents=True)
+    (tmp_path / "runs/b").mkdir()
+    args, why = report_command(md, tmp_path / "out", root=tmp_path)
+    assert args == ["report", "runs/a", "runs/b", "--out", str(tmp_path / "out"), "--batch", "32", "--title", "a b"]
+    md.write_text("no provenance line")
+    assert report_command(md, tmp_path)[0] is None
+    # the committed report says how it was produced, in that form
+    assert "Produced by `dsctl report " in COMMITTED_REPORT.read_text()
