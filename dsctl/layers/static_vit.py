@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsctl.layers.static import pointwise
+from dsctl.layers.static import linear_of
 
 __all__ = ["Attention", "Mlp", "TransformerBlock", "IdleSliced", "TokenEmbed", "TokenHead", "TokenExcite"]
 
@@ -124,17 +124,17 @@ class TokenExcite(nn.Module):
     """The gate's attention head on tokens: the first ``width`` channels of every token are scaled by
     sigmoid(expand(relu(reduce(class token)))); the rest pass unchanged."""
 
-    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d, width: int) -> None:
+    def __init__(self, reduce: nn.Conv2d | nn.Linear, expand: nn.Conv2d | nn.Linear, width: int) -> None:
         super().__init__()
-        self.reduce = reduce
-        self.expand = expand
+        # on the class token's (N, C) vector the supernet's 1x1 convs are Linear layers, as in SqueezeExcite
+        self.reduce = linear_of(reduce)
+        self.expand = linear_of(expand)
         self.width = width
 
     def forward(self, x: Tensor) -> Tensor:
         active = x.narrow(-1, 0, self.width)
-        e = torch.relu(pointwise(active[:, 0].unsqueeze(-1).unsqueeze(-1), self.reduce.weight, self.reduce.bias))
-        g = pointwise(e, self.expand.weight, self.expand.bias)  # (N, width, 1, 1)
-        active = active * torch.sigmoid(g).flatten(1).unsqueeze(1)  # (N, T, width)
+        e = torch.relu(self.reduce(active[:, 0]))  # (N, r)
+        active = active * torch.sigmoid(self.expand(e)).unsqueeze(1)  # (N, T, width)
         idle = x.shape[-1] - self.width
         if idle == 0:
             return active
