@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from dsctl.errors import SpecError
 from dsctl.layers.gate import gumbel_one_hot
+from dsctl.layers.static import take_rows
 from dsctl.models.base import Supernet
 
 __all__ = ["check_window", "gate_logits", "RoutedOutput", "forward_routed", "dynamic_forward", "grouped_post", "DynamicNet",
@@ -98,17 +99,23 @@ def dynamic_forward(model: Supernet, x: Tensor, window: tuple[int, int]) -> tupl
 
 @torch.no_grad()
 def grouped_post(model: Supernet, h: Tensor, routes: Tensor) -> Tensor:
-    """Run each group of gate-point features through its routed sub-network; outputs in input order."""
+    """Run each group of gate-point features through its routed sub-network; outputs in input order.
+
+    The same grouping as the deployable :class:`~dsctl.layers.static.RoutedNet`: one gather of the features
+    in route order (:func:`~dsctl.layers.static.take_rows`, layout kept), each group a slice of it."""
     specs = model.space.subnets
-    out: Tensor | None = None
-    for k in torch.unique(routes).tolist():
-        idx = (routes == k).nonzero().squeeze(1)
-        y = model.forward_post(h[idx], specs[k])  # keeps h's memory format (index_select would not)
-        if out is None:
-            out = y.new_empty(h.shape[0], y.shape[1])
-        out.index_copy_(0, idx, y)
-    assert out is not None
-    return out
+    ks, counts = torch.unique(routes, return_counts=True)
+    if len(ks) == 1:  # the whole batch takes one route: no gather, no scatter
+        return model.forward_post(h, specs[int(ks[0])])
+    order = torch.argsort(routes, stable=True)
+    grouped = take_rows(h, order)
+    outs = []
+    start = 0
+    for k, c in zip(ks.tolist(), counts.tolist()):
+        outs.append(model.forward_post(grouped.narrow(0, start, c), specs[k]))
+        start += c
+    logits = torch.cat(outs)
+    return torch.empty_like(logits).index_copy_(0, order, logits)
 
 
 @torch.no_grad()

@@ -235,3 +235,22 @@ def test_synced_batchnorm_matches_local_in_one_process(tmp_path) -> None:
         assert x.grad is not None and torch.isfinite(x.grad).all()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "tokens", "strided"])
+def test_take_rows_is_indexing_in_the_same_layout(layout: str) -> None:
+    """The routed models' gather equals ``x[index]`` and keeps the input's memory format."""
+    from dsctl.layers.static import take_rows
+
+    x = torch.randn(7, 5, 4, 3) if layout != "tokens" else torch.randn(7, 6, 5)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[:, :, :, ::2]
+    index = torch.tensor([4, 0, 6, 2])
+    got = take_rows(x, index)
+    torch.testing.assert_close(got, x[index], rtol=0, atol=0)
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    elif layout in ("contiguous", "tokens"):
+        assert got.is_contiguous()

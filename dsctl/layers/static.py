@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pointwise", "linear_of", "SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate", "StaticFront",
-           "RoutedNet"]
+__all__ = ["pointwise", "linear_of", "take_rows", "SqueezeExcite", "Bottleneck", "ClassifierHead", "StaticGate",
+           "StaticFront", "RoutedNet"]
 
 
 def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -23,6 +23,25 @@ def pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     threads (N 6-64, C 96-928): a per-call cost that a routed model pays once per group.
     """
     return F.linear(x.flatten(1), weight.flatten(1), bias)[:, :, None, None]
+
+
+def take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` along the batch dimension, in ``x``'s memory format (channels_last stays channels_last).
+
+    Each sample's activation is one contiguous run of memory in either layout, so the gather is a row copy of
+    a 2-D view: ``index_select`` on (N, everything else). Indexing a 4-D channels_last tensor (``x[index]``)
+    goes through the general strided kernel instead and took 10x as long (32 x 32 x 28 x 28 floats, 2
+    threads: 708 vs 68 us); ``x.index_select(0, index)`` on the 4-D tensor returns NCHW rows, and every
+    layer after it would run in the slower layout.
+    """
+    n = index.shape[0]
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        rows = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1).index_select(0, index)
+        return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+    if x.is_contiguous():
+        return x.reshape(x.shape[0], -1).index_select(0, index).view([n] + list(x.shape[1:]))
+    return x[index]
 
 
 def linear_of(conv: nn.Conv2d | nn.Linear) -> nn.Linear:
@@ -157,21 +176,24 @@ class RoutedNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, routes = self.front(x)
-        n = x.shape[0]
         counts: list[int] = torch.bincount(routes, minlength=len(self.tails)).tolist()  # the one host sync
-        order = torch.argsort(routes)  # samples grouped by route: group i is order[start_i : start_i + counts[i]]
+        i = 0
+        for tail in self.tails:
+            if counts[i] == x.shape[0]:  # the whole batch takes this route: no gather, no scatter
+                return tail(h)
+            i += 1
+        # samples grouped by route (a stable sort keeps input order within a group), gathered once; each
+        # group is then a slice of the gathered features, a view in their layout (no copy per route)
+        order = torch.argsort(routes, stable=True)
+        grouped = take_rows(h, order)
         outs: list[Tensor] = []
         start = 0
         i = 0
         for tail in self.tails:
             c = counts[i]
-            if c == n:  # the whole batch takes this route: no gather, no scatter
-                return tail(h)
             if c > 0:
-                # indexing, not index_select: index_select returns NCHW-contiguous rows of a channels_last
-                # tensor, and every layer after it would then run in the slower layout
-                outs.append(tail(h[order[start : start + c]]))
+                outs.append(tail(grouped.narrow(0, start, c)))
             start += c
             i += 1
-        grouped = torch.cat(outs)
-        return torch.empty_like(grouped).index_copy_(0, order, grouped)  # back in input order
+        logits = torch.cat(outs)
+        return torch.empty_like(logits).index_copy_(0, order, logits)  # back in input order
