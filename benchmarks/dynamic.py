@@ -12,6 +12,8 @@ sub-network closest to the average MACs.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from benchmarks.common import Env, FigureRow, Settings, figure
@@ -60,6 +62,8 @@ def bench_routing(model_name: str, settings: Settings, env: Env) -> list[FigureR
     bench = BenchSettings(batches=(settings.dynamic_batch,), device=str(settings.device), threads=settings.threads,
                           warmup=settings.warmup, min_run_time_s=settings.min_run_time_s, input_size=size,
                           rounds=settings.rounds)
+    # the default window is also timed at batch 1 and 32: routed_vs_parts at every deployment batch
+    glue_batches = tuple(sorted({1, *settings.batches, settings.dynamic_batch}))
     out: list[FigureRow] = []
     # (window size, MACs target, whether no static network has that cost: compare with the interpolation)
     mixes = ((4, route_macs[k_mid], False),
@@ -68,9 +72,26 @@ def bench_routing(model_name: str, settings: Settings, env: Env) -> list[FigureR
         model.float()
         window = mixed_routes(model, images.float(), route_macs, target, size_w)
         model.to(settings.dtype)
-        rows = bench_dynamic(model, window, images, bench, route_macs=route_macs, torchscript=not interpolate)
-        out += _figures(model_name, rows, window, size, env, interpolate=interpolate)
+        run = replace(bench, batches=glue_batches, rounds=max(bench.rounds, 9)) if interpolate else bench
+        rows = bench_dynamic(model, window, images, run, route_macs=route_macs, torchscript=not interpolate)
+        out += _figures(model_name, [r for r in rows if r.batch == settings.dynamic_batch], window, size, env,
+                        interpolate=interpolate)
+        if interpolate:
+            out += [_glue_figure(model_name, [r for r in rows if r.batch == b], window, size, env) for b in glue_batches]
     return out
+
+
+def _glue_figure(model_name: str, rows: list[BenchRow], window: tuple[int, int], size: int, env: Env) -> FigureRow:
+    """``routed_vs_parts``: the deployable routed model's latency over its front's plus its tails' on the
+    same groups, each timed alone in the same interleaved run (what grouping, gathering and scattering add)."""
+    by = {r.candidate: r for r in rows}
+    dyn, front, tails = by["exported_dynamic"], by["routed_front"], by["routed_tails"]
+    parts = front.latency_ms_p50 + tails.latency_ms_p50
+    note = (f"window k{window[0]}..k{window[1]}, avg {dyn.macs / 1e6:.0f}M MACs, random head + calibrated offsets; "
+            f"front {front.latency_ms_p50:.3f} ms + tails {tails.latency_ms_p50:.3f} ms")
+    return figure(env, "p3", "routed_vs_parts", model_name, dyn.subnet, dyn.batch, size, dyn.latency_ms_p50 / parts,
+                  target="<=1.05", note=note, numerator=(dyn.candidate, dyn.latency_ms_p50),
+                  denominator=("routed_front + routed_tails", parts))
 
 
 def _figures(model_name: str, rows: list[BenchRow], window: tuple[int, int], size: int, env: Env, *,

@@ -86,6 +86,30 @@ class _Cycle:
         return self.fn(x)
 
 
+class _Parts:
+    """The deployable routed model's two parts, each callable over the same cycled batches as the model:
+    ``front`` (stem, pre-gate stages, gate) alone, and ``tails``, every route's static tail alone on the
+    group of features the front sends it (grouped beforehand, so no gathering or scattering is timed).
+    Their sum is what routing costs when the glue between them is free."""
+
+    def __init__(self, routed: nn.Module, batches: list[Tensor]) -> None:
+        from dsctl.layers.static import take_rows
+
+        self.routed, self.groups = routed, []
+        with torch.no_grad():
+            for x in batches:
+                h, routes = routed.front(x)
+                self.groups.append([(i, take_rows(h, (routes == i).nonzero().squeeze(1)))
+                                    for i in range(len(routed.tails)) if bool((routes == i).any())])
+        self.front = _Cycle(lambda x: routed.front(x), batches)
+        self.i = 0
+
+    def tails(self, _x: Tensor) -> list[Tensor]:
+        groups = self.groups[self.i]
+        self.i = (self.i + 1) % len(self.groups)
+        return [self.routed.tails[i](h) for i, h in groups]
+
+
 def _rows(model: str, reports, meta: dict[str, tuple[str, str, str, int]], reference: str, settings: BenchSettings,
           device: torch.device, threads: int, commit: str, input_size: int) -> list[BenchRow]:
     ref = next(r for r in reports if r.name == reference)
@@ -127,7 +151,9 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
     average MACs and the one on the other side of that average (``static_bracket``: the two bracket it).
 
     Dynamic candidates: ``dynamic`` (the supernet, grouped and sliced), ``exported_dynamic`` (the
-    deployable plain-torch :func:`~dsctl.export.export_routed` module, or the file ``exported``) and, with
+    deployable plain-torch :func:`~dsctl.export.export_routed` module, or the file ``exported``), its parts
+    timed alone (kind ``part``: ``routed_front``, the front on the batch, and ``routed_tails``, every route's
+    tail on its group, grouped beforehand; front + tails is the routed model's cost without glue) and, with
     ``torchscript`` (deprecated in torch 2.14; an option while it works), ``exported_dynamic_torchscript``:
     that module scripted, as ``dsctl export --dynamic`` writes it. ``images`` are real evaluation images
     (the gate's realistic route mix); each call takes the next batch of them. Ratios are over the widest
@@ -169,11 +195,16 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
         candidates["exported_dynamic_torchscript"] = torch.jit.script(routed)
         meta["exported_dynamic_torchscript"] = ("exported_dynamic", f"dynamic[{lo}:{hi}] torchscript", "dynamic",
                                                 round(avg))
+    front_macs = count_macs(routed.front, size, model.in_chans)
+    meta["routed_front"] = ("part", f"front of dynamic[{lo}:{hi}]", "dynamic", front_macs)
+    meta["routed_tails"] = ("part", f"tails of dynamic[{lo}:{hi}]", "dynamic", round(avg) - front_macs)
     rows: list[BenchRow] = []
     for b in settings.batches:
         n = max(1, min(16, images.shape[0] // b))
         batches = [images[i * b : (i + 1) * b].to(device) for i in range(n)]
         cycled = {name: _Cycle(fn, batches) for name, fn in candidates.items()}
+        parts = _Parts(candidates["exported_dynamic"], batches)
+        cycled["routed_front"], cycled["routed_tails"] = parts.front, parts.tails
         reports = measure_latency(cycled, batches[0], warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
                                   rounds=settings.rounds, threads=threads)
         rows += _rows(model.model_name, reports, meta, "static_widest", settings, device, threads, commit, size)
