@@ -27,6 +27,7 @@ __all__ = ["OracleSeries", "ReportRow", "build_report", "check_targets", "descri
 logger = logging.getLogger(__name__)
 
 METHODS = ("supernet", "dynamic", "uniform", "l1", "slimming")
+STATIC_BASELINES = ("uniform", "l1", "slimming")
 
 
 def write_csv(path: str | Path, rows: Sequence[Any] | pd.DataFrame) -> None:
@@ -252,6 +253,8 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
     fig = Figure(figsize=(12, 5))
     axes = fig.subplots(1, 2)
     dev = rows[0].device if rows else ""
+    for ax, x_of in ((axes[0], lambda r: r.latency_ms_b1), (axes[1], lambda r: r.latency_ms_bN)):
+        _static_frontier(ax, rows, x_of)
     series(axes[0], lambda r: r.latency_ms_b1, f"latency, batch 1 (ms, median, {dev})")
     series(axes[1], lambda r: r.latency_ms_bN, f"latency, batch {rows[0].batch_n if rows else 'N'} (ms, median, {dev})")
     fig.suptitle(f"{title}: accuracy vs latency" if title else "accuracy vs latency")
@@ -259,6 +262,21 @@ def plot_report(rows: Sequence[ReportRow], out_dir: str | Path, title: str = "")
     paths.append(out / "accuracy_vs_latency.png")
     fig.savefig(paths[-1], dpi=130)
     return paths
+
+
+def _static_frontier(ax, rows: Sequence[ReportRow], x_of) -> None:
+    """The best accuracy any static model reaches at each latency or less (a step line): a dynamic model
+    pays in time where it sits on or above it."""
+    pts = sorted((x_of(r), -r.top1) for r in rows if r.method != "dynamic" and x_of(r) == x_of(r))
+    xs: list[float] = []
+    ys: list[float] = []
+    for x, neg_top1 in pts:
+        if not ys or -neg_top1 > ys[-1]:
+            xs.append(x)
+            ys.append(-neg_top1)
+    if xs:
+        ax.step(xs + [max(x for x, _ in pts)], ys + ys[-1:], where="post", color="0.6", linewidth=3, alpha=0.5,
+                label="static frontier", zorder=0)
 
 
 def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
@@ -269,7 +287,11 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
        accurate than it (MACs within 2% count as equal: pruning cannot hit a MACs target exactly);
     3. the same against the supernet's own static sub-networks;
     4. some dynamic model within 0.3 points of the largest sub-network at <= 60% of its MACs;
-    5. every dynamic model with a MACs target spends it within 2% on the evaluation set.
+    5. every dynamic model with a MACs target spends it within 2% on the evaluation set;
+    6. at batch 1 and at batch N: no static model (baseline or supernet sub-network) whose measured latency
+       is lower or equal (within 2%: timing noise counts against the dynamic model) is more accurate than a
+       dynamic model: the accuracy-vs-latency frontier. Rows give the margin in points (``value``) and in
+       milliseconds (``latency_margin_ms``: the static model's latency minus the dynamic one's).
 
     Each target is a join or a filter over :func:`report_frame`; the result is one dict per comparison.
     """
@@ -286,7 +308,7 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
             "versus": "uniform w" + pairs.width_u, "value": (pairs.top1_s - pairs.top1_u).round(3),
             "threshold": -1.0, "met": pairs.top1_s - pairs.top1_u >= -1.0}))
     # 2-3. every dynamic model against every static model of equal (within 2%) or fewer MACs
-    for what, statics in (("static baselines", df[df.method.isin(["uniform", "l1", "slimming"])]),
+    for what, statics in (("static baselines", df[df.method.isin(STATIC_BASELINES)]),
                           ("the supernet's own sub-networks", sup)):
         pairs = dyn.merge(statics, how="cross", suffixes=("_d", "_b"))
         pairs = pairs[pairs.macs_b <= 1.02 * pairs.macs_d]
@@ -316,6 +338,20 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
             "subject": "dynamic " + budget.variant,
             "versus": "target " + (budget.target_macs / 1e6).map("{:.4g}M".format),
             "value": (100 * err).round(3), "threshold": 2.0, "met": err.abs() <= 0.02}))
+    # 6. the latency frontier, per measured batch size (both sides timed in one interleaved run)
+    statics = df[df.method.isin(["supernet", *STATIC_BASELINES])]
+    for col, label in (("latency_ms_b1", "batch 1"), ("latency_ms_bN", None)):
+        pairs = dyn.merge(statics, how="cross", suffixes=("_d", "_b")).dropna(subset=[f"{col}_d", f"{col}_b"])
+        pairs = pairs[pairs[f"{col}_b"] <= 1.02 * pairs[f"{col}_d"]]
+        if not len(pairs):
+            continue
+        label = label or f"batch {int(pairs.batch_n_d.iloc[0])}"
+        gap = (pairs.top1_d - pairs.top1_b).round(3)
+        out.append(pd.DataFrame({
+            "target": f"dynamic at least as accurate as every static model of equal or lower latency at {label}",
+            "subject": "dynamic " + pairs.variant_d, "versus": pairs.method_b + " " + pairs.variant_b,
+            "value": gap, "threshold": 0.0,
+            "latency_margin_ms": (pairs[f"{col}_b"] - pairs[f"{col}_d"]).round(4), "met": gap >= 0.0}))
     frames = [f for f in out if len(f)]
     if not frames:
         return []
@@ -370,6 +406,7 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
               for o in oracle_series(rows)]
     tlines = [f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['subject']} vs {t['versus']}: "
               f"{t['value']:+.2f} points" + (f" at {t['macs_fraction']:.0%} of the MACs" if "macs_fraction" in t else "")
+              + (f", {t['latency_margin_ms']:+.3f} ms" if "latency_margin_ms" in t else "")
               for t in targets]
     (out / "REPORT.md").write_text(
         f"# {title or 'dsctl report'}\n\nProduced by `{command}` at commit `{commit}` on {machine}.\n"

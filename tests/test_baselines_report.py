@@ -102,7 +102,7 @@ def test_bench_rows_have_provenance() -> None:
     assert all(r.device == "cpu" and r.threads >= 1 and r.dtype == "float32" and r.torch_version for r in rows)
     images = torch.randn(64, 1, 28, 28)
     drows = bench_dynamic(model, (0, 3), images, settings)
-    assert {r.kind for r in drows} == {"static", "dynamic", "masked", "exported_dynamic"}
+    assert {r.kind for r in drows} == {"static", "dynamic", "masked", "exported_dynamic", "part"}
 
 
 def test_targets_compare_dynamic_models_with_cheaper_statics_only() -> None:
@@ -128,6 +128,29 @@ def test_targets_compare_dynamic_models_with_cheaper_statics_only() -> None:
     assert not near["met"] and near["macs_fraction"] == 0.63  # 252/400 > 60%: missed despite -0.2 points
     budget = next(x for x in t if "spends its MACs target" in x["target"])
     assert budget["met"] and budget["value"] == 0.8
+
+
+def test_latency_frontier_targets_per_batch_size() -> None:
+    """A dynamic model is checked against every static model that is as fast or faster (within 2%) at each
+    batch size, with the margins in points and milliseconds; slower statics are not comparisons."""
+    from dsctl.report import ReportRow, check_targets
+
+    def row(method: str, variant: str, top1: float, b1: float, bn: float) -> ReportRow:
+        return ReportRow(method, "m", variant, "-", 100, 0, top1, 99.0, latency_ms_b1=b1, latency_ms_bN=bn, batch_n=32)
+
+    rows = [row("supernet", "k0", 80.0, 1.0, 10.0), row("supernet", "k1", 84.0, 1.5, 16.0),
+            row("supernet", "k2", 86.0, 2.0, 22.0), row("l1", "w0.5", 83.0, 1.62, 15.0),
+            row("dynamic", "[0:2]", 85.0, 1.6, 15.5)]
+    t = check_targets(rows)
+    b1 = {x["versus"]: x for x in t if x["target"].endswith("latency at batch 1")}
+    bn = {x["versus"]: x for x in t if x["target"].endswith("latency at batch 32")}
+    # batch 1: k2 (2.0 ms) is slower; l1 at 1.62 ms is within 2% of 1.6: as fast
+    assert set(b1) == {"supernet k0", "supernet k1", "l1 w0.5"} and all(x["met"] for x in b1.values())
+    assert b1["supernet k1"]["value"] == 1.0 and b1["supernet k1"]["latency_margin_ms"] == -0.1
+    assert set(bn) == {"supernet k0", "l1 w0.5"}
+    rows[-1] = row("dynamic", "[0:2]", 83.5, 1.6, 15.5)  # now less accurate than k1, which is faster
+    missed = [x for x in check_targets(rows) if "latency at batch 1" in x["target"] and not x["met"]]
+    assert [x["versus"] for x in missed] == ["supernet k1"] and missed[0]["value"] == -0.5
 
 
 def test_targets_match_uniform_baselines_to_sub_networks_by_ratio() -> None:
