@@ -43,7 +43,7 @@ from dsctl.models.base import Supernet
 from dsctl.train.progress import Progress
 
 __all__ = ["SPLITS", "OracleResult", "BudgetPoint", "ProbeResult", "ScoreRouting", "Analysis", "oracle_route",
-           "route_at_budget", "oracle_curve", "roc_auc", "probe_auc", "route_by_score", "collect_correctness",
+           "route_at_budget", "oracle_routes_at_budget", "oracle_curve", "roc_auc", "probe_auc", "route_by_score", "collect_correctness",
            "analyze_checkpoint"]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,21 @@ def oracle_curve(correct: Tensor, macs: Sequence[float], budgets: Iterable[float
                                        right=True)) - 1
         out.append(BudgetPoint(float(b), m_min + float(spent[picks]) / n, 100.0 * picks / n, picks, n))
     return out
+
+
+def oracle_routes_at_budget(correct: Tensor, macs: Sequence[float], budget: float) -> Tensor:
+    """The routes (N,) of the routing :func:`oracle_curve` finds at ``budget``: the samples whose cheapest
+    correct route costs least extra go to it while the average stays within the budget (ties: the lower
+    sample index first), every other sample to the cheapest route."""
+    correct, m = _check_matrix(correct, macs)
+    n, m_min = correct.shape[0], float(m.min())
+    point = route_at_budget(correct, macs, budget)
+    any_right, best_k, best_cost = _cheapest_correct(correct, m)
+    extra = torch.where(any_right, best_cost - m_min, torch.full_like(best_cost, math.inf))
+    picked = torch.sort(extra, stable=True).indices[: point.correct]
+    routes = torch.full((n,), int(torch.argmin(m)), dtype=torch.int64)
+    routes[picked] = best_k[picked]
+    return routes
 
 
 def route_at_budget(correct: Tensor, macs: Sequence[float], budget: float) -> BudgetPoint:
@@ -348,7 +363,8 @@ def _probe_rows(correct: Tensor, macs: list[int], feats: dict[str, Tensor], gate
 def analyze_checkpoint(path: str | Path, *, split: str = "val", out_dir: str | Path | None = None,
                        overrides: Sequence[str] = (), max_batches: int | None = None, device: str = "auto",
                        holdout_fraction: float = 0.1, budget_macs: float | None = None, curve_points: int = 50,
-                       seed: int = 0, progress: Progress | None = None) -> Analysis:
+                       seed: int = 0, latency_batch: int | None = 32, threads: int | None = None,
+                       min_run_time_s: float = 0.5, progress: Progress | None = None) -> Analysis:
     """Measure the routing headroom of a supernet checkpoint (or run folder) and write it to ``out_dir``.
 
     Args:
@@ -362,10 +378,15 @@ def analyze_checkpoint(path: str | Path, *, split: str = "val", out_dir: str | P
             most expensive sub-network).
         curve_points: Evenly spaced budgets of ``oracle.csv``.
         seed: Seed of the probes' half split.
+        latency_batch: Besides batch 1, the batch size at which the latency headroom is timed on ``device``
+            (:mod:`dsctl.headroom`: every sub-network's latency, the front's share, the oracle's routes timed
+            through the deployable routed model); None skips the timing.
+        threads, min_run_time_s: Intra-op threads and seconds per candidate of that timing.
 
     Returns:
         The matrix, the oracle curve and the summary; files written: ``correctness.pt`` (loads with
-        ``torch.load(weights_only=True)``), ``analysis.json``, ``subnets.csv``, ``oracle.csv``, ``probes.csv``.
+        ``torch.load(weights_only=True)``), ``analysis.json``, ``subnets.csv``, ``oracle.csv``, ``probes.csv``,
+        and with the timing ``latency.csv`` and ``oracle_latency.csv``.
 
     Raises:
         CheckpointError / DsctlError: unreadable or static checkpoint, no recipe, unknown split.
@@ -420,18 +441,69 @@ def analyze_checkpoint(path: str | Path, *, split: str = "val", out_dir: str | P
         "smallest_wrong": round(float((~correct[:, 0]).double().mean()), 5),
         "probe_budget_macs": round(budget), "probe_seed": seed, "probes": probes,
     }
+    latency_rows: list[dict[str, Any]] = []
+    if latency_batch is not None:
+        progress.start(f"timing the sub-networks and the oracle's routes at batch 1 and {latency_batch}", 1)
+        images = next(iter(torch.utils.data.DataLoader(ds, batch_size=min(len(ds), 16 * latency_batch, n))))[0]
+        summary["latency"], latency_rows = _latency_headroom(model, correct, macs, images, latency_batch, str(dev),
+                                                             threads, min_run_time_s, size)
+        progress.advance(1)
+        progress.finish()
     out = Path(out_dir) if out_dir is not None else Path(art.path).parent / (
         "analysis" if split == "val" else "analysis-holdout")
     tensors = {"format_version": FORMAT_VERSION, "correct": correct, "labels": labels, "indices": indices[:n],
                "macs": torch.tensor(macs, dtype=torch.int64), "gate_macs": g_macs,
                "subnets": [r["subnet"] for r in subnets], "probe_scores": scores}
     analysis = Analysis(correct, macs, curve, summary, out)
-    analysis.paths = _write(analysis, tensors, probes)
+    analysis.paths = _write(analysis, tensors, probes, latency_rows)
     logger.info("analysis of %s (%d samples) written to %s", art.path, n, out)
     return analysis
 
 
-def _write(a: Analysis, tensors: dict[str, Any], probes: list[dict[str, Any]]) -> list[Path]:
+def _latency_headroom(model: Supernet, correct: Tensor, macs: list[int], images: Tensor, batch: int, device: str,
+                      threads: int | None, min_run_time_s: float, size: int) -> tuple[dict[str, Any], list[dict]]:
+    """The latency table, the span verdicts and the oracle's best time per MACs budget (analysis.json's
+    ``latency``, and the rows of oracle_latency.csv)."""
+    from dsctl.headroom import measure_latency_table, span_verdict, time_oracle_routing
+
+    table = measure_latency_table(model, size, batches=(1, batch), device=device, threads=threads,
+                                  min_run_time_s=min_run_time_s, macs=macs)
+    budgets = sorted({*macs, oracle_route(correct, macs).avg_macs})
+    routes = {f"{b:.0f}": oracle_routes_at_budget(correct, macs, b) for b in budgets}
+    timed = images.shape[0]
+    routed_ms, static_ms = time_oracle_routing(model, images, {k: r[:timed] for k, r in routes.items()}, batch,
+                                               device=device, threads=threads, min_run_time_s=min_run_time_s)
+    top1 = [100.0 * float(correct[:, k].double().mean()) for k in range(len(macs))]
+    b1 = table.subnet_ms(1)
+    front1 = table.front_ms[0]
+    rows = []
+    for b, (name, r) in zip(budgets, routes.items()):
+        share = torch.bincount(r, minlength=len(macs)).double() / r.numel()
+        ms_n, ms_1 = routed_ms[name], front1 + sum(float(p) * (t - front1) for p, t in zip(share, b1))
+        acc = 100.0 * float(correct[torch.arange(r.numel()), r].double().mean())
+        # the most accurate static sub-network that is as fast as the oracle's routing (None: none is)
+        fast_n = [top1[k] for k in range(len(macs)) if static_ms[f"k{k}"] <= ms_n]
+        fast_1 = [top1[k] for k in range(len(macs)) if b1[k] <= ms_1]
+        rows.append({"budget_macs": round(b), "avg_macs": round(float((share * torch.tensor(macs).double()).sum())),
+                     "top1": round(acc, 3), "ms_b1": round(ms_1, 4), f"ms_b{batch}": round(ms_n, 4),
+                     "best_static_top1_as_fast_b1": round(max(fast_1), 3) if fast_1 else None,
+                     f"best_static_top1_as_fast_b{batch}": round(max(fast_n), 3) if fast_n else None,
+                     "timed_images": timed})
+    summary = {"batches": [1, batch], "device": table.device, "threads": table.threads,
+               "verdicts": [span_verdict(table, 1), span_verdict(table, batch)],
+               "front_share": {"1": round(table.front_share(1), 4), str(batch): round(table.front_share(batch), 4)},
+               "span": {"1": round(table.span(1), 3), str(batch): round(table.span(batch), 3)},
+               "static_ms": {f"b{batch}": {k: round(v, 4) for k, v in static_ms.items()}},
+               "table": table.to_dict(), "oracle": rows,
+               "oracle_ms_note": (f"ms_b{batch}: the oracle's routes for the first {timed} images timed through the "
+                                  "deployable routed model (gate, grouping and scatter included), interleaved with "
+                                  "the static sub-networks; ms_b1: front + each route's tail at batch 1, weighted "
+                                  "by the routes' shares (latency.csv)")}
+    return summary, table.rows()
+
+
+def _write(a: Analysis, tensors: dict[str, Any], probes: list[dict[str, Any]],
+           latency_rows: list[dict[str, Any]] | None = None) -> list[Path]:
     from dsctl.checkpoint import atomic_write_bytes
     from dsctl.report import write_csv
 
@@ -447,6 +519,10 @@ def _write(a: Analysis, tensors: dict[str, Any], probes: list[dict[str, Any]]) -
     if probes:
         write_csv(out / "probes.csv", probes)
         paths.append(out / "probes.csv")
+    if latency_rows:
+        write_csv(out / "latency.csv", latency_rows)
+        write_csv(out / "oracle_latency.csv", a.summary["latency"]["oracle"])
+        paths += [out / "latency.csv", out / "oracle_latency.csv"]
     paths.append(out / "analysis.json")
     a.summary["files"] = [p.name for p in paths]
     atomic_write_bytes(out / "analysis.json", (json.dumps(a.summary, indent=2) + "\n").encode())

@@ -78,7 +78,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
         from dsctl.analyze import analyze_checkpoint
 
         logger.info("analysis: oracle router and gate-position probes on the validation split")
-        analyze_checkpoint(runs["supernet"] / "final.pt", device=device, progress=progress)
+        analyze_checkpoint(runs["supernet"] / "final.pt", device=device, latency_batch=p.report_batch,
+                           min_run_time_s=p.report_min_run_time_s, progress=progress)
     subnets = read_artifact(runs["supernet"] / "final.pt", SupernetArtifact).subnets
     full_macs = max(r.macs for r in subnets)  # the full network (its rows say "largest")
     for f in p.gate_targets:

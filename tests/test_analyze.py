@@ -153,7 +153,8 @@ def supernet_run(tmp_path_factory) -> Path:
 
 
 def test_analyze_command_writes_matrix_curve_and_probes(supernet_run: Path) -> None:
-    result = CliRunner().invoke(app, ["analyze", str(supernet_run), "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(app, ["analyze", str(supernet_run), "--device", "cpu", "--quiet", "--latency-batch",
+                                      "4", "--min-run-time", "0.02"])
     assert result.exit_code == 0, result.output
     out = supernet_run / "analysis"
     saved = torch.load(out / "correctness.pt", weights_only=True)
@@ -175,12 +176,22 @@ def test_analyze_command_writes_matrix_curve_and_probes(supernet_run: Path) -> N
     assert list(probes) == ["stem", "s1", "s2", "s3", "s4.b0.dw"] and probes["s4.b0.dw"]["gate"]
     assert all(p["auc"] is None or 0 <= p["auc"] <= 1 for p in probes.values())
     assert "oracle router" in result.output
+    # the latency headroom: every sub-network timed at batch 1 and 4, the oracle's routes per budget
+    lat = summary["latency"]
+    assert lat["batches"] == [1, 4] and len(lat["verdicts"]) == 2 and "costs" in result.output
+    table = list(csv.DictReader((out / "latency.csv").open()))
+    assert [(r["batch"], r["subnet"]) for r in table] == [(str(b), f"k{k}") for b in (1, 4) for k in range(6)]
+    assert all(float(r["subnet_ms"]) == pytest.approx(float(r["front_ms"]) + float(r["tail_ms"]), abs=2e-4)
+               for r in table)
+    oracle_rows = list(csv.DictReader((out / "oracle_latency.csv").open()))
+    assert float(oracle_rows[-1]["top1"]) == pytest.approx(oracle.top1, abs=1e-3)  # the widest budget: the oracle's
+    assert len(oracle_rows) >= len(macs) and all(float(r["ms_b4"]) > 0 for r in oracle_rows)
 
 
 def test_analyze_holdout_split_and_batches(supernet_run: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["analyze", str(supernet_run / "final.pt"), "--split", "holdout",
                                       "--holdout-fraction", "0.5", "--batches", "2", "--set", "data.eval_batch_size=8",
-                                      "--out", str(tmp_path), "--device", "cpu", "--quiet"])
+                                      "--out", str(tmp_path), "--device", "cpu", "--quiet", "--no-latency"])
     assert result.exit_code == 0, result.output
     saved = torch.load(tmp_path / "correctness.pt", weights_only=True)
     assert saved["indices"].tolist() == list(range(32, 48))  # the last half of 64 training samples, 2 batches of 8
@@ -200,7 +211,7 @@ def test_report_plots_the_oracle_of_an_analysed_run(supernet_run: Path, tmp_path
     from dsctl.report import ReportRow, oracle_series, write_report
 
     if not (supernet_run / "analysis" / "oracle.csv").is_file():
-        CliRunner().invoke(app, ["analyze", str(supernet_run), "--device", "cpu", "--quiet"])
+        CliRunner().invoke(app, ["analyze", str(supernet_run), "--device", "cpu", "--quiet", "--no-latency"])
     rows = [ReportRow("supernet", "tiny_ds_mobilenetv1", f"k{k}", "0.5", 1000 * (k + 1), 10, 50.0 + k, 90.0,
                       data="synthetic:64/48", run=str(supernet_run)) for k in range(2)]
     series = oracle_series(rows)

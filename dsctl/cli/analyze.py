@@ -34,19 +34,29 @@ def analyze_cmd(
     budget: Annotated[float | None, typer.Option(min=0.0, help="Average-MACs budget of the probe routers, in "
                                                                "millions (default: midway between the smallest and "
                                                                "widest indexed sub-network).")] = None,
+    latency: Annotated[bool, typer.Option(help="Time the latency headroom on this device: every sub-network at batch "
+                                               "1 and --latency-batch, the front's share, the oracle's routes "
+                                               "through the deployable routed model.")] = True,
+    latency_batch: Annotated[int, typer.Option(min=1, help="The larger batch size timed (besides batch 1).")] = 32,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads while timing (default: torch's).")] = None,
+    min_run_time: Annotated[float, typer.Option(min=0.01, help="Seconds of timing per candidate and batch "
+                                                               "size.")] = 0.5,
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
 ) -> None:
     """Per-sample correctness of every sub-network, the oracle router (each sample to its cheapest correct
-    sub-network, and the best routing per MACs budget), and how well features at each candidate gate
-    position predict that the smallest sub-network is wrong."""
+    sub-network, and the best routing per MACs budget), how well features at each candidate gate
+    position predict that the smallest sub-network is wrong, and whether routing can pay in time on this
+    device (latency of every sub-network, the front's share, the oracle's best time per budget)."""
     from dsctl.analyze import analyze_checkpoint
 
     with progress_display(quiet) as progress:
         a = analyze_checkpoint(target, split=split.value, out_dir=out, overrides=recipe_overrides(set_, data),
                                max_batches=batches, device=device, holdout_fraction=holdout_fraction,
-                               budget_macs=None if budget is None else budget * 1e6, progress=progress)
+                               budget_macs=None if budget is None else budget * 1e6,
+                               latency_batch=latency_batch if latency else None, threads=threads,
+                               min_run_time_s=min_run_time, progress=progress)
     _print(a.summary)
     console.print("wrote " + ", ".join(str(p) for p in a.paths))
 
@@ -69,3 +79,21 @@ def _print(s: dict) -> None:
              "-" if p["auc"] is None else f"{p['auc']:.3f}", *(f"{p[k]:.2f}" if k in p else "-"
                                                                for k in ("top1", "random_top1", "oracle_top1"))]
             for p in s["probes"]]))
+    if "latency" in s:
+        lat = s["latency"]
+        n = lat["batches"][1]
+        console.print(table(f"latency headroom ({lat['device']}, {lat['threads']} threads; ms per batch, median)",
+                            ["subnet", "MACs (M)", "ms b1", f"ms b{n}", "front ms b1", f"front ms b{n}"], [
+            [f"k{k}", f"{m / 1e6:.3f}", f"{lat['table']['front_ms'][0] + t1:.3f}",
+             f"{lat['table']['front_ms'][1] + tn:.3f}", f"{lat['table']['front_ms'][0]:.3f}",
+             f"{lat['table']['front_ms'][1]:.3f}"]
+            for k, (m, t1, tn) in enumerate(zip(lat["table"]["macs"], *lat["table"]["tail_ms"]))]))
+        console.print(table("oracle routing through the deployable routed model (its best time per MACs budget)",
+                            ["avg MACs (M)", "top1", "ms b1", f"ms b{n}", "best static top1 as fast, b1",
+                             f"... b{n}"], [
+            [f"{r['avg_macs'] / 1e6:.3f}", f"{r['top1']:.2f}", f"{r['ms_b1']:.3f}", f"{r[f'ms_b{n}']:.3f}",
+             *("-" if r[k] is None else f"{r[k]:.2f}"
+               for k in ("best_static_top1_as_fast_b1", f"best_static_top1_as_fast_b{n}"))]
+            for r in lat["oracle"]]))
+        for line in lat["verdicts"]:
+            console.print(line)
