@@ -166,12 +166,24 @@ class GateReport:
     sgs_target: str
     decision: str               # "calibrated" or "argmax"
     calibration: Calibration | None = None
+    # a latency budget (dsctl.headroom.LatencyBudget.to_dict(), plus "predicted_ms": the validation routes'
+    # predicted latency per batch); None for a MACs target or none
+    latency_budget: dict[str, Any] | None = None
+
+    @property
+    def target_latency_ms(self) -> float | None:
+        return None if self.latency_budget is None else float(self.latency_budget["target_ms"])
+
+    @property
+    def latency_batch(self) -> int | None:
+        return None if self.latency_budget is None else int(self.latency_budget["batch"])
 
     def to_dict(self) -> dict[str, Any]:
         """The ``final`` of ``summary.json``."""
         out = {**asdict(self), "window": list(self.window), "histogram": list(self.histogram)}
         del out["calibration"]
         out["decision_calibration"] = self.calibration.to_dict() if self.calibration is not None else None
+        out["latency_budget"] = out.pop("latency_budget")
         return out
 
 
@@ -472,9 +484,7 @@ def _gate_report(d: dict[str, Any]) -> GateReport:
         gate_macs=int(d["gate_macs"]), histogram=tuple(int(c) for c in d["histogram"]), gate_sgs_acc=d["gate_sgs_acc"],
         complexity=d["complexity"], target_macs_m=d.get("target_macs_m"), complexity_weight=d["complexity_weight"],
         sgs_target=d["sgs_target"], decision=d["decision"],
-        calibration=None if not cal else Calibration(
-            offsets=tuple(cal["offsets"]), price=cal["price"], target_macs=cal["target_macs"],
-            avg_macs=cal["avg_macs"], samples=int(cal["samples"]), met=bool(cal["met"])))
+        calibration=None if not cal else Calibration.from_dict(cal), latency_budget=d.get("latency_budget"))
 
 
 # -- format 1 (dsctl 0.1.0 before typed artifacts) -----------------------------------------------------------

@@ -178,6 +178,11 @@ class GateConfig(BaseModel):
       ``weight * (E[MACs] / target - 1)^2``, pulls cost up as well as down), ``none``.
     * ``decision``: ``calibrated`` (per-route offsets fitted after training on ``holdout`` of the training
       data so the average MACs there meet ``target_macs_m``) or ``argmax`` (the authors' rule).
+    * ``target_latency_ms`` (instead of ``target_macs_m``): a latency budget in milliseconds per batch of
+      ``latency_batch`` images, against a table of every sub-network's latency on the deployment device
+      (``latency_table``: the latency.csv or analysis.json of ``dsctl analyze`` run there; None: timed on
+      the training device before training). The window is the ``window_size`` sub-networks around it by
+      time, and the decision is calibrated on time (:mod:`dsctl.headroom`).
     """
 
     model_config = _FROZEN
@@ -195,6 +200,20 @@ class GateConfig(BaseModel):
     decision: Literal["calibrated", "argmax"] = "calibrated"
     holdout: float = Field(default=0.1, gt=0.0, le=0.5)  # fraction of the training data kept for calibration
     budget_tolerance: float = Field(default=0.02, gt=0.0, lt=1.0)
+    target_latency_ms: float | None = Field(default=None, gt=0.0)
+    latency_batch: int = Field(default=32, gt=0)
+    latency_table: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _check_budget(self) -> GateConfig:
+        if self.target_latency_ms is not None and self.target_macs_m is not None:
+            raise ValueError(f"target_latency_ms={self.target_latency_ms:g} and target_macs_m={self.target_macs_m:g} "
+                             "are two budgets for one gate (give one)")
+        return self
+
+    @property
+    def has_budget(self) -> bool:
+        return self.target_macs_m is not None or self.target_latency_ms is not None
 
     @field_validator("window")
     @classmethod

@@ -85,6 +85,9 @@ class DynamicExportReport:
     check_routes: list[int]
     torch_version: str
     created: str
+    # the gate's latency budget, if it was calibrated to one: target ms per batch, the deployment batch size,
+    # the per-sample route costs and the latency table (device, threads) they were timed with
+    latency_budget: dict | None = None
 
     @property
     def sidecar(self) -> str:
@@ -342,7 +345,8 @@ def load_dynamic(path: str | Path) -> nn.Module:
 
 def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | Path, *, source: str,
                            input_size: int | None = None, route_macs: list[int] | None = None,
-                           gate_macs: int | None = None, seed: int = 0, fmt: str = "pt2") -> DynamicExportReport:
+                           gate_macs: int | None = None, seed: int = 0, fmt: str = "pt2",
+                           latency_budget: dict | None = None) -> DynamicExportReport:
     """Write the dynamic model (the supernet's :meth:`~Supernet.to_static_routed` over ``window``), reload it,
     and verify it against dsctl's grouped inference on random input.
 
@@ -392,6 +396,7 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
         route_macs=list(route_macs[lo : hi + 1]) if route_macs else None, gate_macs=gate_macs,
         max_abs_diff=diff, check_routes=torch.bincount(routes - lo, minlength=hi - lo + 1).tolist(),
         torch_version=torch.__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        latency_budget=latency_budget,
     )
     atomic_write_bytes(sidecar, (json.dumps(asdict(report), indent=2) + "\n").encode())
     return report
@@ -424,4 +429,5 @@ def export_gate_run(checkpoint: str | Path, *, out: str | Path | None = None, in
     default = f"{model.model_name}_dynamic_{lo}-{hi}" + (".ts.pt" if fmt == "torchscript" else "")
     out = Path(out) if out is not None else Path(default)
     return export_dynamic_to_file(model, gate.window, out, source=gate.path, input_size=input_size or gate.input_size,
-                                  route_macs=list(gate.costs.route_macs), gate_macs=gate.costs.gate_macs, fmt=fmt)
+                                  route_macs=list(gate.costs.route_macs), gate_macs=gate.costs.gate_macs, fmt=fmt,
+                                  latency_budget=gate.final.latency_budget if gate.final is not None else None)

@@ -21,17 +21,22 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
 
-__all__ = ["PAYING_SPAN", "LatencyTable", "measure_latency_table", "span_verdict", "time_oracle_routing"]
+__all__ = ["PAYING_SPAN", "LatencyTable", "LatencyBudget", "measure_latency_table", "load_latency_table",
+           "latency_budget", "span_verdict", "time_oracle_routing"]
 
 # below this ratio of the widest routed sub-network's latency to the narrowest's, sending every sample
 # narrow saves less than a third of the time: routing cannot buy back what it costs in accuracy and glue
@@ -138,6 +143,99 @@ def measure_latency_table(model: Supernet, input_size: int, *, batches: Sequence
         tails.append(tuple(reports[f"k{i}"] for i in range(k)))
     return LatencyTable(model.model_name, str(dev), used, input_size, tuple(int(b) for b in batches), macs,
                         tuple(fronts), tuple(tails))
+
+
+def load_latency_table(path: str | Path) -> LatencyTable:
+    """A table ``dsctl analyze`` wrote: its ``latency.csv``, its ``analysis.json``, or their folder.
+
+    Raises:
+        DsctlError: no such file, or it holds no latency table.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "latency.csv"
+    if not p.is_file():
+        raise DsctlError(f"{path}: no such latency table (give the latency.csv or analysis.json that dsctl analyze "
+                         "wrote, or their folder)")
+    try:
+        if p.suffix == ".json":
+            return LatencyTable.from_dict(json.loads(p.read_text())["latency"]["table"])
+        rows = list(csv.DictReader(p.open()))
+        batches = tuple(dict.fromkeys(int(r["batch"]) for r in rows))
+        by = {b: [r for r in rows if int(r["batch"]) == b] for b in batches}
+        first = by[batches[0]]
+        return LatencyTable(
+            model="", device=first[0]["device"], threads=int(first[0]["threads"]),
+            input_size=int(first[0]["input_size"]), batches=batches, macs=tuple(int(r["macs"]) for r in first),
+            front_ms=tuple(float(by[b][0]["front_ms"]) for b in batches),
+            tail_ms=tuple(tuple(float(r["tail_ms"]) for r in by[b]) for b in batches))
+    except (KeyError, ValueError, IndexError, TypeError, json.JSONDecodeError) as err:
+        raise DsctlError(f"{p}: not a latency table written by dsctl analyze ({type(err).__name__}: {err})") from None
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """A latency budget: ``target_ms`` per batch of ``batch`` images on the device ``table`` was timed on.
+
+    ``route_ms`` is the per-sample cost of routing a sample through each indexed sub-network at that batch
+    size: (front + its tail) / batch, the front (and the gate in it) shared by the batch. Timing noise
+    cannot make a wider sub-network cheaper, so the costs are made non-decreasing (running maximum). A
+    routed batch then costs about ``batch * sum_k share_k * route_ms[k]``: exact when each tail's time is
+    proportional to its group's size, an underestimate where small groups pay per-call overhead, which
+    ``dsctl report`` and ``dsctl bench --dynamic`` measure.
+    """
+
+    target_ms: float
+    batch: int
+    route_ms: tuple[float, ...]
+    table: LatencyTable
+
+    @property
+    def per_sample_ms(self) -> float:
+        return self.target_ms / self.batch
+
+    def predicted_ms(self, histogram: Sequence[int]) -> float:
+        """Predicted latency per batch of ``batch`` for a route histogram (counts per indexed sub-network)."""
+        total = sum(histogram)
+        return self.batch * sum(c * t for c, t in zip(histogram, self.route_ms)) / max(total, 1)
+
+    def equivalent_macs(self) -> float:
+        """The MACs at the budget's per-sample cost, linear between the sub-networks that bracket it (what
+        the gate's complexity loss pulls toward while it trains; the decision is calibrated on time)."""
+        t, m = self.route_ms, self.table.macs
+        target = self.per_sample_ms
+        for k in range(len(t) - 1):
+            if t[k] <= target <= t[k + 1]:
+                w = 0.0 if t[k + 1] == t[k] else (target - t[k]) / (t[k + 1] - t[k])
+                return m[k] + w * (m[k + 1] - m[k])
+        return float(m[0] if target < t[0] else m[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_ms": self.target_ms, "batch": self.batch, "route_ms": list(self.route_ms),
+                "table": self.table.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyBudget:
+        return cls(float(d["target_ms"]), int(d["batch"]), tuple(float(t) for t in d["route_ms"]),
+                   LatencyTable.from_dict(d["table"]))
+
+
+def latency_budget(table: LatencyTable, target_ms: float, batch: int) -> LatencyBudget:
+    """The budget ``target_ms`` per batch of ``batch`` against ``table``.
+
+    Raises:
+        DsctlError: ``batch`` was not timed in the table, or no routing can spend ``target_ms``.
+    """
+    if batch not in table.batches:
+        raise DsctlError(f"--latency-batch {batch} was not timed in the latency table "
+                         f"(timed: {', '.join(map(str, table.batches))})")
+    costs = torch.tensor(table.subnet_ms(batch), dtype=torch.float64).cummax(0).values / batch
+    lo, hi = float(costs[0]) * batch, float(costs[-1]) * batch
+    if not lo <= target_ms <= hi:
+        raise DsctlError(f"latency target {target_ms:g} ms at batch {batch} is outside what routing can spend on "
+                         f"{table.device} ({table.threads} threads): allowed {lo:.4g}..{hi:.4g} ms, the "
+                         "narrowest and the widest sub-network")
+    return LatencyBudget(float(target_ms), int(batch), tuple(float(c) for c in costs), table)
 
 
 def span_verdict(table: LatencyTable, batch: int, window: tuple[int, int] | None = None) -> str:

@@ -91,21 +91,33 @@ def route_with_offsets(logits: Tensor, offsets: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Calibration:
-    """The fitted decision rule: route = argmax(logits + offsets) over the window."""
+    """The fitted decision rule: route = argmax(logits + offsets) over the window.
+
+    ``unit`` is what the route costs are in: ``MACs`` (per sample, the gate's own excluded) or ``ms``
+    (milliseconds per sample at a deployment batch size, the front and gate included: a latency budget).
+    """
 
     offsets: tuple[float, ...]   # per window member, added to the gate logits
     price: float                 # lam: offsets = -lam * (cost - cost_min) / (cost_max - cost_min)
-    target_macs: float           # average routed MACs asked for (the gate's own MACs excluded)
-    avg_macs: float              # average routed MACs reached on the held-out samples
+    target: float                # average routed cost asked for
+    achieved: float              # average routed cost reached on the held-out samples
     samples: int
-    met: bool                    # |avg_macs / target_macs - 1| <= tolerance
+    met: bool                    # |achieved / target - 1| <= tolerance
+    unit: str = "MACs"
 
     @property
     def error(self) -> float:
-        return self.avg_macs / self.target_macs - 1.0
+        return self.achieved / self.target - 1.0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "offsets": list(self.offsets), "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        """Read :meth:`to_dict`'s output (also the older ``target_macs`` / ``avg_macs`` keys)."""
+        return cls(offsets=tuple(d["offsets"]), price=d["price"], target=d.get("target", d.get("target_macs")),
+                   achieved=d.get("achieved", d.get("avg_macs")), samples=int(d["samples"]), met=bool(d["met"]),
+                   unit=d.get("unit", "MACs"))
 
 
 def _avg_cost(logits: Tensor, scaled: Tensor, costs: Tensor, lam: float) -> float:
@@ -113,8 +125,9 @@ def _avg_cost(logits: Tensor, scaled: Tensor, costs: Tensor, lam: float) -> floa
 
 
 def calibrate_offsets(logits: Tensor, costs: list[float] | Tensor, target_macs: float, *,
-                      tolerance: float = 0.02, iters: int = 100) -> Calibration:
-    """Fit ``offsets = -lam * scaled_cost`` so the routed average cost on ``logits`` meets ``target_macs``.
+                      tolerance: float = 0.02, iters: int = 100, unit: str = "MACs") -> Calibration:
+    """Fit ``offsets = -lam * scaled_cost`` so the routed average cost on ``logits`` meets ``target_macs``
+    (a cost in ``unit``: MACs, or ms per sample for a latency budget).
 
     The routed cost is non-increasing in the price ``lam``, so bisection finds the smallest price whose
     average cost does not exceed the target (spending as much of the budget as possible without going
@@ -133,8 +146,11 @@ def calibrate_offsets(logits: Tensor, costs: list[float] | Tensor, target_macs: 
         raise ValueError(f"logits must be (N>0, {costs_t.numel()}), got {tuple(logits.shape)}")
     lo_c, hi_c = float(costs_t[0]), float(costs_t[-1])
     if not lo_c <= target_macs <= hi_c:
-        raise DsctlError(f"MACs target {target_macs / 1e6:.4g}M is outside the window's routes "
-                         f"(allowed: {lo_c / 1e6:.4g}M..{hi_c / 1e6:.4g}M)")
+        if unit == "MACs":
+            raise DsctlError(f"MACs target {target_macs / 1e6:.4g}M is outside the window's routes "
+                             f"(allowed: {lo_c / 1e6:.4g}M..{hi_c / 1e6:.4g}M)")
+        raise DsctlError(f"target {target_macs:.4g} {unit} is outside the window's routes "
+                         f"(allowed: {lo_c:.4g}..{hi_c:.4g} {unit})")
     scaled = ((costs_t - lo_c) / max(hi_c - lo_c, 1e-12)).float()
     spread = float(logits.max() - logits.min()) + 1.0
     min_step = float(torch.diff(scaled).min()) if scaled.numel() > 1 else 1.0
@@ -150,4 +166,4 @@ def calibrate_offsets(logits: Tensor, costs: list[float] | Tensor, target_macs: 
     lam, avg = (hi_lam, under) if abs(under - target_macs) <= abs(over - target_macs) else (lo_lam, over)
     offsets = tuple(float(v) for v in (-lam * scaled))
     met = abs(avg / target_macs - 1.0) <= tolerance
-    return Calibration(offsets, lam, float(target_macs), avg, int(logits.shape[0]), met)
+    return Calibration(offsets, lam, float(target_macs), avg, int(logits.shape[0]), met, unit)

@@ -45,7 +45,7 @@ def _training() -> TrainingState:
 
 
 def _gate_report() -> GateReport:
-    cal = Calibration(offsets=(0.0, -0.5), price=0.5, target_macs=1.5e6, avg_macs=1.49e6, samples=100, met=True)
+    cal = Calibration(offsets=(0.0, -0.5), price=0.5, target=1.5e6, achieved=1.49e6, samples=100, met=True)
     return GateReport(window=(0, 1), top1=80.0, top5=99.0, loss=0.5, avg_macs=1_500_123, gate_macs=321,
                       histogram=(60, 40, 0, 0, 0, 0, 0), gate_sgs_acc=70.0, complexity="target", target_macs_m=1.5,
                       complexity_weight=1.0, sgs_target="cheapest", decision="calibrated", calibration=cal)
@@ -94,7 +94,7 @@ def test_gate_round_trip(tmp_path) -> None:
     summary = back.final.to_dict()
     assert list(summary) == ["window", "top1", "top5", "loss", "avg_macs", "gate_macs", "histogram", "gate_sgs_acc",
                              "complexity", "target_macs_m", "complexity_weight", "sgs_target", "decision",
-                             "decision_calibration"]
+                             "decision_calibration", "latency_budget"]
     assert summary["window"] == [0, 1] and summary["decision_calibration"]["error"] == pytest.approx(-1 / 150)
 
 

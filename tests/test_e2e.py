@@ -60,3 +60,30 @@ def test_quickstart_pipeline_on_generated_data(tmp_path) -> None:
     assert {"uniform", "l1", "slimming"} <= {r["method"] for r in rows}
     # a second call finds every stage finished and only re-reports
     _ok(["quickstart", recipe, "--out", str(tmp_path / "qs"), "--device", "cpu", "--quiet"])
+
+
+@pytest.mark.slow
+def test_latency_budget_from_analyze_to_the_dynamic_export(tmp_path) -> None:
+    """analyze times the sub-networks; train-gate --target-latency calibrates on that table (window chosen by
+    time, decision in ms); the gate, its summary and its dynamic export carry the budget."""
+    sup, gate = tmp_path / "sup", tmp_path / "gate"
+    _ok(["train-supernet", SMOKE, "--out", str(sup), "--device", "cpu", "--quiet", "--set", "optim.epochs=1"])
+    out = _ok(["analyze", str(sup), "--device", "cpu", "--quiet", "--latency-batch", "4", "--min-run-time", "0.05"])
+    assert "costs" in out and "k0's time" in out
+    rows = list(csv.DictReader((sup / "analysis" / "latency.csv").open()))
+    ms4 = [float(r["subnet_ms"]) for r in rows if r["batch"] == "4"]
+    target = (min(ms4) + max(ms4)) / 2
+    _ok(["train-gate", SMOKE, "--supernet", str(sup), "--target-latency", f"{target:.4f}", "--latency-batch", "4",
+         "--latency-table", str(sup / "analysis" / "latency.csv"), "--out", str(gate), "--device", "cpu", "--quiet",
+         "--set", "optim.epochs=1"])
+    final = json.loads((gate / "summary.json").read_text())["final"]
+    budget, cal = final["latency_budget"], final["decision_calibration"]
+    assert budget["target_ms"] == pytest.approx(target, abs=1e-4) and budget["batch"] == 4 and final["target_macs_m"] is None
+    assert cal["unit"] == "ms" and cal["target"] == pytest.approx(target / 4, abs=1e-4)
+    lo, hi = final["window"]
+    assert budget["route_ms"][lo] * 4 <= target <= budget["route_ms"][hi] * 4  # the window brackets it in time
+    _ok(["export", str(gate), "--dynamic", "--out", str(tmp_path / "dyn")])
+    assert json.loads((tmp_path / "dyn" / "dynamic.json").read_text())["latency_budget"]["target_ms"] == budget["target_ms"]
+    r = runner.invoke(app, ["train-gate", SMOKE, "--supernet", str(sup), "--target-latency", "1e6", "--latency-batch",
+                            "4", "--latency-table", str(sup / "analysis" / "latency.csv"), "--out", str(tmp_path / "g2")])
+    assert r.exit_code == 1 and "outside what routing can spend" in r.output, r.output

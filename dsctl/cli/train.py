@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -102,6 +104,16 @@ def train_gate_cmd(
     supernet: Annotated[Path | None, typer.Option(help="Supernet run folder or checkpoint (required unless --resume).")] = None,
     window: Annotated[str | None, typer.Option(help="Routing window A:B of sub-network indices (default: the recipe's gate.window_size sub-networks around --target-macs, all without a target).")] = None,
     target_macs: Annotated[float | None, typer.Option(help="Average MACs in millions the routed model spends (gate included): chooses the window, and the decision is calibrated on held-out training data to meet it (gate.complexity=target adds a two-sided loss toward it).")] = None,
+    target_latency: Annotated[float | None, typer.Option(min=0.0, help="Instead of --target-macs: a latency budget in "
+                                                                        "ms per batch of --latency-batch images on the "
+                                                                        "deployment device; chooses the window by time "
+                                                                        "and calibrates the decision on time.")] = None,
+    latency_batch: Annotated[int | None, typer.Option(min=1, help="Deployment batch size of --target-latency "
+                                                                  "(default: gate.latency_batch, 32).")] = None,
+    latency_table: Annotated[Path | None, typer.Option(exists=True, help="Latencies timed on the deployment device: "
+                                                                         "the latency.csv or analysis.json of dsctl "
+                                                                         "analyze run there (default: timed now on "
+                                                                         "--device).")] = None,
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<recipe name>).")] = None,
     set_: SetOpt = None,
@@ -117,8 +129,17 @@ def train_gate_cmd(
     from dsctl.train.launch import launch_gate, resolve_recipe
 
     overrides = [*recipe_overrides(set_, data, seed), *_window_override(window)]
+    if target_macs is not None and target_latency is not None:
+        raise DsctlError(f"--target-macs {target_macs:g} and --target-latency {target_latency:g} are two budgets "
+                         "for one gate (give one)")
     if target_macs is not None:
         overrides += ["gate.complexity=target", f"gate.target_macs_m={target_macs}"]
+    if target_latency is not None:
+        overrides += ["gate.complexity=target", f"gate.target_latency_ms={target_latency}"]
+    if latency_batch is not None:
+        overrides.append(f"gate.latency_batch={latency_batch}")
+    if latency_table is not None:
+        overrides.append(f"gate.latency_table={json.dumps(str(latency_table))}")
     cfg = resolve_recipe(recipe, overrides, resume)
     if supernet is None:
         if resume is None:
@@ -131,11 +152,20 @@ def train_gate_cmd(
     f = result.final
     lo, hi = f.window
     cal = f.calibration
-    target = f"{f.target_macs_m:.3f}" if f.target_macs_m else "-"
-    held = f"{cal.avg_macs / 1e6 + f.gate_macs / 1e6:.3f} ({100 * cal.error:+.1f}%)" if cal else "argmax"
-    console.print(table(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", "target (M)",
-                                                            "held-out MACs (M)", "gate target acc", "routes"], [
-        [f"{lo}:{hi}", f"{f.top1:.2f}", f"{f.top5:.2f}", f"{f.avg_macs / 1e6:.3f}", target, held,
+    lat = f.latency_budget
+    if lat is not None:
+        b = lat["batch"]
+        target, target_h = f"{lat['target_ms']:.4g}", f"target (ms, batch {b})"
+        held = f"{cal.achieved * b:.4g} ({100 * cal.error:+.1f}%)" if cal else "argmax"
+        held_h, extra = "held-out predicted ms", [f"{lat['predicted_ms']:.4g}"]
+        extra_h = ["val predicted ms"]
+    else:
+        target, target_h = (f"{f.target_macs_m:.3f}" if f.target_macs_m else "-"), "target (M)"
+        held = f"{cal.achieved / 1e6 + f.gate_macs / 1e6:.3f} ({100 * cal.error:+.1f}%)" if cal else "argmax"
+        held_h, extra, extra_h = "held-out MACs (M)", [], []
+    console.print(table(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", target_h,
+                                                            held_h, *extra_h, "gate target acc", "routes"], [
+        [f"{lo}:{hi}", f"{f.top1:.2f}", f"{f.top5:.2f}", f"{f.avg_macs / 1e6:.3f}", target, held, *extra,
          f"{f.gate_sgs_acc:.1f}", " ".join(str(c) for c in f.histogram[lo: hi + 1])]]))
     _print_time(result.time)
 

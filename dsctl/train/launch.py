@@ -152,9 +152,10 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
                     recipe.supernet.calib_batches)
         recalibrate_bn(model, ctx.data, seed=recipe.seed, device=ctx.device, num_batches=recipe.supernet.calib_batches)
     costs = route_costs(sup, model, ctx.data.input_size)  # stored by train-supernet at its input size
-    window = default_window(model, recipe.gate, list(costs.route_macs), costs.gate_macs)
+    budget = gate_latency_budget(model, recipe.gate, ctx.data.input_size, str(ctx.device), list(costs.route_macs))
+    window = default_window(model, recipe.gate, list(costs.route_macs), costs.gate_macs, budget)
     holdout = None
-    if recipe.gate.decision == "calibrated" and recipe.gate.target_macs_m is not None:
+    if recipe.gate.decision == "calibrated" and recipe.gate.has_budget:
         train_part, held = split_holdout(recipe.data, recipe.gate.holdout)
         ctx = dataclasses.replace(ctx, data=dataclasses.replace(ctx.data, train=train_part))
         holdout = DataLoader(held, batch_size=ctx.data.val.batch_size or 256, num_workers=0)
@@ -162,16 +163,39 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     # (stored route costs skip the sub-network exports whose layer inits drew from torch's generator)
     torch.manual_seed(recipe.seed)
     return train_gate(model, ctx, recipe.gate, recipe.optim, window=window, costs=costs, source=sup.path,
-                      holdout=holdout)
+                      holdout=holdout, latency=budget)
 
 
-def default_window(model: Supernet, cfg, route_macs: list[int], gate_macs: int) -> tuple[int, int]:
-    """The recipe's window, else the ``window_size`` sub-networks around the MACs target, else all."""
+def gate_latency_budget(model: Supernet, cfg, input_size: int, device: str, route_macs: list[int]):
+    """The gate's latency budget (:class:`~dsctl.headroom.LatencyBudget`), or None without a latency target:
+    against ``cfg.latency_table``, else a table timed now on ``device`` at batch 1 and ``cfg.latency_batch``."""
+    from dsctl.headroom import latency_budget, load_latency_table, measure_latency_table
+
+    if cfg.target_latency_ms is None:
+        return None
+    if cfg.latency_table is not None:
+        table = load_latency_table(cfg.latency_table)
+        if list(table.macs) != list(route_macs):
+            raise DsctlError(f"{cfg.latency_table}: its sub-networks' MACs differ from this supernet's (a table of "
+                             "another model or input size)")
+    else:
+        logger.info("timing every sub-network on %s at batch 1 and %d for the latency budget", device,
+                    cfg.latency_batch)
+        table = measure_latency_table(model, input_size, batches=tuple(sorted({1, cfg.latency_batch})),
+                                      device=device, macs=route_macs)
+    return latency_budget(table, cfg.target_latency_ms, cfg.latency_batch)
+
+
+def default_window(model: Supernet, cfg, route_macs: list[int], gate_macs: int, budget=None) -> tuple[int, int]:
+    """The recipe's window, else the ``window_size`` sub-networks around the budget (by time for a latency
+    budget, by MACs for a MACs target), else all."""
     from dsctl.dynamic import check_window
     from dsctl.routing import choose_window
 
     if cfg.window is not None:
         return check_window(model, cfg.window)
+    if budget is not None:
+        return choose_window(list(budget.route_ms), budget.per_sample_ms, cfg.window_size)
     if cfg.target_macs_m is None:
         return check_window(model, None)
     return choose_window(route_macs, cfg.target_macs_m * 1e6 - gate_macs, cfg.window_size)
