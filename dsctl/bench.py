@@ -39,6 +39,7 @@ class BenchSettings:
     min_run_time_s: float = 1.0
     input_size: int | None = None
     rounds: int = 5
+    compiled: bool = False  # torch.compile every plain-module candidate (dsctl.compiled); eager-only ones left out
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class BenchRow:
     input_size: int
     torch_version: str
     commit: str
+    compiled: bool = False
 
 
 def _env(settings: BenchSettings) -> tuple[torch.device, int, str]:
@@ -111,7 +113,9 @@ class _Parts:
 
 
 def _rows(model: str, reports, meta: dict[str, tuple[str, str, str, int]], reference: str, settings: BenchSettings,
-          device: torch.device, threads: int, commit: str, input_size: int) -> list[BenchRow]:
+          device: torch.device, threads: int, commit: str, input_size: int,
+          eager: Sequence[str] = ()) -> list[BenchRow]:
+    """Rows of one interleaved run; with ``settings.compiled`` every candidate ran compiled except ``eager``."""
     ref = next(r for r in reports if r.name == reference)
     rows = []
     for r in reports:
@@ -119,12 +123,25 @@ def _rows(model: str, reports, meta: dict[str, tuple[str, str, str, int]], refer
         rows.append(BenchRow(model, r.name, kind, subnet, width, r.batch, macs, round(r.latency_ms_p50, 4),
                              round(r.latency_ms_p90, 4), round(r.throughput, 2),
                              round(r.latency_ms_p50 / ref.latency_ms_p50, 4), reference, str(device), threads,
-                             "float32", input_size, torch.__version__, commit))
+                             "float32", input_size, torch.__version__, commit,
+                             settings.compiled and r.name not in eager))
     return rows
 
 
+def _maybe_compiled(module: nn.Module, settings: BenchSettings) -> nn.Module:
+    if not settings.compiled:
+        return module
+    from dsctl.compiled import compile_module
+
+    return compile_module(module)
+
+
 def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSettings) -> list[BenchRow]:
-    """Each sliced sub-network against its exported static twin (ratio = sliced / static)."""
+    """Each sliced sub-network against its exported static twin (ratio = sliced / static).
+
+    Compiled (``settings.compiled``): the static sub-network compiled against the same network eager
+    (``static_eager``; ratio = compiled / eager); the sliced supernet runs eager only and is left out.
+    """
     device, threads, commit = _env(settings)
     size = settings.input_size or model.default_input_size
     model = model.eval().to(device)
@@ -134,12 +151,20 @@ def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSet
         width = str(width_label(model.space.width(spec)))
         static = export_subnet(model, spec).to(device)
         macs = count_macs(static, size, model.in_chans)
-        meta = {"static": ("static", label, width, macs), "sliced": ("sliced", label, width, macs)}
+        meta = {"static": ("static", label, width, macs), "sliced": ("sliced", label, width, macs),
+                "static_eager": ("static", label, width, macs)}
+        if settings.compiled:
+            cands: dict[str, Callable[[Tensor], Tensor]] = {"static": _maybe_compiled(static, settings),
+                                                            "static_eager": static}
+            reference = "static_eager"
+        else:
+            cands, reference = {"static": static, "sliced": bind(model, spec)}, "static"
         for b in settings.batches:
             x = torch.randn(b, model.in_chans, size, size, device=device)
-            reports = measure_latency({"static": static, "sliced": bind(model, spec)}, x, warmup=settings.warmup,
-                                      min_run_time_s=settings.min_run_time_s, rounds=settings.rounds, threads=threads)
-            rows += _rows(model.model_name, reports, meta, "static", settings, device, threads, commit, size)
+            reports = measure_latency(cands, x, warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
+                                      rounds=settings.rounds, threads=threads)
+            rows += _rows(model.model_name, reports, meta, reference, settings, device, threads, commit, size,
+                          eager=("static_eager",))
     return rows
 
 
@@ -181,7 +206,8 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
             "static_equal_macs": ("static", f"k{k_eq}", r(k_eq), route_macs[k_eq])}
     routed = export_routed(model, window).to(device)
-    candidates["exported_dynamic"] = load_dynamic(exported).to(device) if exported is not None else routed
+    deployed = load_dynamic(exported).to(device) if exported is not None else routed
+    candidates["exported_dynamic"] = deployed
     meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
     # the window's cheapest member, and the sub-network on the other side of the routed cost from the
     # closest one (the two statics that bracket the routed cost interpolate a static of equal MACs)
@@ -191,6 +217,11 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
         if k not in (k_eq, hi) and not any(m[1] == f"k{k}" for m in meta.values()):
             candidates[name] = export_subnet(model, specs[k]).to(device)
             meta[name] = ("static", f"k{k}", r(k), route_macs[k])
+    if settings.compiled:  # every plain module compiled; the supernet's own routing runs eager only: left out
+        for name in ("dynamic", "masked"):
+            del candidates[name], meta[name]
+        candidates = {name: _maybe_compiled(m, settings) for name, m in candidates.items()}  # type: ignore[arg-type]
+        torchscript = False
     if torchscript:
         candidates["exported_dynamic_torchscript"] = torch.jit.script(routed)
         meta["exported_dynamic_torchscript"] = ("exported_dynamic", f"dynamic[{lo}:{hi}] torchscript", "dynamic",
@@ -203,7 +234,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
         n = max(1, min(16, images.shape[0] // b))
         batches = [images[i * b : (i + 1) * b].to(device) for i in range(n)]
         cycled = {name: _Cycle(fn, batches) for name, fn in candidates.items()}
-        parts = _Parts(candidates["exported_dynamic"], batches)
+        parts = _Parts(candidates["exported_dynamic"], batches)  # type: ignore[arg-type]
         cycled["routed_front"], cycled["routed_tails"] = parts.front, parts.tails
         reports = measure_latency(cycled, batches[0], warmup=settings.warmup, min_run_time_s=settings.min_run_time_s,
                                   rounds=settings.rounds, threads=threads)
@@ -221,6 +252,7 @@ def bench_module(name: str, module: nn.Module, in_chans: int, input_size: int, s
         pass
     module = module.to(device)
     macs = count_macs(module, input_size, in_chans) if macs is None else macs
+    module = _maybe_compiled(module, settings)
     rows: list[BenchRow] = []
     for b in settings.batches:
         x = torch.randn(b, in_chans, input_size, input_size, device=device)
@@ -253,10 +285,10 @@ def bench_exported(path: str | Path, settings: BenchSettings) -> list[BenchRow]:
 # -- what `dsctl bench TARGET` times --------------------------------------------------------------------------
 def bench_settings(measure: MeasureConfig, *, batches: Sequence[int] | None = None, device: str = "cpu",
                    threads: int | None = None, min_run_time_s: float | None = None,
-                   input_size: int | None = None) -> BenchSettings:
+                   input_size: int | None = None, compiled: bool = False) -> BenchSettings:
     """Settings from the values given, the unset ones from a recipe's ``measure`` section."""
     return BenchSettings(tuple(batches) if batches else measure.batch_sizes, device, threads or measure.threads,
-                         measure.warmup, min_run_time_s or measure.min_run_time_s, input_size)
+                         measure.warmup, min_run_time_s or measure.min_run_time_s, input_size, compiled=compiled)
 
 
 def bench_specs(space: SearchSpace, widths: Sequence[str] | None = None) -> list[SliceSpec]:
@@ -303,8 +335,10 @@ def bench_static_run(art: StaticArtifact, settings: BenchSettings) -> list[Bench
 
 def bench_target(target: str | Path, *, widths: Sequence[str] | None = None, dynamic: bool = False,
                  batches: Sequence[int] | None = None, device: str = "cpu", threads: int | None = None,
-                 min_run_time_s: float | None = None, input_size: int | None = None) -> list[BenchRow]:
-    """What ``dsctl bench TARGET`` times, by what TARGET is:
+                 min_run_time_s: float | None = None, input_size: int | None = None,
+                 compiled: bool = False) -> list[BenchRow]:
+    """What ``dsctl bench TARGET`` times, by what TARGET is (``compiled``: under ``torch.compile``, see
+    :class:`BenchSettings`):
 
     * an exported file (it has a JSON sidecar): :func:`bench_exported`;
     * a gate run or checkpoint with ``dynamic``: :func:`bench_gate_run`;
@@ -330,7 +364,7 @@ def bench_target(target: str | Path, *, widths: Sequence[str] | None = None, dyn
         art = read_artifact(path, GateArtifact if dynamic else Artifact, why="--dynamic" if dynamic else "")
     measure = art.recipe_config().measure if art is not None and art.recipe else MeasureConfig()
     settings = bench_settings(measure, batches=batches, device=device, threads=threads,
-                              min_run_time_s=min_run_time_s, input_size=input_size)
+                              min_run_time_s=min_run_time_s, input_size=input_size, compiled=compiled)
     if exported:
         return bench_exported(path, settings)
     if dynamic:

@@ -68,6 +68,7 @@ class ReportRow:
     target_latency_ms: float = float("nan")  # dynamic models with a latency budget: ms per batch of latency_batch
     latency_batch: int = 0
     ratio: float = float("nan")  # slimming ratio of a fixed-width model (supernet sub-network, uniform); NaN otherwise
+    compiled: bool = False  # timed under torch.compile (every model of a report alike)
 
 
 def report_frame(rows: Sequence[ReportRow]) -> pd.DataFrame:
@@ -145,8 +146,9 @@ def _images(run_dir: Path, n: int) -> torch.Tensor:
 
 
 def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: str = "cpu", threads: int | None = None,
-                 min_run_time_s: float = 0.5, measure: bool = True) -> list[ReportRow]:
-    """Rows for every model in ``run_dirs``, latencies measured side by side at batch 1 and ``batch_n``."""
+                 min_run_time_s: float = 0.5, measure: bool = True, compiled: bool = False) -> list[ReportRow]:
+    """Rows for every model in ``run_dirs``, latencies measured side by side at batch 1 and ``batch_n``
+    (``compiled``: every model under ``torch.compile``, :func:`dsctl.compiled.compile_module`)."""
     from dsctl.bench import _Cycle
     from dsctl.latency import measure_latency
     from dsctl.train.common import resolve_device
@@ -173,6 +175,10 @@ def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: s
         for e in entries:
             if hasattr(e.module, "to"):
                 e.module.to(dev)
+            if compiled:
+                from dsctl.compiled import compile_module
+
+                e.module, e.row.compiled = compile_module(e.module), True
         for b, attr in ((1, "latency_ms_b1"), (batch_n, "latency_ms_bN")):
             n = max(1, min(16, images.shape[0] // b))
             batches = [images[i * b : (i + 1) * b] for i in range(n)]
@@ -430,7 +436,9 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
         "MACs are fused multiply-adds counted by fvcore on the exported static networks (average pooling "
         "counted at its input size, as the DS-Net authors' MAdds; BatchNorm, max pooling and element-wise ops "
         "not counted); dynamic MACs are the validation-set average including the gate. "
-        "Latencies are medians of interleaved torch.utils.benchmark measurements taken in one run; a dynamic "
+        + ("Every model was timed under torch.compile (dsctl report --compile). " if rows and rows[0].compiled
+           else "Every model was timed eager (no torch.compile). ")
+        + "Latencies are medians of interleaved torch.utils.benchmark measurements taken in one run; a dynamic "
         "model is timed as `dsctl export --dynamic` deploys it (shared stem and gate once per batch, then each "
         "group of samples through its own static sub-network).\n\n"
         + "\n".join(lines) + "\n"
@@ -451,10 +459,11 @@ def describe_machine(device: str, threads: int) -> str:
 
 def report_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, batch_n: int = 32, device: str = "cpu",
                 threads: int | None = None, min_run_time_s: float = 0.5, title: str = "",
-                command: str = "dsctl report") -> tuple[list[ReportRow], list[Path]]:
+                command: str = "dsctl report", compiled: bool = False) -> tuple[list[ReportRow], list[Path]]:
     """What ``dsctl report`` does: :func:`build_report` over ``run_dirs``, then :func:`write_report` to
     ``out_dir`` naming ``command`` and the machine. Returns the rows and the files written."""
-    rows = build_report(run_dirs, batch_n=batch_n, device=device, threads=threads, min_run_time_s=min_run_time_s)
+    rows = build_report(run_dirs, batch_n=batch_n, device=device, threads=threads, min_run_time_s=min_run_time_s,
+                        compiled=compiled)
     paths = write_report(rows, out_dir, command=command, machine=describe_machine(rows[0].device, rows[0].threads),
                          title=title)
     return rows, paths

@@ -146,3 +146,25 @@ for n in sys.argv[2:]:
         expected, _ = dynamic_forward(model, x[:n], window)
         torch.testing.assert_close(torch.load(tmp_path / f"y{n}.pt"), expected, atol=1e-5, rtol=1e-4)
 
+
+
+@pytest.mark.slow  # compiles a front and three tails
+def test_compiled_routed_model_equals_eager_and_bench_compiles_both_sides() -> None:
+    """compile_module keeps a routed model's grouping and compiles its parts; its outputs equal the eager
+    model's. bench --compile times every candidate compiled (the supernet's eager routing left out)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from dsctl.bench import BenchSettings, bench_dynamic
+    from dsctl.compiled import compile_module
+    from dsctl.export import export_routed
+
+    model = dsctl.build_model("tiny_ds_resnet", base_width=4).eval()
+    routed = export_routed(model, (0, 2))
+    compiled = compile_module(routed)
+    assert isinstance(compiled.front, OptimizedModule) and all(isinstance(t, OptimizedModule) for t in compiled.tails)
+    x = torch.randn(12, 1, 16, 16) * torch.linspace(0.0, 4.0, 12)[:, None, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), routed(x), atol=1e-5, rtol=1e-4)
+    rows = bench_dynamic(model, (0, 1), torch.randn(16, 1, 16, 16),
+                         BenchSettings(batches=(4,), min_run_time_s=0.05, rounds=1, compiled=True, threads=1))
+    assert all(r.compiled for r in rows) and not {"dynamic", "masked"} & {r.candidate for r in rows}

@@ -73,6 +73,11 @@ def bench_cmd(
                                                               "model's).")] = None,
     min_run_time: Annotated[float | None, typer.Option(min=0.05, help="Seconds of timing per candidate and batch size "
                                                                        "(default: measure.min_run_time_s, else 1).")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="Time every plain-module candidate under torch.compile "
+                                                          "(a model's sub-networks: compiled vs eager; --dynamic: "
+                                                          "the routed model and the statics all compiled, the "
+                                                          "supernet's eager routing left out). Compiling takes "
+                                                          "tens of seconds per network.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write the rows to this CSV file.")] = None,
 ) -> None:
     """Latency (median, p90) and throughput with torch.utils.benchmark, candidates timed side by side."""
@@ -82,12 +87,14 @@ def bench_cmd(
     with console.status("benchmarking..."):
         rows = bench_target(target, widths=widths.split(",") if widths is not None else None, dynamic=dynamic,
                             batches=_batches(batch) if batch else None, device=device, threads=threads,
-                            min_run_time_s=min_run_time, input_size=input_size)
-    console.print(table(f"bench {target} ({rows[0].device}, {rows[0].threads} threads, {rows[0].dtype}; "
+                            min_run_time_s=min_run_time, input_size=input_size, compiled=compile_)
+    compiled = ", compiled where 'c'" if compile_ else ""
+    console.print(table(f"bench {target} ({rows[0].device}, {rows[0].threads} threads, {rows[0].dtype}{compiled}; "
                         f"ratio = p50 / p50 of '{rows[0].reference}' in the same run)",
                         ["kind", "subnet", "width", "batch", "MACs (M)", "p50 ms", "p90 ms", "img/s", "ratio"], [
-        [r.kind, r.subnet, r.width, r.batch, f"{r.macs / 1e6:.2f}", f"{r.latency_ms_p50:.3f}", f"{r.latency_ms_p90:.3f}",
-         f"{r.throughput:.0f}", "-" if r.ratio is None else f"{r.ratio:.3f}"] for r in rows]))
+        [r.kind + (" c" if r.compiled else ""), r.subnet, r.width, r.batch, f"{r.macs / 1e6:.2f}",
+         f"{r.latency_ms_p50:.3f}", f"{r.latency_ms_p90:.3f}", f"{r.throughput:.0f}",
+         "-" if r.ratio is None else f"{r.ratio:.3f}"] for r in rows]))
     if csv is not None:
         write_csv(csv, rows)
         console.print(f"wrote {csv}")
@@ -103,13 +110,16 @@ def report_cmd(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
     min_run_time: Annotated[float, typer.Option(min=0.05, help="Seconds of timing per model and batch size.")] = 0.5,
     title: Annotated[str, typer.Option(help="Title of the plots and REPORT.md.")] = "",
+    compile_: Annotated[bool, typer.Option("--compile", help="Time every model under torch.compile (all alike; tens "
+                                                          "of seconds of compiling per network).")] = False,
 ) -> None:
     """Accuracy / MACs / latency of supernet sub-networks, dynamic models and static baselines."""
     from dsctl.report import report_runs
 
     with console.status("loading runs and timing every model side by side..."):
         rows, paths = report_runs(runs, out, batch_n=batch, device=device, threads=threads,
-                                  min_run_time_s=min_run_time, title=title, command=command_line())
+                                  min_run_time_s=min_run_time, title=title, command=command_line(),
+                                  compiled=compile_)
     console.print(table(f"report ({rows[0].device}, {rows[0].threads} threads; MACs = fused multiply-adds)",
                         ["method", "variant", "width", "MACs (M)", "params (M)", "top1", "ms b1", f"ms b{batch}"], [
         [r.method, r.variant, r.width, f"{r.macs / 1e6:.3f}", f"{r.params / 1e6:.3f}", f"{r.top1:.2f}",
