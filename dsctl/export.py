@@ -29,9 +29,10 @@ from dsctl.spec import SliceSpec
 __all__ = ["ExportReport", "DynamicExportReport", "export_subnet", "export_to_file", "export_target",
            "export_dynamic_to_file", "export_gate_run", "load_subnet", "load_dynamic", "is_exported", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
 
-EXPORT_FORMATS = ("pt2", "torchscript", "onnx")
-_SUFFIXES = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx"}
-DYNAMIC_FORMATS = ("pt2", "torchscript")
+EXPORT_FORMATS = ("pt2", "torchscript", "onnx", "aoti")
+_SUFFIXES = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx", "aoti": "pt2"}
+# aoti: AOTInductor packages of the torch.export programs (compiled; loaded with torch._inductor.aoti_load_package)
+DYNAMIC_FORMATS = ("pt2", "torchscript", "aoti")
 DYNAMIC_SIDECAR = "dynamic.json"  # inside a pt2 dynamic export folder
 MAX_ABS_DIFF = 1e-4
 
@@ -102,10 +103,15 @@ def export_subnet(model: Supernet, spec: SliceSpec) -> nn.Module:
 def _save(static: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if fmt == "pt2":
+        if fmt in ("pt2", "aoti"):
             batch = torch.export.Dim("batch", min=1, max=65536)
             program = torch.export.export(static, (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(path))
+            if fmt == "aoti":
+                from dsctl.compiled import package_program
+
+                package_program(program, path)
+            else:
+                torch.export.save(program, str(path))
         elif fmt == "torchscript":
             torch.jit.save(torch.jit.trace(static, example), str(path))
         elif fmt == "onnx":
@@ -144,13 +150,27 @@ def is_exported(path: str | Path) -> bool:
     return p.is_file() and Path(str(p) + ".json").is_file()
 
 
+def _sidecar_format(p: Path) -> str | None:
+    sidecar = p / DYNAMIC_SIDECAR if p.is_dir() else Path(str(p) + ".json")
+    try:
+        return json.loads(sidecar.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_subnet(path: str | Path) -> nn.Module:
-    """Load an exported ``pt2`` or TorchScript sub-network (plain torch; dsctl is not needed for this)."""
+    """Load an exported ``pt2``, ``aoti`` (by its sidecar) or TorchScript sub-network (plain torch; dsctl is
+    not needed for this: ``torch.export.load(p).module()``, ``torch._inductor.aoti_load_package(p)``,
+    ``torch.jit.load(p)``)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
     with _quiet_loading():
         try:
+            if p.suffix == ".pt2" and _sidecar_format(p) == "aoti":
+                from dsctl.compiled import load_package
+
+                return load_package(p)
             if p.suffix == ".pt2":
                 return torch.export.load(str(p)).module()
             return torch.jit.load(str(p), map_location="cpu")
@@ -185,9 +205,9 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
     if fmt not in EXPORT_FORMATS:
         raise DsctlError(f"unknown export format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
     out = Path(out)
-    if fmt == "pt2" and out.suffix != ".pt2":
-        raise DsctlError(f"--out {out}: a pt2 export must end in .pt2 (torch.export.load needs it); use "
-                         f"{out.with_suffix('.pt2')}, or --format torchscript for another name")
+    if fmt in ("pt2", "aoti") and out.suffix != ".pt2":
+        raise DsctlError(f"--out {out}: a {fmt} export must end in .pt2 (torch.export.load and aoti_load_package "
+                         f"need it); use {out.with_suffix('.pt2')}, or --format torchscript for another name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -209,7 +229,14 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
             raise DsctlError(f"--out {out}: cannot write ({err.strerror})") from None
         with torch.no_grad():
             expected = model(x, spec)
-            got = _onnx_output(tmp, x) if fmt == "onnx" else load_subnet(tmp)(x)
+            if fmt == "onnx":
+                got = _onnx_output(tmp, x)
+            elif fmt == "aoti":  # no sidecar yet to say what the file is
+                from dsctl.compiled import load_package
+
+                got = load_package(tmp)(x)
+            else:
+                got = load_subnet(tmp)(x)
         if got is None:
             raise DsctlError("ONNX exports are verified with onnxruntime, which is not installed: pip install onnxruntime")
         diff = float((got - expected).abs().max())
@@ -269,20 +296,26 @@ def _export_program(module: nn.Module, example: torch.Tensor):
     return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
 
 
-def _write_dynamic_programs(routed: nn.Module, example: torch.Tensor, out: Path) -> None:
-    """``front.pt2`` and ``route<i>.pt2`` into a new folder, then renamed to ``out`` (never half written)."""
+def _write_dynamic_programs(routed: nn.Module, example: torch.Tensor, out: Path, fmt: str = "pt2") -> None:
+    """``front.pt2`` and ``route<i>.pt2`` (``torch.export`` programs, or with ``aoti`` their AOTInductor
+    packages) into a new folder, then renamed to ``out`` (never half written)."""
     import shutil
     import tempfile
+
+    from dsctl.compiled import package_program
+
+    def save(program, path: Path) -> None:
+        package_program(program, path) if fmt == "aoti" else torch.export.save(program, str(path))
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.export.save(_export_program(routed.front, example), str(tmp / "front.pt2"))
+            save(_export_program(routed.front, example), tmp / "front.pt2")
             with torch.no_grad():
                 features, _ = routed.front(example)
             for i, tail in enumerate(routed.tails):
-                torch.export.save(_export_program(tail, features), str(tmp / f"route{i}.pt2"))
+                save(_export_program(tail, features), tmp / f"route{i}.pt2")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -307,15 +340,19 @@ class _Program(nn.Module):
         return self.module(x)
 
 
-def _compose_programs(folder: Path, window: tuple[int, int], num_classes: int) -> nn.Module:
-    """The programs of a pt2 dynamic export folder as one :class:`~dsctl.layers.static.RoutedNet`."""
+def _compose_programs(folder: Path, window: tuple[int, int], num_classes: int, fmt: str = "pt2") -> nn.Module:
+    """The programs of a pt2 (or aoti) dynamic export folder as one :class:`~dsctl.layers.static.RoutedNet`."""
+    from dsctl.compiled import load_package
     from dsctl.layers.static import RoutedNet
+
+    def load(path: Path) -> nn.Module:
+        return load_package(path) if fmt == "aoti" else _Program(torch.export.load(str(path)).module())
 
     lo, hi = window
     with _quiet_loading():
         try:
-            front = _Program(torch.export.load(str(folder / "front.pt2")).module())
-            tails = [_Program(torch.export.load(str(folder / f"route{i}.pt2")).module()) for i in range(hi - lo + 1)]
+            front = load(folder / "front.pt2")
+            tails = [load(folder / f"route{i}.pt2") for i in range(hi - lo + 1)]
         except Exception as err:
             raise CheckpointError(f"{folder}: a program of the dynamic export does not load "
                                   f"({type(err).__name__})") from None
@@ -334,7 +371,7 @@ def load_dynamic(path: str | Path) -> nn.Module:
             if not sidecar.is_file():
                 raise CheckpointError(f"{p}: not a dynamic export folder (no {DYNAMIC_SIDECAR})")
             meta = json.loads(sidecar.read_text())
-            return _compose_programs(p, tuple(meta["window"]), int(meta["num_classes"]))
+            return _compose_programs(p, tuple(meta["window"]), int(meta["num_classes"]), meta.get("format", "pt2"))
         if not p.is_file():
             raise CheckpointError(f"{p}: no such file or folder")
         try:
@@ -362,17 +399,17 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
     if fmt not in DYNAMIC_FORMATS:
         raise DsctlError(f"unknown --format {fmt!r} for --dynamic (allowed: {', '.join(DYNAMIC_FORMATS)})")
     out = Path(out)
-    if fmt == "pt2" and out.is_file():
-        raise DsctlError(f"{out} is a file: a pt2 dynamic export is a folder of programs (give a folder name)")
+    if fmt in ("pt2", "aoti") and out.is_file():
+        raise DsctlError(f"{out} is a file: a {fmt} dynamic export is a folder of programs (give a folder name)")
     out.parent.mkdir(parents=True, exist_ok=True)
     input_size = model.check_input_size(input_size or model.default_input_size)
     model = model.eval().cpu()
     routed = model.to_static_routed(window)
     x = torch.randn(16, model.in_chans, input_size, input_size, generator=torch.Generator().manual_seed(seed))
-    if fmt == "pt2":
-        _write_dynamic_programs(routed, x, out)
+    if fmt in ("pt2", "aoti"):
+        _write_dynamic_programs(routed, x, out, fmt)
         sidecar = out / DYNAMIC_SIDECAR
-        loaded = _compose_programs(out, window, model.num_classes)  # what load_dynamic gives once the sidecar is written
+        loaded = _compose_programs(out, window, model.num_classes, fmt)  # what load_dynamic gives once written
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

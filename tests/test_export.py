@@ -168,3 +168,23 @@ def test_compiled_routed_model_equals_eager_and_bench_compiles_both_sides() -> N
     rows = bench_dynamic(model, (0, 1), torch.randn(16, 1, 16, 16),
                          BenchSettings(batches=(4,), min_run_time_s=0.05, rounds=1, compiled=True, threads=1))
     assert all(r.compiled for r in rows) and not {"dynamic", "masked"} & {r.candidate for r in rows}
+
+
+@pytest.mark.slow  # AOTInductor compiles three programs (C++ builds)
+def test_aoti_dynamic_export_loads_without_dsctl_and_equals_the_supernet(tmp_path) -> None:
+    """--format aoti: the dynamic model's front and tails as AOTInductor packages; load_dynamic composes them
+    (by the sidecar's format), and each package loads with torch alone."""
+    from dsctl.export import export_dynamic_to_file, load_dynamic
+
+    model = dsctl.build_model("tiny_ds_resnet", base_width=4).eval()
+    report = export_dynamic_to_file(model, (0, 1), tmp_path / "dyn", source="random init", input_size=16, fmt="aoti")
+    assert report.format == "aoti" and report.max_abs_diff < 1e-4
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_dynamic(tmp_path / "dyn")(x), dsctl.dynamic.DynamicNet(model, (0, 1))(x),
+                                   atol=1e-4, rtol=1e-4)
+    code = ("import torch, sys; f = torch._inductor.aoti_load_package(sys.argv[1]); "
+            "h, r = f(torch.randn(3, 1, 16, 16)); print(tuple(h.shape), tuple(r.shape))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dyn" / "front.pt2")], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().endswith("(3,)")

@@ -73,8 +73,11 @@ def export_cmd(
                                                                  "(default: the checkpoint recipe's export.width, "
                                                                  "else largest).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (default: <model>_w<width>.<format>).")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export), torchscript or onnx (default: the "
-                                                             "checkpoint recipe's export.format, else pt2).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export), aoti (its AOTInductor package: "
+                                                             "compiled ahead of time, needs a C++ compiler; load "
+                                                             "with torch._inductor.aoti_load_package), torchscript "
+                                                             "or onnx (default: the checkpoint recipe's "
+                                                             "export.format, else pt2).")] = None,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size of the check (default: the run's, else "
                                                               "the model's).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Export supernet + gate (a train-gate checkpoint) with "
@@ -95,7 +98,7 @@ def export_cmd(
         with console.status("exporting dynamic model..."):
             d = export_gate_run(checkpoint, out=out, input_size=input_size, fmt=fmt or "pt2")
         lo, hi = d.window
-        how = "dsctl.export.load_dynamic, or README 'Export'" if d.format == "pt2" else "torch.jit.load"
+        how = "dsctl.export.load_dynamic, or README 'Export'" if d.format != "torchscript" else "torch.jit.load"
         console.print(table(f"exported {d.path} (load with {how})", ["model", "window", "max |diff|"],
                             [[d.model, f"{lo}:{hi}", f"{d.max_abs_diff:.2e}"]]))
         console.print(f"sidecar: {d.sidecar}")
