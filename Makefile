@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this project is tested with; override for another CUDA/CPU build.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup data quickstart test test-slow clean
+.PHONY: setup data quickstart test test-slow gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: setup data
 
 test-slow: setup data
 	$(PY) -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+# on a CUDA machine only: the CUDA tests, a short mixed-precision run, GPU latency and benchmarks (benchmarks/gpu_check.sh)
+gpu-check: setup
+	PY=$(PY) benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
