@@ -49,6 +49,7 @@ def package_program(program, path: str | Path) -> Path:
         DsctlError: Inductor could not compile it (its error, in one line).
     """
     path = Path(path)
+    _check_aoti()
     try:
         out = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     except Exception as err:  # Inductor raises many types (compiler missing, lowering errors)
@@ -60,7 +61,15 @@ def package_program(program, path: str | Path) -> Path:
 def load_package(path: str | Path) -> nn.Module:
     """A callable module of an AOTInductor package (what ``torch._inductor.aoti_load_package`` returns, wrapped
     so that ``eval()``/``to()`` calls of callers are harmless)."""
+    _check_aoti()
     return _Package(torch._inductor.aoti_load_package(str(path)))
+
+
+def _check_aoti() -> None:
+    import torch._inductor
+
+    if not hasattr(torch._inductor, "aoti_compile_and_package"):
+        raise DsctlError(f"AOTInductor packages need torch >= 2.6 (this is torch {torch.__version__}); use --format pt2")
 
 
 class _Package(nn.Module):
