@@ -151,24 +151,25 @@ def test_unknown_model_and_bad_option_are_clear() -> None:
         dsctl.build_model("tiny_ds_resnet", depth=3)
 
 
-def test_slim_front_slices_stem_and_layer1_in_indexed_subnets_only() -> None:
-    """``slim_front``: the indexed sub-networks run the stem and layer1 at ``pre_gate_ratio`` of their width,
-    the full network at full width; exports equal the supernet, routed model included."""
+def test_front_ratio_narrows_stem_and_layer1_in_every_subnet() -> None:
+    """``front_ratio``: the stem and layer1 at a fraction of their width in every sub-network, the full one
+    included (so no two sub-networks with equal routed widths see different inputs); exports equal the
+    supernet, routed model included."""
     from dsctl.dynamic import DynamicNet
     from dsctl.export import export_routed
     from dsctl.flops import macs_table
 
-    model = dsctl.build_model("tiny_ds_resnet", base_width=8, slim_front=True)
+    model = dsctl.build_model("tiny_ds_resnet", base_width=8, front_ratio=0.25)
     widths = model.space.stage_widths
-    assert [widths(s)["stem"] for s in model.space.subnets] == [4] * 7 and widths(model.space.full)["stem"] == 16
-    assert widths(model.space.smallest())["layer1"] == 8 and widths(model.space.full)["layer1"] == 32
-    assert model.gate_in_channels == 8
+    assert {widths(s)["stem"] for s in (*model.space.subnets, model.space.full)} == {4}
+    assert {widths(s)["layer1"] for s in (*model.space.subnets, model.space.full)} == {8}
+    assert model.gate_in_channels == 8 and model.space.full == model.space.subnets[-1]
     plain = dsctl.build_model("tiny_ds_resnet", base_width=8)
     assert macs_table(model)[0] < macs_table(plain)[0] / 2
     model.train()
     x = image_batch(model, 8)
     with torch.no_grad():
-        for spec in (*model.space.subnets, model.space.full):
+        for spec in model.space.subnets:
             model(x + 0.5, spec)
     model.eval()
     for spec in (model.space.smallest(), model.space.subnets[3], model.space.full):
@@ -176,3 +177,5 @@ def test_slim_front_slices_stem_and_layer1_in_indexed_subnets_only() -> None:
             torch.testing.assert_close(export_subnet(model, spec)(x), model(x, spec), atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(export_routed(model, (0, 6))(x), DynamicNet(model, (0, 6))(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="front_ratio=0"):
+        dsctl.build_model("tiny_ds_resnet", front_ratio=0.0)

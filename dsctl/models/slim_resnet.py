@@ -35,12 +35,12 @@ def _routed(width: int) -> tuple[int, ...]:
 
 
 def resnet_stages(stem: int, base: int, layers: tuple[int, int, int, int], stem_stride: int, gate_after: int = 1,
-                  pre_gate_ratio: float = 0.25, slim_front: bool = False) -> tuple[StageConfig, ...]:
+                  pre_gate_ratio: float = 0.25, front_ratio: float = 1.0) -> tuple[StageConfig, ...]:
     """Stem + 4 bottleneck stages with outputs base*4, *8, *16, *32.
 
-    ``layer2`` .. ``layer{gate_after}`` choose between ``pre_gate_ratio`` of their width (indexed
-    sub-networks) and their full width (the full network); later stages are routed. The stem and
-    ``layer1`` are not sliced, unless ``slim_front``: then they choose like the other stages before the gate.
+    ``layer1`` is never sliced; ``layer2`` .. ``layer{gate_after}`` choose between ``pre_gate_ratio`` of
+    their width (indexed sub-networks) and their full width (the full network); later stages are routed.
+    ``front_ratio`` scales the stem's and layer1's one width (every sub-network, the full one included).
 
     Raises:
         ValueError: ``gate_after`` not in 1, 2, 3 or ``pre_gate_ratio`` not one of the ratios.
@@ -51,20 +51,19 @@ def resnet_stages(stem: int, base: int, layers: tuple[int, int, int, int], stem_
     if pre_gate_ratio not in RATIOS:
         raise ValueError(f"pre_gate_ratio={pre_gate_ratio!r} is not a slimming ratio "
                          f"(allowed: {', '.join(f'{r:g}' for r in RATIOS)})")
+    if not 0 < front_ratio <= 1:
+        raise ValueError(f"front_ratio={front_ratio!r} is not a width ratio (allowed: 0 < front_ratio <= 1)")
     outs = [base * EXPANSION * 2**i for i in range(4)]
-
-    def pre_gate(width: int) -> tuple[int, ...]:
-        return tuple(sorted({int(width * pre_gate_ratio), width}))
 
     def stage(n: int, width: int) -> StageConfig:
         name, stride = f"layer{n}", 1 if n == 1 else 2
-        if n == 1 and not slim_front:
-            return StageConfig(name, layers[0], stride, (width,))
+        if n == 1:
+            return StageConfig(name, layers[0], stride, (max(EXPANSION, int(width * front_ratio)),))
         if n <= gate_after:
-            return StageConfig(name, layers[n - 1], stride, pre_gate(width))
+            return StageConfig(name, layers[n - 1], stride, tuple(sorted({int(width * pre_gate_ratio), width})))
         return StageConfig(name, layers[n - 1], stride, _routed(width), routed=True)
 
-    stem_choices = pre_gate(stem) if slim_front else (stem,)
+    stem_choices = (max(1, int(stem * front_ratio)),)
     return (StageConfig("stem", 1, stem_stride, stem_choices), *(stage(n, w) for n, w in enumerate(outs, start=1)))
 
 
@@ -240,18 +239,20 @@ def ds_resnet50(num_classes: int = 1000, in_chans: int = 3, gate_after: int = 1,
 @register_model
 def tiny_ds_resnet(num_classes: int = 10, in_chans: int = 1, base_width: int = 8,
                    layers: tuple[int, int, int, int] = (1, 1, 1, 1), gate_after: int = 1,
-                   pre_gate_ratio: float = 0.25, gate_conv: bool = False, slim_front: bool = False) -> DSResNet:
+                   pre_gate_ratio: float = 0.25, gate_conv: bool = False, front_ratio: float = 1.0) -> DSResNet:
     """CPU-sized DS-ResNet for 28-32 px inputs (3x3 stride-1 stem, no max-pool): 7 sub-networks.
 
-    ``gate_after``, ``pre_gate_ratio`` and ``gate_conv`` as in :func:`ds_resnet50`. ``slim_front``: the
-    stem and layer1 run at ``pre_gate_ratio`` of their width in the indexed sub-networks too (full width
-    in the full network). Unsliced, they run at full resolution and cost more than the routed stages of
-    the smallest sub-network (base 16: 54% of its time at batch 32, 2 threads), so the time of the routed
-    sub-networks can hardly follow their MACs; sliced, the front is a small share.
+    ``gate_after``, ``pre_gate_ratio`` and ``gate_conv`` as in :func:`ds_resnet50`. ``front_ratio``: the
+    stem and layer1 (never sliced) at this ratio of their width, in every sub-network. At full width they
+    run at full resolution and cost more than the routed stages of the smallest sub-network (base 16: 54%
+    of its time at batch 32, 2 threads), so the time of the routed sub-networks can hardly follow their
+    MACs; at 0.25 the front is about a quarter of the smallest's time. (A front sliced only in the indexed
+    sub-networks, full in the full one, would make the full network and the widest indexed one share the
+    routed stages' BatchNorm statistics, which are kept per channel count, while their inputs differ.)
     """
     layers = tuple(layers)  # type: ignore[assignment]
     if len(layers) != 4 or min(layers) < 1:
         raise ValueError(f"layers must be 4 positive block counts, got {layers}")
-    stages = resnet_stages(2 * base_width, base_width, layers, 1, gate_after, pre_gate_ratio, slim_front)
+    stages = resnet_stages(2 * base_width, base_width, layers, 1, gate_after, pre_gate_ratio, front_ratio)
     return DSResNet(stages, num_classes, in_chans, imagenet_stem=False, default_input_size=28,
                     gate_reduce=max(8, base_width * 2), gate_conv=gate_conv)
