@@ -168,7 +168,9 @@ def test_bench_command_passes_its_options_to_bench_target(monkeypatch) -> None:
     monkeypatch.setattr(bench, "bench_target", lambda target, **kw: seen.update(target=target, **kw) or [])
     runner.invoke(app, ["bench", "tiny_ds_resnet", "--widths", "0.25,largest", "--batch", "1,4", "--threads", "1"])
     assert seen == {"target": "tiny_ds_resnet", "widths": ["0.25", "largest"], "dynamic": False, "batches": (1, 4),
-                    "device": "cpu", "threads": 1, "min_run_time_s": None, "input_size": None}
+                    "device": "cpu", "threads": 1, "min_run_time_s": None, "input_size": None, "compiled": False}
+    runner.invoke(app, ["bench", "tiny_ds_resnet", "--compile"])
+    assert seen["compiled"] is True
 
 
 def test_export_command_passes_its_options_to_export_target(monkeypatch, tmp_path) -> None:
