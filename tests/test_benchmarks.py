@@ -36,7 +36,8 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch: pytest.MonkeyPatc
         ("p2", "realised_speedup_static"),
         ("p3", "dynamic_vs_static_equal_macs"), ("p3", "dynamic_vs_masked"),
         ("p3", "supernet_grouped_vs_exported"), ("p3", "torchscript_vs_exported"),
-        ("p3", "dynamic_vs_interpolated_static"), ("p4", "sandwich_step_time"), ("p4", "sandwich_peak_memory"),
+        ("p3", "dynamic_vs_interpolated_static"), ("p3", "routed_vs_parts"), ("p4", "sandwich_step_time"),
+        ("p4", "sandwich_peak_memory"),
         ("p5", "tool_cost")}
     # the interpolated reference lies between the window's two static networks
     interp = next(r for r in rows if r["figure"] == "dynamic_vs_interpolated_static")
