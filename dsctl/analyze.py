@@ -468,7 +468,9 @@ def _latency_headroom(model: Supernet, correct: Tensor, macs: list[int], images:
 
     table = measure_latency_table(model, size, batches=(1, batch), device=device, threads=threads,
                                   min_run_time_s=min_run_time_s, macs=macs)
-    budgets = sorted({*macs, oracle_route(correct, macs).avg_macs})
+    # every sub-network's MACs up to the oracle's own average: above it the oracle routes the same way
+    best = oracle_route(correct, macs).avg_macs
+    budgets = sorted({*(m for m in macs if m < best), best})
     routes = {f"{b:.0f}": oracle_routes_at_budget(correct, macs, b) for b in budgets}
     timed = images.shape[0]
     routed_ms, static_ms = time_oracle_routing(model, images, {k: r[:timed] for k, r in routes.items()}, batch,
