@@ -477,11 +477,10 @@ def _latency_headroom(model: Supernet, correct: Tensor, macs: list[int], images:
                                                device=device, threads=threads, min_run_time_s=min_run_time_s)
     top1 = [100.0 * float(correct[:, k].double().mean()) for k in range(len(macs))]
     b1 = table.subnet_ms(1)
-    front1 = table.front_ms[0]
     rows = []
     for b, (name, r) in zip(budgets, routes.items()):
         share = torch.bincount(r, minlength=len(macs)).double() / r.numel()
-        ms_n, ms_1 = routed_ms[name], front1 + sum(float(p) * (t - front1) for p, t in zip(share, b1))
+        ms_n, ms_1 = routed_ms[name], sum(float(p) * t for p, t in zip(share, b1))  # shares sum to 1
         acc = 100.0 * float(correct[torch.arange(r.numel()), r].double().mean())
         # the most accurate static sub-network that is as fast as the oracle's routing (None: none is)
         fast_n = [top1[k] for k in range(len(macs)) if static_ms[f"k{k}"] <= ms_n]

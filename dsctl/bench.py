@@ -103,7 +103,7 @@ class _Parts:
                 h, routes = routed.front(x)
                 self.groups.append([(i, take_rows(h, (routes == i).nonzero().squeeze(1)))
                                     for i in range(len(routed.tails)) if bool((routes == i).any())])
-        self.front = _Cycle(lambda x: routed.front(x), batches)
+        self.front = _Cycle(routed.front, batches)
         self.i = 0
 
     def tails(self, _x: Tensor) -> list[Tensor]:
@@ -206,8 +206,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
             "static_equal_macs": ("static", f"k{k_eq}", r(k_eq), route_macs[k_eq])}
     routed = export_routed(model, window).to(device)
-    deployed = load_dynamic(exported).to(device) if exported is not None else routed
-    candidates["exported_dynamic"] = deployed
+    candidates["exported_dynamic"] = load_dynamic(exported).to(device) if exported is not None else routed
     meta["exported_dynamic"] = ("exported_dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg))
     # the window's cheapest member, and the sub-network on the other side of the routed cost from the
     # closest one (the two statics that bracket the routed cost interpolate a static of equal MACs)

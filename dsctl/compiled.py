@@ -14,7 +14,6 @@ whatever it deploys and times both ways, never one side compiled and the other e
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -23,8 +22,6 @@ from torch import nn
 from dsctl.errors import DsctlError
 
 __all__ = ["compile_module", "package_program", "load_package"]
-
-logger = logging.getLogger(__name__)
 
 
 def compile_module(module: nn.Module) -> nn.Module:

@@ -351,9 +351,8 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
             "versus": "target " + (budget.target_macs / 1e6).map("{:.4g}M".format),
             "value": (100 * err).round(3), "threshold": 2.0, "met": err.abs() <= 0.02}))
     # 5b. latency budgets, where the report timed the budget's batch size
-    for col, batch_of in (("latency_ms_b1", lambda r: 1), ("latency_ms_bN", lambda r: r.batch_n)):
-        lat = dyn[(dyn.target_latency_ms > 0) & (dyn.latency_batch == dyn.apply(batch_of, axis=1))].dropna(
-            subset=[col]) if len(dyn) else dyn
+    for col, timed_batch in (("latency_ms_b1", 1), ("latency_ms_bN", dyn.batch_n)):
+        lat = dyn[(dyn.target_latency_ms > 0) & (dyn.latency_batch == timed_batch)].dropna(subset=[col])
         if len(lat):
             err = lat[col] / lat.target_latency_ms - 1.0
             out.append(pd.DataFrame({

@@ -124,9 +124,9 @@ def _avg_cost(logits: Tensor, scaled: Tensor, costs: Tensor, lam: float) -> floa
     return float(costs[route_with_offsets(logits, -lam * scaled)].mean())
 
 
-def calibrate_offsets(logits: Tensor, costs: list[float] | Tensor, target_macs: float, *,
+def calibrate_offsets(logits: Tensor, costs: list[float] | Tensor, target: float, *,
                       tolerance: float = 0.02, iters: int = 100, unit: str = "MACs") -> Calibration:
-    """Fit ``offsets = -lam * scaled_cost`` so the routed average cost on ``logits`` meets ``target_macs``
+    """Fit ``offsets = -lam * scaled_cost`` so the routed average cost on ``logits`` meets ``target``
     (a cost in ``unit``: MACs, or ms per sample for a latency budget).
 
     The routed cost is non-increasing in the price ``lam``, so bisection finds the smallest price whose
@@ -138,18 +138,18 @@ def calibrate_offsets(logits: Tensor, costs: list[float] | Tensor, target_macs: 
     Args:
         logits: (N, W) raw gate logits over the window on held-out samples.
         costs: (W,) MACs of each window member (ascending).
-        target_macs: the average routed MACs to reach.
+        target: the average routed cost to reach, in ``unit``.
     """
     logits = logits.detach().float().cpu()
     costs_t = torch.as_tensor(costs, dtype=torch.float64)
     if logits.dim() != 2 or logits.shape[1] != costs_t.numel() or logits.shape[0] == 0:
         raise ValueError(f"logits must be (N>0, {costs_t.numel()}), got {tuple(logits.shape)}")
     lo_c, hi_c = float(costs_t[0]), float(costs_t[-1])
-    if not lo_c <= target_macs <= hi_c:
+    if not lo_c <= target <= hi_c:
         if unit == "MACs":
-            raise DsctlError(f"MACs target {target_macs / 1e6:.4g}M is outside the window's routes "
+            raise DsctlError(f"MACs target {target / 1e6:.4g}M is outside the window's routes "
                              f"(allowed: {lo_c / 1e6:.4g}M..{hi_c / 1e6:.4g}M)")
-        raise DsctlError(f"target {target_macs:.4g} {unit} is outside the window's routes "
+        raise DsctlError(f"target {target:.4g} {unit} is outside the window's routes "
                          f"(allowed: {lo_c:.4g}..{hi_c:.4g} {unit})")
     scaled = ((costs_t - lo_c) / max(hi_c - lo_c, 1e-12)).float()
     spread = float(logits.max() - logits.min()) + 1.0
@@ -158,12 +158,12 @@ def calibrate_offsets(logits: Tensor, costs: list[float] | Tensor, target_macs: 
     lo_lam, hi_lam = -bound, bound          # avg(lo_lam) = widest member, avg(hi_lam) = cheapest member
     for _ in range(iters):
         mid = 0.5 * (lo_lam + hi_lam)
-        if _avg_cost(logits, scaled, costs_t, mid) <= target_macs:
+        if _avg_cost(logits, scaled, costs_t, mid) <= target:
             hi_lam = mid
         else:
             lo_lam = mid
     under, over = _avg_cost(logits, scaled, costs_t, hi_lam), _avg_cost(logits, scaled, costs_t, lo_lam)
-    lam, avg = (hi_lam, under) if abs(under - target_macs) <= abs(over - target_macs) else (lo_lam, over)
+    lam, avg = (hi_lam, under) if abs(under - target) <= abs(over - target) else (lo_lam, over)
     offsets = tuple(float(v) for v in (-lam * scaled))
-    met = abs(avg / target_macs - 1.0) <= tolerance
-    return Calibration(offsets, lam, float(target_macs), avg, int(logits.shape[0]), met, unit)
+    met = abs(avg / target - 1.0) <= tolerance
+    return Calibration(offsets, lam, float(target), avg, int(logits.shape[0]), met, unit)

@@ -160,3 +160,18 @@ def test_targets_match_uniform_baselines_to_sub_networks_by_ratio() -> None:
             ReportRow("uniform", "m", "w1", "1", 400, 0, 86.5, 99.0, ratio=1.0)]  # --width 1: same ratio, other text
     same = [x for x in check_targets(rows) if "same width" in x["target"]]
     assert [(x["subject"], x["value"]) for x in same] == [("supernet k6 (w1)", -0.5)]
+
+
+def test_latency_budget_target_reads_the_batch_it_was_set_for() -> None:
+    """A gate's latency budget is checked against the latency timed at its batch size (1 or N), only there."""
+    from dsctl.report import ReportRow, check_targets
+
+    def dyn(variant: str, budget_batch: int, target: float) -> ReportRow:
+        return ReportRow("dynamic", "m", variant, "dynamic", 100, 0, 80.0, 99.0, latency_ms_b1=2.0, latency_ms_bN=20.0,
+                         batch_n=32, target_latency_ms=target, latency_batch=budget_batch)
+
+    rows = [dyn("a", 32, 20.5), dyn("b", 1, 1.8), dyn("c", 8, 5.0)]
+    t = {x["subject"]: x for x in check_targets(rows) if "latency budget" in x["target"]}
+    assert set(t) == {"dynamic a", "dynamic b"}  # batch 8 was not timed: no row
+    assert t["dynamic a"]["met"] and t["dynamic a"]["value"] == pytest.approx(100 * (20 / 20.5 - 1), abs=1e-3)
+    assert not t["dynamic b"]["met"] and t["dynamic b"]["value"] == pytest.approx(100 * (2 / 1.8 - 1), abs=1e-3)
