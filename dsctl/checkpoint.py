@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ from typing import Any
 import torch
 
 from dsctl.errors import CheckpointError
-from dsctl.models.base import Supernet
 
-__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "load_pretrained", "atomic_write_bytes",
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "atomic_write_bytes",
            "find_checkpoint"]
 
 FORMAT_VERSION = 2  # 2: typed artifacts (dsctl.artifacts); format 1 still loads
@@ -127,34 +125,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"(format {FORMAT_VERSION}); upgrade dsctl")
     ckpt["path"] = str(p)
     return ckpt
-
-
-_DSCTL_ONLY = re.compile(r"(^gate\.)|(_c\d+$)")
-
-
-def load_pretrained(model: Supernet, path: str | Path) -> None:
-    """Load a plain full-width state dict (e.g. timm/torchvision ``resnet50``) into the supernet.
-
-    Keys that only dsctl has (the gate, per-width BN statistics of the narrower widths) may be missing;
-    any other missing, unexpected or mis-shaped key is an error listing them.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such file")
-    state = _load_weights_only(p, "cpu", "state dict")
-    for key in ("state_dict", "model", "ema_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{p}: expected a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    unexpected = sorted(k for k in state if k not in own)
-    missing = sorted(k for k in own if k not in state and not _DSCTL_ONLY.search(k))
-    shapes = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
-    if unexpected or missing or shapes:
-        parts = [f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for name, keys in (("unexpected", unexpected), ("missing", missing), ("shape mismatch", shapes)) if keys]
-        raise CheckpointError(f"{p}: does not match {model.model_name!r} at full width ({'; '.join(parts)})")
-    model.load_state_dict(state, strict=False)

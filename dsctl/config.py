@@ -45,7 +45,8 @@ class ModelConfig(BaseModel):
     name: str
     num_classes: int | None = Field(default=None, gt=0)  # None: take it from the data
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra builder keyword arguments
-    init_from: str | None = None
+    init_from: str | None = None  # weights file, Hub folder or dsctl run to start from (dsctl.weights)
+    init_ema: bool = True  # from a training checkpoint, its EMA weights where it holds them
 
 
 class AugmentConfig(BaseModel):

@@ -50,7 +50,7 @@ def load_model_target(target: str | Path, *, num_classes: int | None = None, in_
         DsctlError: ``target`` is neither, or ``init_from`` is given with a checkpoint.
         CheckpointError: the file is not a supernet or gate checkpoint.
     """
-    from dsctl.checkpoint import load_pretrained
+    from dsctl.weights import load_full_width
 
     name = str(target)
     if name in list_models():
@@ -61,7 +61,7 @@ def load_model_target(target: str | Path, *, num_classes: int | None = None, in_
             kwargs["in_chans"] = in_chans
         model = build_model(name, **kwargs)
         if init_from is not None:
-            load_pretrained(model, init_from)
+            load_full_width(model, init_from)
         return ModelTarget(model, str(init_from) if init_from is not None else "random init", model.default_input_size)
     if init_from is not None:
         raise DsctlError("--init-from applies to a model name, not to a checkpoint")

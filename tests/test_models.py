@@ -131,7 +131,7 @@ def test_resnet50_state_dict_loads_through_init_from(tmp_path, gate_after: int) 
     """The full network is exactly ResNet-50 wherever the gate sits."""
     import torchvision
 
-    from dsctl.checkpoint import load_pretrained
+    from dsctl.weights import load_full_width as load_pretrained
 
     ref = torchvision.models.resnet50()
     ref.eval()

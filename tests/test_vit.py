@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dsctl
-from dsctl.checkpoint import load_pretrained
+from dsctl.weights import load_full_width as load_pretrained
 from dsctl.errors import CheckpointError
 from dsctl.export import export_dynamic_to_file, export_subnet, export_to_file
 from dsctl.flops import count_macs, count_subnet, gate_macs

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-__all__ = ["AllowChangedOpt", "DataOpt", "DeviceOpt", "InitOpt", "QuietOpt", "RecipeArg", "SetOpt",
+__all__ = ["AllowChangedOpt", "DataOpt", "DeviceOpt", "InitEmaOpt", "InitOpt", "QuietOpt", "RecipeArg", "SetOpt",
            "recipe_overrides"]
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML (optional with --resume).")]
@@ -24,8 +24,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead
 AllowChangedOpt = Annotated[bool, typer.Option(
     "--allow-changed", help="Resume even if the recipe, data or code differ from the run's record "
                             "(the differences are appended to its provenance.json).")]
-InitOpt = Annotated[Path | None, typer.Option("--init-from", help="Full-width state dict to load into the model "
-                                                                    "(e.g. a torchvision/timm ResNet-50 .pth).")]
+InitOpt = Annotated[Path | None, typer.Option("--init-from", help="Weights to start from: a full-width state dict "
+                                                                    "(timm/torchvision names; .pth, .bin or "
+                                                                    ".safetensors), a Hub folder holding "
+                                                                    "model.safetensors or pytorch_model.bin, or a "
+                                                                    "dsctl run (e.g. one dsctl convert wrote).")]
+InitEmaOpt = Annotated[bool, typer.Option("--init-ema/--no-init-ema", help="From a training checkpoint (timm "
+                                                                          "train.py), take its EMA weights where it "
+                                                                          "holds them, else the trained ones.")]
 
 
 def recipe_overrides(set_: list[str] | None, data: str | None = None, seed: int | None = None) -> list[str]:

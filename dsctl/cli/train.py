@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from dsctl.cli._common import console, handle_errors, progress_display, table
-from dsctl.cli.options import AllowChangedOpt, DataOpt, DeviceOpt, QuietOpt, RecipeArg, SetOpt, recipe_overrides
+from dsctl.cli.options import (AllowChangedOpt, DataOpt, DeviceOpt, InitEmaOpt, InitOpt, QuietOpt, RecipeArg, SetOpt,
+                               recipe_overrides)
 from dsctl.spec import width_label
 
 if TYPE_CHECKING:
@@ -36,15 +37,15 @@ def train_supernet_cmd(
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder where it stopped.")] = None,
     device: DeviceOpt = "auto",
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
-    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from a full-width state dict "
-                                                                       "(e.g. torchvision/timm ResNet-50).")] = None,
+    init_from: InitOpt = None,
+    init_ema: InitEmaOpt = True,
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
 ) -> None:
     """Stage I: train a supernet with the sandwich rule and in-place bootstrapping; ends with BN recalibration."""
     from dsctl.train.launch import launch_supernet, resolve_recipe
 
-    extra = [f"model.init_from='{init_from}'"] if init_from is not None else []
+    extra = _init_overrides(init_from, init_ema)
     cfg = resolve_recipe(recipe, [*recipe_overrides(set_, data, seed), *extra], resume)
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "supernet")
     with progress_display(quiet) as progress:
@@ -77,6 +78,61 @@ def calibrate_bn_cmd(
         console.print(f"{path}: nothing to calibrate (no BatchNorm)")
         return
     print_subnets(f"recalibrated {path}", rows)
+
+
+def _init_overrides(init_from: Path | None, init_ema: bool) -> list[str]:
+    out = [f"model.init_from={json.dumps(str(init_from))}"] if init_from is not None else []
+    return out if init_ema else [*out, "model.init_ema=false"]
+
+
+class Criterion(str, Enum):
+    l1 = "l1"
+    l2 = "l2"
+    bn_scale = "bn_scale"
+    taylor = "taylor"
+    none = "none"
+
+
+@app.command("convert")
+@handle_errors
+def convert_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML: the model to build, the data to recalibrate BN and "
+                                                "evaluate on (the one train-supernet fine-tunes with).")],
+    init_from: InitOpt = None,
+    init_ema: InitEmaOpt = True,
+    criterion: Annotated[Criterion, typer.Option(help="Channel importance (Torch-Pruning's group criteria): l1 or "
+                                                      "l2 weight magnitude, bn_scale (|gamma|), taylor (|w * grad| on "
+                                                      "training batches), none (keep the order as trained).")] = Criterion.l1,
+    compare: Annotated[bool, typer.Option(help="Also evaluate every sub-network with the weights as they came "
+                                               "(first k channels, same BN recalibration).")] = True,
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<recipe name>-converted).")] = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
+    quiet: QuietOpt = False,
+    allow_changed: AllowChangedOpt = False,
+) -> None:
+    """Turn a pretrained static network into a supernet: order every sliceable dimension by importance (the
+    full network unchanged), recalibrate BN, evaluate every sub-network. Fine-tune the result with
+    train-supernet --init-from OUT."""
+    from dsctl.convert import launch_convert
+    from dsctl.errors import DsctlError
+    from dsctl.train.launch import resolve_recipe
+
+    if init_from is None:
+        raise DsctlError("give --init-from WEIGHTS: the pretrained network to convert")
+    cfg = resolve_recipe(recipe, [*recipe_overrides(set_, data), *_init_overrides(init_from, init_ema)], None)
+    run_dir = out or Path("runs") / f"{recipe.stem}-converted"
+    with progress_display(quiet) as progress:
+        r = launch_convert(cfg, init_from, run_dir, criterion=criterion.value, compare=compare, device=device,
+                           progress=progress, allow_changed=allow_changed)
+    console.print(f"loaded {r.loaded}", highlight=False)
+    columns = ["subnet", "width", "MACs (M)", "top1 ordered"] + (["top1 as trained", "gain"] if "gain" in r.rows[0] else [])
+    console.print(table(f"converted ({r.criterion}) into {r.run_dir}; full network unchanged "
+                        f"(max |logit diff| {r.full_width_max_abs_diff:.1e})", columns, [
+        [row["subnet"], str(row["width"]),
+         f"{row['macs'] / 1e6:.2f}", f"{row['top1_ordered']:.2f}",
+         *([f"{row['top1_unordered']:.2f}", f"{row['gain']:+.2f}"] if "gain" in row else [])] for row in r.rows]))
 
 
 def _window_override(window: str | None) -> list[str]:

@@ -13,7 +13,7 @@ smallest width in every indexed sub-network, D in the full network); the blocks 
 widths ``min_heads * head_dim, ..., D`` in steps of one head. The gate reads the class token after the
 blocks before it (:class:`~dsctl.layers.gate.SlimGate` in token mode). By default it has no attention
 head, so the full network is exactly timm's DeiT: same parameter names and shapes
-(``timm.create_model("deit_small_patch16_224")``), and ``load_pretrained`` / ``--init-from`` loads its
+(``timm.create_model("deit_small_patch16_224")``), and ``dsctl.weights.load_full_width`` / ``--init-from`` loads its
 state dict. The family has no BatchNorm, so it needs no BN recalibration.
 
 The input size is fixed when the model is built (``img_size``): the position embedding has one entry per
@@ -253,6 +253,38 @@ class DSViT(Supernet):
             x = block(x, width)
             points[f"blocks.{i}"] = x[:, 0, :width]
         return points
+
+    def channel_groups(self):
+        """Units that move together when :mod:`dsctl.convert` orders a pretrained DeiT: the token channels
+        (every layer reads or writes them), and per block its heads (``head_dim`` rows of each of q, k and v
+        and as many columns of ``proj``) and its MLP hidden units (fc1 rows, fc2 columns)."""
+        from dsctl.convert import ChannelGroup, Member
+
+        dim, hd = self.cfg.embed_dim, self.cfg.head_dim
+        token = [Member("patch_embed.proj.weight", 0), Member("patch_embed.proj.bias", 0, "other"),
+                 Member("cls_token", 2, "other"), Member("pos_embed", 2, "other"),
+                 Member("norm.weight", 0, "other"), Member("norm.bias", 0, "other"), Member("head.weight", 1)]
+        groups = []
+        for i, block in enumerate(self.blocks):
+            b = f"blocks.{i}"
+            token += [Member(f"{b}.norm1.weight", 0, "other"), Member(f"{b}.norm1.bias", 0, "other"),
+                      Member(f"{b}.attn.qkv.weight", 1), Member(f"{b}.attn.proj.weight", 0),
+                      Member(f"{b}.attn.proj.bias", 0, "other"), Member(f"{b}.norm2.weight", 0, "other"),
+                      Member(f"{b}.norm2.bias", 0, "other"), Member(f"{b}.mlp.fc1.weight", 1),
+                      Member(f"{b}.mlp.fc2.weight", 0), Member(f"{b}.mlp.fc2.bias", 0, "other")]
+            heads = [Member(f"{b}.attn.qkv.weight", 0, offset=j * dim, block=hd) for j in range(3)]
+            heads += [Member(f"{b}.attn.qkv.bias", 0, "other", offset=j * dim, block=hd) for j in range(3)
+                      if block.attn.qkv.bias is not None]
+            heads.append(Member(f"{b}.attn.proj.weight", 1, block=hd))
+            groups.append(ChannelGroup(f"{b}.attn.heads", dim // hd, tuple(heads)))
+            hidden = block.mlp.fc1.out_features
+            groups.append(ChannelGroup(f"{b}.mlp.hidden", hidden, (
+                Member(f"{b}.mlp.fc1.weight", 0), Member(f"{b}.mlp.fc1.bias", 0, "other"),
+                Member(f"{b}.mlp.fc2.weight", 1))))
+        if self.gate.attention:  # the gate's head reads and writes all token channels in the full network
+            raise DsctlError("ordering the channels of a DS-ViT with a gate attention head is not supported "
+                             "(build it with gate_attention=False, as timm's DeiT is)")
+        return [ChannelGroup("tokens", dim, tuple(token)), *groups]
 
     def routed_blocks(self) -> list[tuple[int, nn.Module]]:
         raise NotImplementedError("DS-ViT has no output-masking simulation: a narrower block leaves the other "

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from dsctl.checkpoint import load_pretrained
 from dsctl.config import Recipe, load_recipe, recipe_to_dict, save_recipe
 from dsctl.data.build import check_fits
 from dsctl.errors import DsctlError
@@ -66,7 +65,9 @@ def build_supernet_for(recipe: Recipe, data: TrainData) -> Supernet:
     check_recipe_model_fits(recipe, data)
     model = build_model(recipe.model.name, **_model_kwargs(recipe, data))
     if recipe.model.init_from:
-        load_pretrained(model, recipe.model.init_from)
+        from dsctl.weights import load_full_width
+
+        logger.info("init from %s", load_full_width(model, recipe.model.init_from, ema=recipe.model.init_ema))
     return model
 
 
