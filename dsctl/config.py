@@ -261,7 +261,7 @@ class ExportConfig(BaseModel):
     model_config = _FROZEN
 
     width: str | None = None
-    format: Literal["torchscript", "pt2", "onnx", "aoti"] = "pt2"
+    format: Literal["torchscript", "pt2", "onnx", "aoti", "safetensors"] = "pt2"
 
 
 class MeasureConfig(BaseModel):

@@ -29,8 +29,10 @@ from dsctl.spec import SliceSpec
 __all__ = ["ExportReport", "DynamicExportReport", "export_subnet", "export_to_file", "export_target",
            "export_dynamic_to_file", "export_gate_run", "load_subnet", "load_dynamic", "is_exported", "EXPORT_FORMATS", "MAX_ABS_DIFF"]
 
-EXPORT_FORMATS = ("pt2", "torchscript", "onnx", "aoti")
-_SUFFIXES = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx", "aoti": "pt2"}
+EXPORT_FORMATS = ("pt2", "torchscript", "onnx", "aoti", "safetensors")
+_SUFFIXES = {"pt2": "pt2", "torchscript": "ts.pt", "onnx": "onnx", "aoti": "pt2", "safetensors": "safetensors"}
+# safetensors: the weights alone; the full network under the library's names (dsctl.weights), a narrower
+# sub-network under its static network's names
 # aoti: AOTInductor packages of the torch.export programs (compiled; loaded with torch._inductor.aoti_load_package)
 DYNAMIC_FORMATS = ("pt2", "torchscript", "aoti")
 DYNAMIC_SIDECAR = "dynamic.json"  # inside a pt2 dynamic export folder
@@ -58,6 +60,7 @@ class ExportReport:
     max_abs_diff: float
     torch_version: str
     created: str
+    names: str | None = None  # safetensors: whose parameter names the file uses
 
     @property
     def sidecar(self) -> str:
@@ -124,6 +127,57 @@ def _save(static: nn.Module, example: torch.Tensor, path: Path, fmt: str) -> Non
                 raise
         else:
             raise DsctlError(f"unknown export format {fmt!r} (allowed: {', '.join(EXPORT_FORMATS)})")
+
+
+def library_twin(model: Supernet) -> str | None:
+    """The timm model whose state dict the full network's is, key for key (None where there is none)."""
+    name = model.model_name
+    if name == "ds_resnet50":
+        return "resnet50"
+    cfg = getattr(model, "cfg", None)
+    if name in ("ds_deit_small", "ds_deit_tiny") and cfg is not None and not model.gate.attention and (
+            cfg.img_size, cfg.patch_size) == (224, 16):
+        return f"deit_{name.removeprefix('ds_deit_')}_patch16_224"
+    return None
+
+
+def _save_weights(model: Supernet, spec: SliceSpec, static: nn.Module, path: Path) -> str:
+    """Write ``spec``'s weights as safetensors; returns whose names they carry."""
+    from dsctl.weights import library_state_dict, save_safetensors
+
+    if spec == model.space.full:
+        twin = library_twin(model)
+        save_safetensors(library_state_dict(model), path, metadata={"format": "pt", "dsctl_model": model.model_name})
+        return f"timm {twin} (and torchvision's where it has the model)" if twin else \
+            f"the supernet's full-width names ({model.model_name}; no timm/torchvision twin)"
+    save_safetensors(static.state_dict(), path, metadata={"format": "pt", "dsctl_model": model.model_name})
+    return "dsctl's static sub-network (no library model has these shapes)"
+
+
+@torch.no_grad()
+def _weights_output(model: Supernet, spec: SliceSpec, path: Path, x: torch.Tensor) -> torch.Tensor:
+    """What the written weights compute, loaded the way a user loads them: the full network into a fresh
+    supernet (strict) and, where there is one, into timm's twin (``strict=True``; its output must agree);
+    a sub-network into a freshly cut static network (strict). Returns the output farther from the supernet's."""
+    from dsctl import registry
+    from dsctl.weights import load_full_width, load_safetensors
+
+    fresh = registry.build_model(model.model_name, **model.model_kwargs).eval()
+    if spec != model.space.full:
+        static = export_subnet(fresh, spec)
+        static.load_state_dict(load_safetensors(path), strict=True)
+        return static(x)
+    load_full_width(fresh, path)
+    outputs = [fresh(x, spec)]
+    twin = library_twin(model)
+    if twin is not None:
+        import timm
+
+        ref = timm.create_model(twin, pretrained=False, num_classes=model.num_classes, in_chans=model.in_chans).eval()
+        ref.load_state_dict(load_safetensors(path), strict=True)
+        outputs.append(ref(x))
+    expected = model(x, spec)
+    return max(outputs, key=lambda o: float((o - expected).abs().max()))  # the worse of the two loads
 
 
 @contextmanager
@@ -223,13 +277,19 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
     # file nor a damaged older export at ``out``
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
     try:
+        names = None
         try:
-            _save(static, x, tmp, fmt)
+            if fmt == "safetensors":
+                names = _save_weights(model, spec, static, tmp)
+            else:
+                _save(static, x, tmp, fmt)
         except OSError as err:
             raise DsctlError(f"--out {out}: cannot write ({err.strerror})") from None
         with torch.no_grad():
             expected = model(x, spec)
-            if fmt == "onnx":
+            if fmt == "safetensors":
+                got = _weights_output(model, spec, tmp, x)
+            elif fmt == "onnx":
                 got = _onnx_output(tmp, x)
             elif fmt == "aoti":  # no sidecar yet to say what the file is
                 from dsctl.compiled import load_package
@@ -251,7 +311,7 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
         channels=model.static_channels(spec), source=source, input_size=input_size, in_chans=model.in_chans,
         num_classes=model.num_classes, macs=count_macs(static, input_size, model.in_chans),
         params=count_params(static), max_abs_diff=diff, torch_version=torch.__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), names=names,
     )
     atomic_write_bytes(report.sidecar, (json.dumps(asdict(report), indent=2) + "\n").encode())
     return report

@@ -76,7 +76,8 @@ def export_cmd(
     fmt: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export), aoti (its AOTInductor package: "
                                                              "compiled ahead of time, needs a C++ compiler; load "
                                                              "with torch._inductor.aoti_load_package), torchscript "
-                                                             "or onnx (default: the checkpoint recipe's "
+                                                             "onnx, or safetensors (the weights alone: the full "
+                                                             "network under timm/torchvision names) (default: the checkpoint recipe's "
                                                              "export.format, else pt2).")] = None,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size of the check (default: the run's, else "
                                                               "the model's).")] = None,
@@ -109,4 +110,6 @@ def export_cmd(
     console.print(table(f"exported {r.path}", ["model", "subnet", "width", "MACs (M)", "params (M)", "max |diff|"], [
         [r.model, r.subnet, width_label(r.width), f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
          f"{r.max_abs_diff:.2e}"]]))
+    if r.names:
+        console.print(f"parameter names: {r.names}", highlight=False)
     console.print(f"sidecar: {r.sidecar}")
