@@ -241,3 +241,27 @@ def test_a_code_carrying_pickle_never_runs_in_any_loader(tmp_path, where: str) -
     assert result.exit_code == 1 and "Traceback" not in out and "weights_only" not in out, out
     assert out.strip().splitlines()[-1].startswith("error:"), out
     assert not marker.exists()
+
+
+def test_tables_never_cut_a_number_or_a_name(monkeypatch) -> None:
+    """Issue 24: off a terminal a table prints at the width it needs; on a narrow terminal its cells wrap.
+    Either way every value is there whole and nothing ends in an ellipsis."""
+    import io
+
+    from dsctl.cli._common import _Console, table
+
+    values = ["tiny_ds_mobilenetv1", "static-export-w0.875", "11.6123", "10.1987", "123456789.25"]
+    t = table("a wide table", ["model", "kind", "p50 (ms)", "p90 (ms)", "MACs"], [values])
+    monkeypatch.delenv("COLUMNS", raising=False)
+    piped = _Console(file=io.StringIO(), width=40)
+    piped.print(t)
+    text = piped.file.getvalue()
+    assert "…" not in text and all(v in text for v in values)
+    narrow = _Console(file=io.StringIO(), width=40, force_terminal=True, color_system=None)
+    narrow.print(t)
+    text = narrow.file.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 40
+    from collections import Counter
+
+    have, need = Counter(text), Counter("".join(values))
+    assert all(have[c] >= n for c, n in need.items())  # wrapped, every character still printed

@@ -18,7 +18,29 @@ from dsctl.errors import DsctlError
 if TYPE_CHECKING:
     from dsctl.train.progress import Progress
 
-console = Console()
+class _Console(Console):
+    """A console that never cuts a table: on a terminal, or wherever ``COLUMNS`` sets a width, its cells
+    wrap (see :func:`table`); elsewhere (a pipe, a file, CI) it is printed at the width it needs."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        import os
+
+        if not self.is_terminal and not os.environ.get("COLUMNS") and kwargs.get("width") is None:
+            from rich.measure import Measurement
+
+            wide = self.options.update_width(10_000)
+            widest = max((Measurement.get(self, wide, o).maximum for o in objects if isinstance(o, Table)),
+                         default=0)
+            if widest > self.width:  # print's own width= is capped at the console's: widen the console
+                saved, self._width = self._width, widest
+                try:
+                    return super().print(*objects, **kwargs)
+                finally:
+                    self._width = saved
+        super().print(*objects, **kwargs)
+
+
+console = _Console()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -119,12 +141,13 @@ def command_line() -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """A Rich table whose cells wrap (``fold``) when the terminal is narrow, identifiers last: no number or
+    name is ever cut to an ellipsis (issue 24). Off a terminal, :data:`console` prints it at its full width."""
     t = Table(title=title, title_justify="left")
-    names = ("model", "subnet", "method", "variant")  # identifiers: never cut (two names may share a prefix)
+    names = ("model", "subnet", "method", "variant")  # kept on one line while other columns can wrap
     for c in columns:
         left = c in (*names, "stages", "routed stages", "gate after")
-        t.add_column(c, justify="left" if left else "right", no_wrap=c in names, min_width=None,
-                     overflow="fold" if c in names else "ellipsis")
+        t.add_column(c, justify="left" if left else "right", overflow="fold", no_wrap=c in names)
     for r in rows:
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
     return t
