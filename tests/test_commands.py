@@ -166,9 +166,14 @@ def test_bench_command_passes_its_options_to_bench_target(monkeypatch) -> None:
 
     seen = {}
     monkeypatch.setattr(bench, "bench_target", lambda target, **kw: seen.update(target=target, **kw) or [])
-    runner.invoke(app, ["bench", "tiny_ds_resnet", "--widths", "0.25,largest", "--batch", "1,4", "--threads", "1"])
-    assert seen == {"target": "tiny_ds_resnet", "widths": ["0.25", "largest"], "dynamic": False, "batches": (1, 4),
-                    "device": "cpu", "threads": 1, "min_run_time_s": None, "input_size": None, "compiled": False}
+    runner.invoke(app, ["bench", "tiny_ds_resnet", "-w", "0.25", "--width", "0.5,largest", "--batch", "1,4",
+                        "--threads", "1", "--device", "cpu"])
+    assert seen == {"target": "tiny_ds_resnet", "widths": ["0.25", "0.5", "largest"], "dynamic": False,
+                    "batches": (1, 4), "device": "cpu", "threads": 1, "min_run_time_s": None, "input_size": None,
+                    "compiled": False}
+    r = runner.invoke(app, ["bench", "tiny_ds_resnet", "--widths", "0.25,largest"])  # the old spelling, one release
+    assert seen["widths"] == ["0.25", "largest"] and seen["device"] == "auto"
+    assert "--widths is deprecated" in r.output and "use --width" in r.output
     runner.invoke(app, ["bench", "tiny_ds_resnet", "--compile"])
     assert seen["compiled"] is True
 

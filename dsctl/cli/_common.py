@@ -151,3 +151,48 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     for r in rows:
         t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
     return t
+
+
+class Output:
+    """What a command prints: its tables on the console, or with ``--json`` as JSON on stdout (one list of
+    rows, or an object of them by table name when there are several), and with ``--csv FILE`` its rows in
+    a CSV file too (a ``table`` column when there are several). Notes (``wrote ...``) go to stderr under
+    ``--json`` so that stdout holds the JSON alone. Use as a context manager: it emits on exit."""
+
+    def __init__(self, as_json: bool = False, csv: Any = None) -> None:
+        self.as_json, self.csv = as_json, csv
+        self.tables: list[tuple[str, list[dict[str, Any]]]] = []
+
+    def show(self, title: str, columns: list[str], rows: list[list[Any]], records: list[dict[str, Any]] | None = None,
+             name: str | None = None) -> None:
+        """One table: ``rows`` as shown; ``records`` the same rows with their raw values (default: the shown
+        cells under the column names)."""
+        self.tables.append((name or title, records if records is not None else [dict(zip(columns, r)) for r in rows]))
+        if not self.as_json:
+            console.print(table(title, columns, rows))
+
+    def note(self, text: str) -> None:
+        (err_console if self.as_json else console).print(text, highlight=False, soft_wrap=True)
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None:
+            return
+        if self.as_json:
+            import json
+
+            body: Any = self.tables[0][1] if len(self.tables) == 1 else {n: r for n, r in self.tables}
+            typer.echo(json.dumps(body, indent=2, default=str))
+        if self.csv is not None and self.tables:
+            import csv as csv_module
+
+            many = len(self.tables) > 1
+            rows = [({"table": n} if many else {}) | r for n, recs in self.tables for r in recs]
+            fields = list(dict.fromkeys(k for r in rows for k in r))
+            with open(self.csv, "w", newline="") as f:
+                w = csv_module.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+            self.note(f"wrote {self.csv}")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from dsctl.cli._common import console, handle_errors, table
-from dsctl.cli.options import InitOpt
+from dsctl.cli._common import Output, console, handle_errors
+from dsctl.cli.options import CsvOpt, InitOpt, JsonOpt, WidthsOpt, split_widths
 from dsctl.spec import width_label
 
 app = typer.Typer()
@@ -18,50 +18,47 @@ app = typer.Typer()
 @app.command("models")
 @handle_errors
 def models_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """List registered supernets: sub-networks, slimming ratios, routed stages, gate position."""
     from dsctl.registry import describe_models
 
     rows = describe_models()
-    if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    console.print(table("dsctl models", ["model", "subnets", "ratios", "routed stages", "gate after", "input", "params (M)"], [
-        [r["model"], r["subnets"], f"{r['ratios'][0]:g} .. {r['ratios'][-1]:g}", ", ".join(r["routed_stages"]),
-         r["gate_after"], r["input_size"], r["params_m"]] for r in rows]))
+    with Output(as_json, csv) as out:
+        out.show("dsctl models", ["model", "subnets", "ratios", "routed stages", "gate after", "input", "params (M)"], [
+            [r["model"], r["subnets"], f"{r['ratios'][0]:g} .. {r['ratios'][-1]:g}", ", ".join(r["routed_stages"]),
+             r["gate_after"], r["input_size"], r["params_m"]] for r in rows], records=rows)
 
 
 @app.command("flops")
 @handle_errors
 def flops_cmd(
     target: Annotated[str, typer.Argument(help="Registered model name, checkpoint file or run folder.")],
-    width: Annotated[list[str] | None, typer.Option("--width", "-w", help="Slimming ratio (repeatable) or 'largest'.")] = None,
+    width: WidthsOpt = None,
     all_: Annotated[bool, typer.Option("--all", help="Every indexed sub-network and the full-width network (default).")] = False,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input resolution (default: the run's, else the "
                                                               "model's).")] = None,
     num_classes: Annotated[int | None, typer.Option(min=1, help="Classes of the head (model names only).")] = None,
     in_chans: Annotated[int | None, typer.Option(min=1, help="Input channels (model names only).")] = None,
-    csv: Annotated[Path | None, typer.Option(help="Also write the rows to this CSV file.")] = None,
     init_from: InitOpt = None,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """MACs and parameters per sub-network, counted with fvcore on the exported static network."""
     from dsctl.errors import DsctlError
     from dsctl.flops import MACS_CONVENTION, count_target
-    from dsctl.report import write_csv
 
     if width and all_:
         raise DsctlError("--width and --all contradict each other (give one: --all counts every sub-network)")
     with console.status("counting MACs with fvcore..."):
-        reports = count_target(target, widths=width, input_size=input_size, num_classes=num_classes,
+        reports = count_target(target, widths=split_widths(width), input_size=input_size, num_classes=num_classes,
                                in_chans=in_chans, init_from=init_from)
-    console.print(table(f"{reports[0].model} @ {reports[0].input_size}px",
-                        ["subnet", "width", "MACs (M)", "params (M)"], [
-        [r.subnet, width_label(r.width), f"{r.macs_m:.2f}", f"{r.params_m:.3f}"] for r in reports]))
-    console.print(f"[dim]{MACS_CONVENTION}[/]")
-    if csv is not None:
-        write_csv(csv, [r.to_row() for r in reports])
-        console.print(f"wrote {csv}")
+    with Output(as_json, csv) as out:
+        out.show(f"{reports[0].model} @ {reports[0].input_size}px", ["subnet", "width", "MACs (M)", "params (M)"], [
+            [r.subnet, width_label(r.width), f"{r.macs_m:.2f}", f"{r.params_m:.3f}"] for r in reports],
+            records=[r.to_row() for r in reports])
+        out.note(MACS_CONVENTION)
 
 
 @app.command("export")
@@ -85,6 +82,8 @@ def export_cmd(
                                                             "grouped routing: a folder of torch.export programs "
                                                             "(--format pt2, default) or one TorchScript file.")] = False,
     init_from: InitOpt = None,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """Write a fixed-width static sub-network (or, with --dynamic, the routed model) as plain PyTorch,
     verified against the supernet."""
@@ -100,16 +99,18 @@ def export_cmd(
             d = export_gate_run(checkpoint, out=out, input_size=input_size, fmt=fmt or "pt2")
         lo, hi = d.window
         how = "dsctl.export.load_dynamic, or README 'Export'" if d.format != "torchscript" else "torch.jit.load"
-        console.print(table(f"exported {d.path} (load with {how})", ["model", "window", "max |diff|"],
-                            [[d.model, f"{lo}:{hi}", f"{d.max_abs_diff:.2e}"]]))
-        console.print(f"sidecar: {d.sidecar}")
+        with Output(as_json, csv) as o:
+            o.show(f"exported {d.path} (load with {how})", ["model", "window", "max |diff|"],
+                   [[d.model, f"{lo}:{hi}", f"{d.max_abs_diff:.2e}"]], records=[asdict(d)])
+            o.note(f"sidecar: {d.sidecar}")
         return
     with console.status(f"exporting {checkpoint or model_name}..."):
         r = export_target(checkpoint or model_name or "", width=width, out=out, fmt=fmt, input_size=input_size,
                           init_from=init_from)
-    console.print(table(f"exported {r.path}", ["model", "subnet", "width", "MACs (M)", "params (M)", "max |diff|"], [
-        [r.model, r.subnet, width_label(r.width), f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
-         f"{r.max_abs_diff:.2e}"]]))
-    if r.names:
-        console.print(f"parameter names: {r.names}", highlight=False)
-    console.print(f"sidecar: {r.sidecar}")
+    with Output(as_json, csv) as o:
+        o.show(f"exported {r.path}", ["model", "subnet", "width", "MACs (M)", "params (M)", "max |diff|"], [
+            [r.model, r.subnet, width_label(r.width), f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
+             f"{r.max_abs_diff:.2e}"]], records=[asdict(r)])
+        if r.names:
+            o.note(f"parameter names: {r.names}")
+        o.note(f"sidecar: {r.sidecar}")

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-__all__ = ["AllowChangedOpt", "DataOpt", "DeviceOpt", "InitEmaOpt", "InitOpt", "QuietOpt", "RecipeArg", "SetOpt",
-           "recipe_overrides"]
+__all__ = ["AllowChangedOpt", "CsvOpt", "DataOpt", "DeviceOpt", "InitEmaOpt", "InitOpt", "JsonOpt", "QuietOpt",
+           "RecipeArg", "SetOpt", "WidthsOpt", "deprecated", "recipe_overrides", "split_widths"]
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML (optional with --resume).")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="SOURCE[:ROOT], e.g. fashion_mnist, cifar10:/data, "
@@ -20,6 +20,11 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="SOURCE[:ROOT], e.g.
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe field: --set optim.lr=0.1 "
                                                                 "(repeatable).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the table(s) as JSON on stdout instead (logs and "
+                                                       "progress go to stderr).")]
+CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Also write the table's rows to this CSV file.")]
+WidthsOpt = Annotated[list[str] | None, typer.Option("--width", "-w", help="A width: slimming ratio, 'largest' or "
+                                                                           "k=N; repeatable, or comma-separated.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")]
 AllowChangedOpt = Annotated[bool, typer.Option(
     "--allow-changed", help="Resume even if the recipe, data or code differ from the run's record "
@@ -47,3 +52,25 @@ def recipe_overrides(set_: list[str] | None, data: str | None = None, seed: int 
     if seed is not None:
         out.append(f"seed={seed}")
     return out
+
+
+def deprecated(old: str, new: str, old_value, new_value):
+    """The value of an option renamed for one consistent command line (issue 24): the old spelling still
+    works for one release, with a one-line notice on stderr; both given is an error."""
+    if old_value is None:
+        return new_value
+    from dsctl.cli._common import err_console
+    from dsctl.errors import DsctlError
+
+    if new_value is not None:
+        raise DsctlError(f"{old} is the old name of {new}: give {new} only")
+    err_console.print(f"[yellow]warning:[/] {old} is deprecated and goes in the next release; use {new}",
+                      highlight=False, soft_wrap=True)
+    return old_value
+
+
+def split_widths(values: list[str] | None) -> list[str] | None:
+    """``--width 0.25 --width 0.5,largest`` -> ``["0.25", "0.5", "largest"]`` (None when not given)."""
+    if not values:
+        return None
+    return [w.strip() for v in values for w in v.split(",") if w.strip()]

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from dsctl.cli._common import console, handle_errors, progress_display, table
-from dsctl.cli.options import (AllowChangedOpt, DataOpt, DeviceOpt, InitEmaOpt, InitOpt, QuietOpt, RecipeArg, SetOpt,
-                               recipe_overrides)
+from dsctl.cli._common import Output, handle_errors, progress_display
+from dsctl.cli.options import (AllowChangedOpt, CsvOpt, DataOpt, DeviceOpt, InitEmaOpt, InitOpt, JsonOpt, QuietOpt,
+                               RecipeArg, SetOpt, recipe_overrides)
 from dsctl.spec import width_label
 
 if TYPE_CHECKING:
@@ -21,10 +21,10 @@ if TYPE_CHECKING:
 app = typer.Typer()
 
 
-def print_subnets(title: str, rows: list[SubnetRow]) -> None:
-    console.print(table(title, ["subnet", "width", "MACs (M)", "params (M)", "top1", "top5", "loss"], [
+def print_subnets(out: Output, title: str, rows: list[SubnetRow]) -> None:
+    out.show(title, ["subnet", "width", "MACs (M)", "params (M)", "top1", "top5", "loss"], [
         [r.label, width_label(r.width), f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
-         f"{r.top1:.2f}", f"{r.top5:.2f}", f"{r.loss:.4f}"] for r in rows]))
+         f"{r.top1:.2f}", f"{r.top5:.2f}", f"{r.loss:.4f}"] for r in rows], records=[r.to_row() for r in rows])
 
 
 @app.command("train-supernet")
@@ -41,6 +41,8 @@ def train_supernet_cmd(
     init_ema: InitEmaOpt = True,
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """Stage I: train a supernet with the sandwich rule and in-place bootstrapping; ends with BN recalibration."""
     from dsctl.train.launch import launch_supernet, resolve_recipe
@@ -48,12 +50,13 @@ def train_supernet_cmd(
     extra = _init_overrides(init_from, init_ema)
     cfg = resolve_recipe(recipe, [*recipe_overrides(set_, data, seed), *extra], resume)
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "supernet")
-    with progress_display(quiet) as progress:
+    with progress_display(quiet or as_json) as progress:
         result = launch_supernet(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
                                  allow_changed=allow_changed)
     when = "after BN recalibration" if result.bn_recalibrated else "(no BatchNorm: nothing to recalibrate)"
-    print_subnets(f"{cfg.model.name}: sub-networks {when} ({result.run_dir})", result.subnets)
-    _print_time(result.time)
+    with Output(as_json, csv) as out:
+        print_subnets(out, f"{cfg.model.name}: sub-networks {when} ({result.run_dir})", result.subnets)
+        _print_time(out, result.time)
 
 
 @app.command("calibrate-bn")
@@ -66,18 +69,21 @@ def calibrate_bn_cmd(
     set_: SetOpt = None,
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """Recalibrate BatchNorm statistics of every sub-network, then evaluate each one (a family without
     BatchNorm, such as DS-ViT, has nothing to calibrate: one line, exit 0)."""
     from dsctl.train.calibrate import recalibrate_checkpoint
 
-    with progress_display(quiet) as progress:
+    with progress_display(quiet or as_json) as progress:
         path, rows = recalibrate_checkpoint(checkpoint, overrides=recipe_overrides(set_, data), batches=batches,
                                             out=out, device=device, progress=progress)
-    if rows is None:
-        console.print(f"{path}: nothing to calibrate (no BatchNorm)")
-        return
-    print_subnets(f"recalibrated {path}", rows)
+    with Output(as_json, csv) as o:
+        if rows is None:
+            o.note(f"{path}: nothing to calibrate (no BatchNorm)")
+            return
+        print_subnets(o, f"recalibrated {path}", rows)
 
 
 def _init_overrides(init_from: Path | None, init_ema: bool) -> list[str]:
@@ -111,6 +117,8 @@ def convert_cmd(
     device: DeviceOpt = "auto",
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """Turn a pretrained static network into a supernet: order every sliceable dimension by importance (the
     full network unchanged), recalibrate BN, evaluate every sub-network. Fine-tune the result with
@@ -123,16 +131,18 @@ def convert_cmd(
         raise DsctlError("give --init-from WEIGHTS: the pretrained network to convert")
     cfg = resolve_recipe(recipe, [*recipe_overrides(set_, data), *_init_overrides(init_from, init_ema)], None)
     run_dir = out or Path("runs") / f"{recipe.stem}-converted"
-    with progress_display(quiet) as progress:
+    with progress_display(quiet or as_json) as progress:
         r = launch_convert(cfg, init_from, run_dir, criterion=criterion.value, compare=compare, device=device,
                            progress=progress, allow_changed=allow_changed)
-    console.print(f"loaded {r.loaded}", highlight=False)
     columns = ["subnet", "width", "MACs (M)", "top1 ordered"] + (["top1 as trained", "gain"] if "gain" in r.rows[0] else [])
-    console.print(table(f"converted ({r.criterion}) into {r.run_dir}; full network unchanged "
+    with Output(as_json, csv) as out:
+        out.note(f"loaded {r.loaded}")
+        out.show(f"converted ({r.criterion}) into {r.run_dir}; full network unchanged "
                         f"(max |logit diff| {r.full_width_max_abs_diff:.1e})", columns, [
         [row["subnet"], str(row["width"]),
          f"{row['macs'] / 1e6:.2f}", f"{row['top1_ordered']:.2f}",
-         *([f"{row['top1_unordered']:.2f}", f"{row['gain']:+.2f}"] if "gain" in row else [])] for row in r.rows]))
+         *([f"{row['top1_unordered']:.2f}", f"{row['gain']:+.2f}"] if "gain" in row else [])] for row in r.rows],
+            records=r.rows)
 
 
 def _window_override(window: str | None) -> list[str]:
@@ -177,6 +187,8 @@ def train_gate_cmd(
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """Stage II: train the gate's slimming head with the supernet frozen (SGS targets + complexity loss)."""
     from dsctl.artifacts import GateArtifact, read_artifact
@@ -201,7 +213,7 @@ def train_gate_cmd(
             raise DsctlError("give --supernet RUN_DIR|CHECKPOINT")
         supernet = Path(read_artifact(resume / "last.pt", GateArtifact, why="--resume").supernet)
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "gate")
-    with progress_display(quiet) as progress:
+    with progress_display(quiet or as_json) as progress:
         result = launch_gate(cfg, supernet, run_dir, device=device, resume=resume is not None, progress=progress,
                              allow_changed=allow_changed)
     f = result.final
@@ -218,16 +230,17 @@ def train_gate_cmd(
         target, target_h = (f"{f.target_macs_m:.3f}" if f.target_macs_m else "-"), "target (M)"
         held = f"{cal.achieved / 1e6 + f.gate_macs / 1e6:.3f} ({100 * cal.error:+.1f}%)" if cal else "argmax"
         held_h, extra, extra_h = "held-out MACs (M)", [], []
-    console.print(table(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", target_h,
-                                                            held_h, *extra_h, "gate target acc", "routes"], [
-        [f"{lo}:{hi}", f"{f.top1:.2f}", f"{f.top5:.2f}", f"{f.avg_macs / 1e6:.3f}", target, held, *extra,
-         f"{f.gate_sgs_acc:.1f}", " ".join(str(c) for c in f.histogram[lo: hi + 1])]]))
-    _print_time(result.time)
+    with Output(as_json, csv) as out:
+        out.show(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", target_h, held_h,
+                                                     *extra_h, "gate target acc", "routes"], [
+            [f"{lo}:{hi}", f"{f.top1:.2f}", f"{f.top5:.2f}", f"{f.avg_macs / 1e6:.3f}", target, held, *extra,
+             f"{f.gate_sgs_acc:.1f}", " ".join(str(c) for c in f.histogram[lo: hi + 1])]], records=[f.to_dict()])
+        _print_time(out, result.time)
 
 
-def _print_time(timing: RunTime | None) -> None:
+def _print_time(out: Output, timing: RunTime | None) -> None:
     if timing is not None:
-        console.print(f"time: {timing.describe()} (summary.json \"time_s\")", highlight=False)
+        out.note(f"time: {timing.describe()} (summary.json \"time_s\")")
 
 
 class BaselineMethod(str, Enum):
@@ -253,6 +266,8 @@ def baseline_cmd(
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
+    as_json: JsonOpt = False,
+    csv: CsvOpt = None,
 ) -> None:
     """Train a static baseline with the same recipe: uniform width, L1-pruned, or network-slimmed."""
     from dsctl.baselines import launch_baseline
@@ -270,9 +285,10 @@ def baseline_cmd(
         overrides.append(f"baseline.target_macs_m={target_macs}")
     cfg = resolve_recipe(recipe, overrides, resume)
     run_dir = resume or out or Path("runs") / f"{recipe.stem if recipe else 'baseline'}-{cfg.baseline.method}"
-    with progress_display(quiet) as progress:
+    with progress_display(quiet or as_json) as progress:
         s = launch_baseline(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
                             allow_changed=allow_changed)
-    console.print(table(f"baseline {run_dir}", ["method", "variant", "MACs (M)", "params (M)", "top1", "top5"], [
-        [s["method"], s["variant"], f"{s['macs'] / 1e6:.3f}", f"{s['params'] / 1e6:.3f}", f"{s['top1']:.2f}",
-         f"{s['top5']:.2f}"]]))
+    with Output(as_json, csv) as out:
+        out.show(f"baseline {run_dir}", ["method", "variant", "MACs (M)", "params (M)", "top1", "top5"], [
+            [s["method"], s["variant"], f"{s['macs'] / 1e6:.3f}", f"{s['params'] / 1e6:.3f}", f"{s['top1']:.2f}",
+             f"{s['top5']:.2f}"]], records=[{k: v for k, v in s.items() if not isinstance(v, dict)}])
