@@ -59,7 +59,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     resumed (see :mod:`dsctl.provenance`)."""
     from dsctl.artifacts import SupernetArtifact, read_artifact
     from dsctl.baselines import check_baseline_methods, launch_baseline
-    from dsctl.report import build_report, describe_machine, write_report
+    from dsctl.report import build_entries, describe_machine, per_image_correctness, write_report
     from dsctl.train.data import build_run_data
     from dsctl.train.launch import current_provenance, launch_gate, launch_supernet
 
@@ -98,9 +98,13 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
             "method": method, "width": width, "target_macs_m": None})})
         _stage(run_dir, key, lambda resume, r=b_recipe, d=run_dir: launch_baseline(r, d, resume=resume, **common),
                current_provenance(b_recipe, data), allow_changed)
-    rows = build_report(list(runs.values()), batch_n=p.report_batch, device="cpu" if device == "auto" else device,
-                        min_run_time_s=p.report_min_run_time_s)
-    write_report(rows, report_dir or out / "report", command=command or "dsctl quickstart",
+    report = Path(report_dir or out / "report")
+    dev = "cpu" if device == "auto" else device
+    entries = build_entries(list(runs.values()), batch_n=p.report_batch, device=dev,
+                            min_run_time_s=p.report_min_run_time_s, reuse=report / "report.csv")
+    rows = [e.row for e in entries]
+    write_report(rows, report, command=command or "dsctl quickstart",
                  machine=machine or describe_machine(rows[0].device, rows[0].threads),
-                 title=f"{recipe.model.name} on {rows[0].data.split(':')[0]}")
+                 title=f"{recipe.model.name} on {rows[0].data.split(':')[0]}",
+                 correct=per_image_correctness(entries, list(runs.values()), report, device=dev))
     return rows

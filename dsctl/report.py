@@ -3,8 +3,11 @@
 ``build_report(run_dirs, ...)`` reads finished run folders (the ``final.pt`` of each), refuses runs that
 were not trained and evaluated on the same data at the same input size, times every model side by side
 (exported static sub-networks, the deployable routed model of each gate: shared stem, gate and static
-tails, samples grouped by route, on real validation images; baseline networks), and returns :class:`ReportRow` rows; ``write_report`` writes ``report.csv``, the PNG plots and a README
-saying how the numbers were produced.
+tails, samples grouped by route, on real validation images; baseline networks), and returns :class:`ReportRow` rows; ``write_report`` writes ``report.csv``, the PNG plots, REPORT.md and a
+self-contained report.html saying how the numbers were produced. ``report_runs`` (``dsctl report``) reuses
+the latencies of the report it replaces when every model was timed the same way there (same device,
+threads, batch, compilation, commit and torch), so a redraw takes seconds; ``--measure`` re-times. Each
+model's per-image correctness is kept in ``correctness.pt`` for the paired intervals of the targets.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from dsctl.checkpoint import atomic_write_bytes
 from dsctl.errors import DsctlError
 
-__all__ = ["OracleSeries", "ReportRow", "build_report", "check_targets", "describe_machine", "oracle_series",
-           "plot_report", "report_frame", "report_runs", "write_csv", "write_report"]
+__all__ = ["OracleSeries", "ReportRow", "build_entries", "build_report", "check_targets", "describe_machine",
+           "oracle_series", "per_image_correctness", "plot_report", "report_frame", "report_runs", "row_key",
+           "stored_latencies", "write_csv", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +150,46 @@ def _images(run_dir: Path, n: int) -> torch.Tensor:
     return validation_images(read_artifact(run_dir / "final.pt"), n)
 
 
-def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: str = "cpu", threads: int | None = None,
-                 min_run_time_s: float = 0.5, measure: bool = True, compiled: bool = False) -> list[ReportRow]:
-    """Rows for every model in ``run_dirs``, latencies measured side by side at batch 1 and ``batch_n``
-    (``compiled``: every model under ``torch.compile``, :func:`dsctl.compiled.compile_module`)."""
+LATENCY_KEY = ("device", "threads", "batch_n", "compiled", "commit", "torch_version")
+"""What stored latencies must share with this run to be reused: timed on the same device with the same
+threads, batch size and compilation, by the same code and torch."""
+
+
+def stored_latencies(rows: Sequence[ReportRow], previous: str | Path) -> bool:
+    """Fill ``rows``' latencies from an earlier ``report.csv`` where every row has one timed under the same
+    :data:`LATENCY_KEY` (matched on run, method and variant); False, and nothing filled, otherwise."""
+    path = Path(previous)
+    if not path.is_file():
+        return False
+    try:
+        old = pd.read_csv(path, dtype={"commit": str})
+    except (OSError, ValueError, pd.errors.ParserError):
+        return False
+    if old.empty or not {"run", "method", "variant", "latency_ms_b1", "latency_ms_bN", *LATENCY_KEY} <= set(old.columns):
+        return False
+    index = {(str(r.run), str(r.method), str(r.variant)): r for r in old.itertuples(index=False)}
+    found = []
+    for row in rows:
+        r = index.get((row.run, row.method, row.variant))
+        if r is None or any(str(getattr(r, k)) != str(getattr(row, k)) for k in LATENCY_KEY) or pd.isna(r.latency_ms_b1):
+            return False
+        found.append(r)
+    for row, r in zip(rows, found):
+        row.latency_ms_b1, row.latency_ms_bN, row.throughput = float(r.latency_ms_b1), float(r.latency_ms_bN), float(r.throughput)
+    return True
+
+
+def build_report(run_dirs: Sequence[str | Path], **kwargs: Any) -> list[ReportRow]:
+    """The rows of :func:`build_entries` (same arguments)."""
+    return [e.row for e in build_entries(run_dirs, **kwargs)]
+
+
+def build_entries(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: str = "cpu", threads: int | None = None,
+                  min_run_time_s: float = 0.5, measure: bool = True, compiled: bool = False,
+                  reuse: str | Path | None = None) -> list[_Entry]:
+    """Rows (and the modules they time) for every model in ``run_dirs``, latencies measured side by side at batch 1 and ``batch_n``
+    (``compiled``: every model under ``torch.compile``, :func:`dsctl.compiled.compile_module`), unless
+    ``reuse`` (an earlier report.csv) holds all of them timed the same way (:func:`stored_latencies`)."""
     from dsctl.bench import _Cycle
     from dsctl.latency import measure_latency
     from dsctl.train.common import resolve_device
@@ -170,6 +211,11 @@ def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: s
     for e in entries:
         e.row.device, e.row.threads, e.row.commit, e.row.torch_version = str(dev), threads, commit, torch.__version__
         e.row.batch_n = batch_n
+        e.row.compiled = compiled
+    if measure and reuse is not None and stored_latencies([e.row for e in entries], reuse):
+        logger.info("latencies reused from %s (timed there on %s, %d threads, commit %s); --measure re-times",
+                    reuse, dev, threads, commit)
+        measure = False
     if measure:
         images = _images(Path(run_dirs[0]), max(16 * batch_n, 256)).to(dev)
         for e in entries:
@@ -178,7 +224,7 @@ def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: s
             if compiled:
                 from dsctl.compiled import compile_module
 
-                e.module, e.row.compiled = compile_module(e.module), True
+                e.module = compile_module(e.module)
         for b, attr in ((1, "latency_ms_b1"), (batch_n, "latency_ms_bN")):
             n = max(1, min(16, images.shape[0] // b))
             batches = [images[i * b : (i + 1) * b] for i in range(n)]
@@ -188,7 +234,54 @@ def build_report(run_dirs: Sequence[str | Path], *, batch_n: int = 32, device: s
                 setattr(row, attr, round(r.latency_ms_p50, 4))
                 if b == batch_n:
                     row.throughput = round(r.throughput, 1)
-    return [e.row for e in entries]
+    return entries
+
+
+def row_key(row: ReportRow) -> str:
+    """A model of a report: its run, method and variant, and when the run's final.pt was written (a re-trained
+    run is a new model)."""
+    final = Path(row.run) / "final.pt"
+    stamp = final.stat().st_mtime_ns if final.is_file() else 0
+    return f"{row.run}|{row.method}|{row.variant}|{stamp}"
+
+
+@torch.no_grad()
+def per_image_correctness(entries: Sequence[_Entry], run_dirs: Sequence[str | Path], out_dir: str | Path, *,
+                          device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Each model of ``entries`` right or wrong on every validation image of the first run's recipe (bool),
+    stored in ``out_dir/correctness.pt`` by row (:func:`row_key`) and reused from there: the paired
+    intervals of :func:`check_targets`."""
+    from dsctl.artifacts import read_artifact
+    from dsctl.train.common import resolve_device
+    from dsctl.train.data import build_run_data
+
+    path = Path(out_dir) / "correctness.pt"
+    stored: dict[str, torch.Tensor] = {}
+    if path.is_file():
+        try:
+            stored = dict(torch.load(path, weights_only=True).get("correct", {}))
+        except Exception:  # an unreadable cache is re-made
+            stored = {}
+    todo = [e for e in entries if row_key(e.row) not in stored]
+    if todo:
+        dev = resolve_device(device)
+        data = build_run_data(read_artifact(Path(run_dirs[0]) / "final.pt").recipe_config().data)
+        for e in todo:
+            if hasattr(e.module, "to"):
+                e.module.to(dev)
+            if hasattr(e.module, "eval"):
+                e.module.eval()
+        right: dict[str, list[torch.Tensor]] = {row_key(e.row): [] for e in todo}
+        for x, y in data.val:
+            x, y = x.to(dev), y.to(dev)
+            for e in todo:
+                right[row_key(e.row)].append((e.module(x).argmax(1) == y).cpu())
+        stored.update({k: torch.cat(v) for k, v in right.items()})
+        from dsctl.checkpoint import save_checkpoint
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"correct": stored})
+    return {row_key(e.row): stored[row_key(e.row)] for e in entries}
 
 
 @dataclass(frozen=True)
@@ -290,7 +383,7 @@ def _static_frontier(ax, rows: Sequence[ReportRow], x_of) -> None:
                 label="static frontier", zorder=0)
 
 
-def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
+def check_targets(rows: Sequence[ReportRow], correct: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """The comparison targets, computed from the rows (never by hand):
 
     1. every supernet sub-network within 1 point (top-1) of the same-width network trained alone;
@@ -306,8 +399,13 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
        milliseconds (``latency_margin_ms``: the static model's latency minus the dynamic one's).
 
     Each target is a join or a filter over :func:`report_frame`; the result is one dict per comparison.
+    With ``correct`` (per-image correctness by :func:`row_key`, :func:`per_image_correctness`) every accuracy
+    comparison carries its paired 95% interval (``ci95_low``, ``ci95_high``, :mod:`dsctl.stats`) and its
+    ``verdict``: "met" when the whole interval clears the threshold, "missed" when none of it does, "within
+    noise" otherwise; the other targets' verdict is "met" or "missed".
     """
     df = report_frame(rows)
+    df["key"] = [row_key(r) for r in rows]
     sup, dyn = df[df.method == "supernet"], df[df.method == "dynamic"]
     out: list[pd.DataFrame] = []
     # 1. same ratio: uniform baselines joined with supernet sub-networks on the slimming ratio
@@ -318,7 +416,7 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
             "target": "supernet sub-network within 1 point of the same width trained alone",
             "subject": "supernet " + pairs.variant_s + " (w" + pairs.width_u + ")",
             "versus": "uniform w" + pairs.width_u, "value": (pairs.top1_s - pairs.top1_u).round(3),
-            "threshold": -1.0, "met": pairs.top1_s - pairs.top1_u >= -1.0}))
+            "threshold": -1.0, "met": pairs.top1_s - pairs.top1_u >= -1.0, "key_a": pairs.key_s, "key_b": pairs.key_u}))
     # 2-3. every dynamic model against every static model of equal (within 2%) or fewer MACs
     for what, statics in (("static baselines", df[df.method.isin(STATIC_BASELINES)]),
                           ("the supernet's own sub-networks", sup)):
@@ -330,7 +428,7 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
         out.append(pd.DataFrame({
             "target": f"dynamic at least as accurate as {what} of equal or fewer MACs",
             "subject": "dynamic " + pairs.variant_d, "versus": pairs.method_b + " " + pairs.variant_b,
-            "value": gap, "threshold": 0.0, "met": gap >= 0.0}))
+            "value": gap, "threshold": 0.0, "met": gap >= 0.0, "key_a": pairs.key_d, "key_b": pairs.key_b}))
     # 4. the best dynamic model against the largest sub-network (met ones first, then the smallest gap)
     if len(sup) and len(dyn):
         largest = sup.loc[sup.macs.idxmax()]
@@ -339,7 +437,8 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
             "subject": "dynamic " + dyn.variant, "versus": f"supernet {largest.variant}",
             "value": (dyn.top1 - largest.top1).round(3), "threshold": -0.3,
             "macs_fraction": (dyn.macs / largest.macs).round(3),
-            "met": (dyn.top1 >= largest.top1 - 0.3) & (dyn.macs <= 0.6 * largest.macs)})
+            "met": (dyn.top1 >= largest.top1 - 0.3) & (dyn.macs <= 0.6 * largest.macs),
+            "key_a": dyn.key, "key_b": largest.key, "macs_ok": dyn.macs <= 0.6 * largest.macs})
         out.append(near.sort_values(["met", "value"], ascending=False, kind="stable").head(1))
     # 5. budgets
     budget = dyn[dyn.target_macs > 0]
@@ -372,13 +471,29 @@ def check_targets(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
             "target": f"dynamic at least as accurate as every static model of equal or lower latency at {label}",
             "subject": "dynamic " + pairs.variant_d, "versus": pairs.method_b + " " + pairs.variant_b,
             "value": gap, "threshold": 0.0,
-            "latency_margin_ms": (pairs[f"{col}_b"] - pairs[f"{col}_d"]).round(4), "met": gap >= 0.0}))
+            "latency_margin_ms": (pairs[f"{col}_b"] - pairs[f"{col}_d"]).round(4), "met": gap >= 0.0,
+            "key_a": pairs.key_d, "key_b": pairs.key_b}))
     frames = [f for f in out if len(f)]
     if not frames:
         return []
     records = pd.concat(frames, ignore_index=True).to_dict("records")
-    return [{k: (bool(v) if k == "met" else v) for k, v in r.items() if not (isinstance(v, float) and pd.isna(v))}
-            for r in records]
+    return [_with_interval(r, correct) for r in records]
+
+
+def _with_interval(record: dict[str, Any], correct: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """One target row: NaNs dropped, ``met`` a bool, and its ``verdict`` (with the paired interval of the two
+    models' per-image correctness where both are known)."""
+    from dsctl.stats import paired_diff, verdict
+
+    r = {k: v for k, v in record.items() if not (isinstance(v, float) and pd.isna(v))}
+    a, b, macs_ok = r.pop("key_a", None), r.pop("key_b", None), r.pop("macs_ok", True)
+    r["met"] = bool(r["met"])
+    r["verdict"] = "met" if r["met"] else "missed"
+    if correct is not None and a in correct and b in correct and len(correct[a]) == len(correct[b]):
+        d = paired_diff(correct[a], correct[b])
+        r["ci95_low"], r["ci95_high"] = round(d.low, 3), round(d.high, 3)
+        r["verdict"] = verdict(d, float(r["threshold"])) if bool(macs_ok) else "missed"
+    return r
 
 
 def _provenance_lines(frame: pd.DataFrame) -> list[str]:
@@ -404,17 +519,29 @@ def _markdown(frame: pd.DataFrame) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in cells.itertuples(index=False))]
 
 
+def _shown(frame: pd.DataFrame) -> pd.DataFrame:
+    """The report table as REPORT.md and report.html show it: every column, MACs and parameters in millions
+    (the unit in the header), empty columns left out."""
+    shown = frame.copy()
+    for col in ("macs", "params", "target_macs"):
+        shown[col] = shown[col] / 1e6
+    shown = shown.rename(columns={"macs": "MACs (M)", "params": "params (M)", "target_macs": "target MACs (M)"})
+    return shown.dropna(axis=1, how="all")
+
+
 def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str, machine: str,
-                 title: str = "") -> list[Path]:
-    """report.csv + plots + a README with the command, commit and machine that produced them."""
+                 title: str = "", correct: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """report.csv, targets.csv, plots, REPORT.md (the plots embedded) and report.html (self-contained: the
+    tables, the plots inlined, the targets), naming the command, commit and machine that produced them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = report_frame(rows)
     write_csv(out / "report.csv", frame)
-    paths = [out / "report.csv", *plot_report(rows, out, title)]
-    lines = _markdown(frame.iloc[:, :10])
+    plots = plot_report(rows, out, title)
+    paths = [out / "report.csv", *plots]
+    lines = _markdown(_shown(frame))
     commit = rows[0].commit if rows else "unknown"
-    targets = check_targets(rows)
+    targets = check_targets(rows, correct)
     if targets:
         write_csv(out / "targets.csv", targets)
         paths.append(out / "targets.csv")
@@ -425,10 +552,7 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
               "classifies it correctly, and the most accurate such routing under each average-MACs budget (gate "
               "cost excluded). It bounds what any router over these sub-networks can reach; it is not a model."
               for o in oracle_series(rows)]
-    tlines = [f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['subject']} vs {t['versus']}: "
-              f"{t['value']:+.2f} points" + (f" at {t['macs_fraction']:.0%} of the MACs" if "macs_fraction" in t else "")
-              + (f", {t['latency_margin_ms']:+.3f} ms" if "latency_margin_ms" in t else "")
-              for t in targets]
+    tlines = [_target_line(t) for t in targets]
     (out / "REPORT.md").write_text(
         f"# {title or 'dsctl report'}\n\nProduced by `{command}` at commit `{commit}` on {machine}.\n"
         f"Do not edit by hand: re-run the command above.\n\n"
@@ -443,10 +567,55 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
         + "\n".join(lines) + "\n"
         + ("\n" + "\n".join(olines) + "\n" if olines else "")
         + "\n## Runs (each folder's provenance.json: what made it)\n\n" + "\n".join(_provenance_lines(frame)) + "\n"
-        + ("\n## Targets (computed from the rows above by `dsctl.report.check_targets`)\n\n" + "\n".join(tlines) + "\n"
-           if tlines else ""))
+        + ("\n## Targets (computed from the rows above by `dsctl.report.check_targets`)\n\n" + _INTERVALS + "\n\n"
+           + "\n".join(tlines) + "\n" if tlines else "")
+        + "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     paths.append(out / "REPORT.md")
+    paths.append(_write_html(out / "report.html", title or "dsctl report", command, commit, machine,
+                             _shown(frame), targets, plots))
     return paths
+
+
+_INTERVALS = ("An accuracy comparison carries the paired 95% interval of its difference over the evaluation "
+              "images (both models' per-image correctness, `correctness.pt`; `dsctl.stats.paired_diff`): MET when "
+              "the whole interval clears the threshold, MISSED when none of it does, WITHIN NOISE otherwise.")
+
+
+def _target_line(t: dict[str, Any]) -> str:
+    ci = f" [95% CI {t['ci95_low']:+.2f}, {t['ci95_high']:+.2f}]" if "ci95_low" in t else ""
+    unit = "%" if t["target"].startswith(("dynamic model spends", "dynamic model meets")) else "points"
+    return (f"- {t['verdict'].upper()}: {t['target']}: {t['subject']} vs {t['versus']}: {t['value']:+.2f} {unit}{ci}"
+            + (f" at {t['macs_fraction']:.0%} of the MACs" if "macs_fraction" in t else "")
+            + (f", {t['latency_margin_ms']:+.3f} ms" if "latency_margin_ms" in t else ""))
+
+
+def _write_html(path: Path, title: str, command: str, commit: str, machine: str, table: pd.DataFrame,
+                targets: list[dict[str, Any]], plots: Sequence[Path]) -> Path:
+    """One self-contained HTML file: the tables and the plots inlined (base64), nothing to fetch."""
+    import base64
+    import html
+
+    def cell(v: Any) -> str:
+        return html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    def html_table(frame: pd.DataFrame) -> str:
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in frame.itertuples(index=False))
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    images = "".join(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+                     f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.name)}</figcaption></figure>'
+                     for p in plots)
+    tgt = html_table(pd.DataFrame(targets)) if targets else "<p>no targets apply to these runs</p>"
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Produced by <code>{html.escape(command)}</code> at commit <code>{html.escape(commit)}</code> on "
+            f"{html.escape(machine)}. Do not edit by hand: re-run the command.</p><h2>Models</h2>{html_table(table)}"
+            f"<h2>Targets</h2><p>{html.escape(_INTERVALS)}</p>{tgt}<h2>Plots</h2>{images}</body></html>")
+    atomic_write_bytes(path, page.encode())
+    return path
 
 
 def describe_machine(device: str, threads: int) -> str:
@@ -458,11 +627,16 @@ def describe_machine(device: str, threads: int) -> str:
 
 def report_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, batch_n: int = 32, device: str = "cpu",
                 threads: int | None = None, min_run_time_s: float = 0.5, title: str = "",
-                command: str = "dsctl report", compiled: bool = False) -> tuple[list[ReportRow], list[Path]]:
-    """What ``dsctl report`` does: :func:`build_report` over ``run_dirs``, then :func:`write_report` to
-    ``out_dir`` naming ``command`` and the machine. Returns the rows and the files written."""
-    rows = build_report(run_dirs, batch_n=batch_n, device=device, threads=threads, min_run_time_s=min_run_time_s,
-                        compiled=compiled)
+                command: str = "dsctl report", compiled: bool = False,
+                measure: bool = False) -> tuple[list[ReportRow], list[Path]]:
+    """What ``dsctl report`` does: :func:`build_entries` over ``run_dirs`` (latencies reused from
+    ``out_dir/report.csv`` when all were timed the same way there, unless ``measure``), per-image correctness
+    (reused from ``out_dir/correctness.pt``), then :func:`write_report` to ``out_dir`` naming ``command`` and
+    the machine. Returns the rows and the files written."""
+    entries = build_entries(run_dirs, batch_n=batch_n, device=device, threads=threads, min_run_time_s=min_run_time_s,
+                            compiled=compiled, reuse=None if measure else Path(out_dir) / "report.csv")
+    rows = [e.row for e in entries]
+    correct = per_image_correctness(entries, run_dirs, out_dir, device=device)
     paths = write_report(rows, out_dir, command=command, machine=describe_machine(rows[0].device, rows[0].threads),
-                         title=title)
+                         title=title, correct=correct)
     return rows, paths

@@ -175,3 +175,67 @@ def test_latency_budget_target_reads_the_batch_it_was_set_for() -> None:
     assert set(t) == {"dynamic a", "dynamic b"}  # batch 8 was not timed: no row
     assert t["dynamic a"]["met"] and t["dynamic a"]["value"] == pytest.approx(100 * (20 / 20.5 - 1), abs=1e-3)
     assert not t["dynamic b"]["met"] and t["dynamic b"]["value"] == pytest.approx(100 * (2 / 1.8 - 1), abs=1e-3)
+
+
+def test_accuracy_targets_carry_paired_intervals_and_a_verdict() -> None:
+    """Issue 24: a margin is judged with its paired 95% interval over the evaluation images: a gap of a few
+    images out of thousands is "within noise", a large one "met" or "missed"; recomputed by hand here."""
+    from dsctl.report import ReportRow, check_targets, row_key
+    from dsctl.stats import Z95
+
+    def row(method: str, variant: str, macs: int, top1: float) -> ReportRow:
+        return ReportRow(method, "m", variant, "-", macs, 0, top1, 99.0, run=f"/nowhere/{variant}")
+
+    n = 10_000
+    static = torch.zeros(n, dtype=torch.bool)
+    static[:8000] = True                                   # 80.00%
+    close = static.clone()
+    close[8000:8019] = True                                # +19 images: 80.19%
+    far = static.clone()
+    far[8000:8400] = True                                  # +400 images: 84.00%
+    rows = [row("supernet", "k0", 100, 80.0), row("dynamic", "close", 110, 80.19), row("dynamic", "far", 110, 84.0)]
+    correct = {row_key(rows[0]): static, row_key(rows[1]): close, row_key(rows[2]): far}
+    t = {x["subject"]: x for x in check_targets(rows, correct) if "own sub-networks" in x["target"]}
+    b = 19  # only the dynamic model right; 0 only the static one
+    half = 100 * Z95 * ((b - b * b / n) ** 0.5) / n
+    assert t["dynamic close"]["ci95_low"] == round(0.19 - half, 3) and t["dynamic close"]["ci95_high"] == round(0.19 + half, 3)
+    assert t["dynamic close"]["verdict"] == "met"  # 19 one way, none the other: a real (if small) gain
+    mixed = close.clone()
+    mixed[:10] = False                                     # 10 images the static gets right and this one not
+    correct[row_key(rows[1])] = mixed
+    t = {x["subject"]: x for x in check_targets(rows, correct) if "own sub-networks" in x["target"]}
+    assert t["dynamic close"]["verdict"] == "within noise" and t["dynamic far"]["verdict"] == "met"
+    assert all("verdict" in x and "ci95_low" not in x for x in check_targets(rows))  # no correctness: point verdicts
+
+
+def test_report_reuses_its_latencies_unless_timed_another_way(tmp_path) -> None:
+    from dsctl.report import ReportRow, stored_latencies, write_csv, report_frame
+
+    def row(**kw) -> ReportRow:
+        key = {"device": "cpu", "threads": 2, "batch_n": 32, "commit": "abc", "torch_version": "2.14.1", **kw}
+        return ReportRow("supernet", "m", "k0", "0.25", 100, 0, 80.0, 99.0, run="r", **key)
+
+    write_csv(tmp_path / "report.csv", report_frame([row(latency_ms_b1=1.5, latency_ms_bN=12.0, throughput=2666.0)]))
+    fresh = row()
+    assert stored_latencies([fresh], tmp_path / "report.csv")
+    assert (fresh.latency_ms_b1, fresh.latency_ms_bN, fresh.throughput) == (1.5, 12.0, 2666.0)
+    for changed in ({"threads": 1}, {"commit": "def"}, {"batch_n": 64}, {"compiled": True}, {"device": "cuda:0"}):
+        other = row(**changed)
+        assert not stored_latencies([other], tmp_path / "report.csv") and other.latency_ms_b1 != other.latency_ms_b1
+    assert not stored_latencies([row(), ReportRow("dynamic", "m", "[0:2]", "dynamic", 1, 0, 1.0, 1.0, run="r2")],
+                                tmp_path / "report.csv")  # one model never timed: time them all
+
+
+def test_report_files_embed_their_plots_and_show_every_column(tmp_path) -> None:
+    from dsctl.report import ReportRow, write_report
+
+    rows = [ReportRow("supernet", "m", "k0", "0.25", 1_712_128, 39_586, 80.0, 99.0, latency_ms_b1=1.0,
+                      latency_ms_bN=9.0, batch_n=32, device="cpu", threads=2, run="r", ratio=0.25),
+            ReportRow("supernet", "m", "k1", "0.5", 3_712_128, 89_586, 82.0, 99.0, latency_ms_b1=1.2,
+                      latency_ms_bN=12.0, batch_n=32, device="cpu", threads=2, run="r", ratio=0.5)]
+    paths = write_report(rows, tmp_path, command="dsctl report r", machine="test box")
+    md = (tmp_path / "REPORT.md").read_text()
+    assert "MACs (M)" in md and "1.712" in md and "1712128" not in md and "torch_version" in md
+    assert "![accuracy_vs_macs](accuracy_vs_macs.png)" in md
+    html = (tmp_path / "report.html").read_text()
+    assert tmp_path / "report.html" in paths and html.count("data:image/png;base64,") == 2 and "src=\"http" not in html

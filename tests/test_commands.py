@@ -220,7 +220,8 @@ def test_report_runs_names_the_machine_the_rows_were_timed_on(monkeypatch, tmp_p
 
     row = report.ReportRow("supernet", "tiny_ds_resnet", "k0", "0.25", 1, 1, 50.0, 90.0, device="cpu", threads=3)
     seen = {}
-    monkeypatch.setattr(report, "build_report", lambda runs, **kw: [row])
+    monkeypatch.setattr(report, "build_entries", lambda runs, **kw: [report._Entry(row, None)])
+    monkeypatch.setattr(report, "per_image_correctness", lambda entries, runs, out, **kw: {})
     monkeypatch.setattr(report, "write_report", lambda rows, out, **kw: seen.update(kw) or [Path(out) / "report.csv"])
     rows, paths = report.report_runs([tmp_path], tmp_path / "rep", command="dsctl report x")
     assert rows == [row] and paths == [tmp_path / "rep" / "report.csv"]

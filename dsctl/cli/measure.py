@@ -115,19 +115,26 @@ def report_cmd(
     title: Annotated[str, typer.Option(help="Title of the plots and REPORT.md.")] = "",
     compile_: Annotated[bool, typer.Option("--compile", help="Time every model under torch.compile (all alike; tens "
                                                           "of seconds of compiling per network).")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="Re-time every model even where OUT/report.csv holds "
+                                                          "latencies timed the same way (same device, threads, "
+                                                          "batch, compilation, commit and torch).")] = False,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
 ) -> None:
-    """Accuracy / MACs / latency of supernet sub-networks, dynamic models and static baselines."""
+    """Accuracy / MACs / latency of supernet sub-networks, dynamic models and static baselines: report.csv,
+    targets.csv (paired 95% intervals), plots, REPORT.md and a self-contained report.html."""
     from dataclasses import asdict
 
     from dsctl.report import report_runs
 
     batch = deprecated("--batch", "--latency-batch", batch, latency_batch) or 32
-    with console.status("loading runs and timing every model side by side..."):
+    from dsctl.cli._common import setup_logging
+
+    setup_logging()
+    with console.status("loading runs, timing every model side by side (unless timed before)..."):
         rows, paths = report_runs(runs, out, batch_n=batch, device=device, threads=threads,
                                   min_run_time_s=min_run_time, title=title, command=command_line(),
-                                  compiled=compile_)
+                                  compiled=compile_, measure=measure)
     with Output(as_json, csv) as o:
         o.show(f"report ({rows[0].device}, {rows[0].threads} threads; MACs = fused multiply-adds)",
                ["method", "variant", "width", "MACs (M)", "params (M)", "top1", "ms b1", f"ms b{batch}"], [
