@@ -133,7 +133,7 @@ def check_baseline_methods(supernet: Supernet, methods: tuple[str, ...] | list[s
 
 def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
                     progress: Progress | None = None, stop: StopFlag | None = None,
-                    allow_changed: bool = False) -> dict[str, Any]:
+                    allow_changed: bool = False, tensorboard: bool = False) -> dict[str, Any]:
     """Run one static baseline end to end in ``out``; returns its summary (also written to summary.json)."""
     from dsctl.train.launch import build_supernet_for, check_recipe_model_fits, prepare_run
     from dsctl.registry import build_model
@@ -142,7 +142,7 @@ def launch_baseline(recipe: Recipe, out: str | Path, *, device: str = "auto", re
     cfg = recipe.baseline
     check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), [cfg.method])  # before any folder
     ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
-                      stop=stop, check=lambda data: check_recipe_model_fits(recipe, data))
+                      stop=stop, check=lambda data: check_recipe_model_fits(recipe, data), tensorboard=tensorboard)
     supernet = build_supernet_for(recipe, ctx.data)
     size, chans = ctx.data.input_size, supernet.in_chans
     common = dict(cut_from=supernet, label_smoothing=cfg.label_smoothing)

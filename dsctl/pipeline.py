@@ -51,7 +51,7 @@ def stage_runs(recipe: Recipe, out: Path) -> dict[str, Path]:
 
 def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progress: Progress | None = None,
                  stop: StopFlag | None = None, report_dir: str | Path | None = None, command: str = "",
-                 machine: str = "", allow_changed: bool = False) -> list[Any]:
+                 machine: str = "", allow_changed: bool = False, tensorboard: bool = False) -> list[Any]:
     """Run (or continue) every stage, then write the report to ``report_dir`` (default ``out/report``),
     naming ``command`` and ``machine`` (default: :func:`dsctl.report.describe_machine`).
 
@@ -71,7 +71,8 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), p.baseline_methods)
     runs = stage_runs(recipe, out)
     data = build_run_data(recipe.data)  # the data identity every stage's record is compared with
-    common = {"device": device, "progress": progress, "stop": stop, "allow_changed": allow_changed}
+    common = {"device": device, "progress": progress, "stop": stop, "allow_changed": allow_changed,
+              "tensorboard": tensorboard}
     _stage(runs["supernet"], "supernet", lambda resume: launch_supernet(recipe, runs["supernet"], resume=resume, **common),
            current_provenance(recipe, data), allow_changed)
     if not (runs["supernet"] / "analysis" / "analysis.json").is_file():

@@ -538,6 +538,11 @@ def write_report(rows: Sequence[ReportRow], out_dir: str | Path, *, command: str
     frame = report_frame(rows)
     write_csv(out / "report.csv", frame)
     plots = plot_report(rows, out, title)
+    runs = list(dict.fromkeys(r.run for r in rows if r.run))
+    from dsctl.curves import metrics_files, plot_training_curves
+
+    if any(metrics_files(r) for r in runs):
+        plots.append(plot_training_curves(runs, out / "training_curves.png", title))
     paths = [out / "report.csv", *plots]
     lines = _markdown(_shown(frame))
     commit = rows[0].commit if rows else "unknown"

@@ -265,3 +265,42 @@ def test_tables_never_cut_a_number_or_a_name(monkeypatch) -> None:
 
     have, need = Counter(text), Counter("".join(values))
     assert all(have[c] >= n for c, n in need.items())  # wrapped, every character still printed
+
+
+def test_tensorboard_sink_writes_steps_and_evaluations_and_plot_draws_metrics(tmp_path) -> None:
+    """Issue 24 item 1: the TensorBoard sink's scalars read back with TensorBoard's own reader; dsctl plot
+    draws a run's metrics.csv."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dsctl.train.sinks import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path / "tb")
+    for step in range(1, 4):
+        sink.step(step, {"loss_largest": 2.0 / step, "lr": 0.1})
+    sink.epoch(3, [{"subnet": "k0", "top1": 71.5, "loss": 0.9}, {"subnet": "k6", "top1": 80.0, "loss": 0.7}])
+    sink.close()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"train/loss_largest", "train/lr", "val_top1/k0", "val_top1/k6", "val_loss/k0"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("train/loss_largest")] == [2.0, 1.0, pytest.approx(2 / 3)]
+    assert events.Scalars("val_top1/k6")[0].value == 80.0 and events.Scalars("val_top1/k6")[0].step == 3
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,subnet,top1,loss,train_loss_largest\n0,k0,60,1.2,1.5\n0,k6,70,1.0,1.5\n"
+                                     "1,k0,65,1.1,1.2\n1,k6,75,0.9,1.2\n")
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0 and (run / "training_curves.png").stat().st_size > 10_000
+    result = runner.invoke(app, ["plot", str(tmp_path / "tb")])
+    assert result.exit_code == 1 and "no metrics.csv" in result.output
+
+
+@pytest.mark.slow  # one smoke training: about 10 s
+def test_train_supernet_tensorboard_flag_writes_the_runs_scalars(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_commands import SMOKE
+
+    result = runner.invoke(app, ["train-supernet", str(SMOKE), "--out", str(tmp_path / "r"), "--tensorboard", "-q"])
+    assert result.exit_code == 0, result.output
+    tags = set(EventAccumulator(str(tmp_path / "r" / "tensorboard")).Reload().Tags()["scalars"])
+    assert {"train/loss_largest", "train/lr"} <= tags and any(t.startswith("val_top1/") for t in tags)

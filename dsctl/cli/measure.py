@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from dsctl.cli._common import Output, command_line, console, handle_errors, progress_display
-from dsctl.cli.options import (CsvOpt, DataOpt, DeviceOpt, JsonOpt, QuietOpt, SetOpt, WidthsOpt, deprecated,
-                               recipe_overrides, split_widths)
+from dsctl.cli.options import (CsvOpt, DataOpt, DeviceOpt, JsonOpt, QuietOpt, SetOpt, TensorBoardOpt, WidthsOpt,
+                               deprecated, recipe_overrides, split_widths)
 
 app = typer.Typer()
 
@@ -143,6 +143,20 @@ def report_cmd(
         o.note("wrote " + ", ".join(str(p) for p in paths))
 
 
+@app.command("plot")
+@handle_errors
+def plot_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (finished or running) with a metrics.csv.")],
+    out: Annotated[Path | None, typer.Option(help="PNG file (default: <first run>/training_curves.png).")] = None,
+    title: Annotated[str, typer.Option(help="Title of the plot.")] = "",
+) -> None:
+    """Training curves from metrics.csv: every evaluated model's validation top-1 per epoch, and the losses."""
+    from dsctl.curves import plot_training_curves
+
+    path = plot_training_curves(runs, out or runs[0] / "training_curves.png", title)
+    console.print(f"wrote {path}")
+
+
 DEFAULT_QUICKSTART = Path("recipes/quickstart/fashion_mnist_ds_resnet.yaml")
 
 
@@ -159,6 +173,7 @@ def quickstart_cmd(
     allow_changed: Annotated[bool, typer.Option(
         "--allow-changed", help="Keep finished stages and resume interrupted ones even if their recipe, data or "
                                 "code differ from now (recorded in each stage's provenance.json).")] = False,
+    tensorboard: TensorBoardOpt = False,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
 ) -> None:
@@ -174,7 +189,7 @@ def quickstart_cmd(
     cfg = load_recipe(recipe, recipe_overrides(set_, data))
     with progress_display(quiet or as_json) as progress:
         rows = run_pipeline(cfg, out, device=device, progress=progress, report_dir=report, allow_changed=allow_changed,
-                            command=command_line())
+                            command=command_line(), tensorboard=tensorboard)
     from dataclasses import asdict
 
     with Output(as_json, csv) as o:

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 __all__ = ["AllowChangedOpt", "CsvOpt", "DataOpt", "DeviceOpt", "InitEmaOpt", "InitOpt", "JsonOpt", "QuietOpt",
-           "RecipeArg", "SetOpt", "WidthsOpt", "deprecated", "recipe_overrides", "split_widths"]
+           "RecipeArg", "SetOpt", "TensorBoardOpt", "WidthsOpt", "deprecated", "recipe_overrides", "split_widths"]
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="Recipe YAML (optional with --resume).")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="SOURCE[:ROOT], e.g. fashion_mnist, cifar10:/data, "
@@ -25,6 +25,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the table(s) as JSO
 CsvOpt = Annotated[Path | None, typer.Option("--csv", help="Also write the table's rows to this CSV file.")]
 WidthsOpt = Annotated[list[str] | None, typer.Option("--width", "-w", help="A width: slimming ratio, 'largest' or "
                                                                            "k=N; repeatable, or comma-separated.")]
+TensorBoardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also write live scalars (losses, lr, each "
+                                                                   "evaluated model's accuracy) to <run>/tensorboard "
+                                                                   "(needs the tensorboard package).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Log lines instead of progress bars.")]
 AllowChangedOpt = Annotated[bool, typer.Option(
     "--allow-changed", help="Resume even if the recipe, data or code differ from the run's record "

@@ -11,7 +11,7 @@ import typer
 
 from dsctl.cli._common import Output, handle_errors, progress_display
 from dsctl.cli.options import (AllowChangedOpt, CsvOpt, DataOpt, DeviceOpt, InitEmaOpt, InitOpt, JsonOpt, QuietOpt,
-                               RecipeArg, SetOpt, recipe_overrides)
+                               RecipeArg, SetOpt, TensorBoardOpt, recipe_overrides)
 from dsctl.spec import width_label
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ def train_supernet_cmd(
     init_ema: InitEmaOpt = True,
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
+    tensorboard: TensorBoardOpt = False,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
 ) -> None:
@@ -52,7 +53,7 @@ def train_supernet_cmd(
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "supernet")
     with progress_display(quiet or as_json) as progress:
         result = launch_supernet(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
-                                 allow_changed=allow_changed)
+                                 allow_changed=allow_changed, tensorboard=tensorboard)
     when = "after BN recalibration" if result.bn_recalibrated else "(no BatchNorm: nothing to recalibrate)"
     with Output(as_json, csv) as out:
         print_subnets(out, f"{cfg.model.name}: sub-networks {when} ({result.run_dir})", result.subnets)
@@ -187,6 +188,7 @@ def train_gate_cmd(
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
+    tensorboard: TensorBoardOpt = False,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
 ) -> None:
@@ -215,7 +217,7 @@ def train_gate_cmd(
     run_dir = resume or out or Path("runs") / (recipe.stem if recipe else "gate")
     with progress_display(quiet or as_json) as progress:
         result = launch_gate(cfg, supernet, run_dir, device=device, resume=resume is not None, progress=progress,
-                             allow_changed=allow_changed)
+                             allow_changed=allow_changed, tensorboard=tensorboard)
     f = result.final
     lo, hi = f.window
     cal = f.calibration
@@ -266,6 +268,7 @@ def baseline_cmd(
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
     quiet: QuietOpt = False,
     allow_changed: AllowChangedOpt = False,
+    tensorboard: TensorBoardOpt = False,
     as_json: JsonOpt = False,
     csv: CsvOpt = None,
 ) -> None:
@@ -287,7 +290,7 @@ def baseline_cmd(
     run_dir = resume or out or Path("runs") / f"{recipe.stem if recipe else 'baseline'}-{cfg.baseline.method}"
     with progress_display(quiet or as_json) as progress:
         s = launch_baseline(cfg, run_dir, device=device, resume=resume is not None, progress=progress,
-                            allow_changed=allow_changed)
+                            allow_changed=allow_changed, tensorboard=tensorboard)
     with Output(as_json, csv) as out:
         out.show(f"baseline {run_dir}", ["method", "variant", "MACs (M)", "params (M)", "top1", "top5"], [
             [s["method"], s["variant"], f"{s['macs'] / 1e6:.3f}", f"{s['params'] / 1e6:.3f}", f"{s['top1']:.2f}",

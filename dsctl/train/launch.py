@@ -81,7 +81,8 @@ def current_provenance(recipe: Recipe, data: TrainData) -> Provenance:
 
 def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
                 allow_changed: bool = False, progress: Progress | None = None,
-                stop: StopFlag | None = None, check: Callable[[TrainData], None] | None = None) -> RunContext:
+                stop: StopFlag | None = None, check: Callable[[TrainData], None] | None = None,
+                tensorboard: bool = False) -> RunContext:
     """Join torchrun's process group if any, build the data, lock and create (or reopen) the run folder.
 
     ``check`` runs on the built data before anything is recorded (a DataError there leaves no new folder).
@@ -120,21 +121,23 @@ def prepare_run(recipe: Recipe, out: str | Path, *, device: str = "auto", resume
         raise
     return RunContext(run, data, device=dev, dist=dist, seed=recipe.seed, recipe=recipe_to_dict(recipe), resume=resume,
                       progress=progress if progress is not None else LogProgress(),
-                      stop=stop if stop is not None else StopFlag())
+                      stop=stop if stop is not None else StopFlag(), tensorboard=tensorboard)
 
 
 def launch_supernet(recipe: Recipe, out: str | Path, *, device: str = "auto", resume: bool = False,
-                    progress: Progress | None = None, stop: StopFlag | None = None, allow_changed: bool = False):
+                    progress: Progress | None = None, stop: StopFlag | None = None, allow_changed: bool = False,
+                    tensorboard: bool = False):
     """Stage I end to end. Example: ``launch_supernet(load_recipe("recipes/quick/fashion_mnist_ds_resnet.yaml"), "runs/r")``."""
     from dsctl.train.supernet import train_supernet
 
     ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
-                      stop=stop, check=lambda data: check_recipe_model_fits(recipe, data))
+                      stop=stop, check=lambda data: check_recipe_model_fits(recipe, data), tensorboard=tensorboard)
     return train_supernet(build_supernet_for(recipe, ctx.data), ctx, recipe.supernet, recipe.optim)
 
 
 def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device: str = "auto", resume: bool = False,
-                progress: Progress | None = None, stop: StopFlag | None = None, allow_changed: bool = False):
+                progress: Progress | None = None, stop: StopFlag | None = None, allow_changed: bool = False,
+                tensorboard: bool = False):
     """Stage II end to end: load (and if needed recalibrate) the supernet, then train the gate over the window."""
     from dsctl.artifacts import SupernetArtifact, read_artifact, route_costs
     from dsctl.data import split_holdout
@@ -145,7 +148,7 @@ def launch_gate(recipe: Recipe, supernet: str | Path, out: str | Path, *, device
     if sup.model_name != recipe.model.name:
         raise DsctlError(f"recipe model {recipe.model.name!r} does not match the supernet's {sup.model_name!r}")
     ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
-                      stop=stop, check=lambda data: sup.check_data(data.info))
+                      stop=stop, check=lambda data: sup.check_data(data.info), tensorboard=tensorboard)
     model = sup.build_model()
     model.to(ctx.device)
     if not sup.calibrated and model.needs_bn_calibration:

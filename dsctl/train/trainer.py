@@ -66,6 +66,7 @@ class RunContext:
     resume: bool = False
     progress: Progress = field(default_factory=LogProgress)
     stop: StopFlag = field(default_factory=StopFlag)
+    tensorboard: bool = False  # live scalars to <run>/tensorboard (dsctl.train.sinks); not part of the recipe
 
     def sub(self, name: str) -> RunContext:
         """The same run in the sub-folder ``name`` (a phase of a multi-phase run, e.g. a baseline's ``dense``)."""
@@ -215,8 +216,17 @@ class Trainer:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
                                                                    **self.ddp_options)
-        with self.training():
-            self._epochs()
+        self.sink = None
+        if ctx.tensorboard and ctx.dist.main:
+            from dsctl.train.sinks import TensorBoardSink
+
+            self.sink = TensorBoardSink(ctx.run.path / "tensorboard", purge_step=self.pos.global_step or None)
+        try:
+            with self.training():
+                self._epochs()
+        finally:
+            if self.sink is not None:
+                self.sink.close()
         with self.clock.phase("finish"):
             return self.finish()
 
@@ -298,6 +308,8 @@ class Trainer:
                                             f"({kept}; nothing was saved after it); try a lower optim.lr, "
                                             "optim.clip_grad, or optim.amp=false")
                     pos.last_metrics = metrics
+                    if self.sink is not None:
+                        self.sink.step(pos.global_step, metrics)
                     progress.advance(1, **metrics, img_s=seen * ctx.dist.world / max(time.monotonic() - t_epoch, 1e-9))
                     if _any_rank(bool(stop), ctx.dist):
                         raise self._interrupted()
@@ -318,6 +330,8 @@ class Trainer:
                 # metrics, then best.pt, then last.pt: a kill between the writes leaves files that the resumed
                 # epoch rewrites, never an epoch that last.pt counts as done with its rows or best.pt missing
                 run.append_metrics(rows, keep_before_epoch=pos.epoch)
+                if self.sink is not None and rows:
+                    self.sink.epoch(pos.global_step, rows)
                 pos.epoch, pos.batch, pos.last_metrics = pos.epoch + 1, 0, {}
                 if improved:
                     self._save(run.best, pos.epoch == epochs)
