@@ -62,6 +62,14 @@ class AugmentConfig(BaseModel):
     color_jitter: float | None = Field(default=None, ge=0.0)
     crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
     simple: bool = False  # True: pad-and-random-crop + hflip (CIFAR style) instead of RandomResizedCrop
+    # Mixup / CutMix on training batches (timm.data.Mixup; off at 0): Beta(alpha, alpha) mixing, applied with
+    # probability mixup_prob, CutMix instead of Mixup with probability mixup_switch_prob when both are on.
+    # Stage I and the baselines train on the mixed soft labels; stage II (the gate) never mixes.
+    mixup: float = Field(default=0.0, ge=0.0)
+    cutmix: float = Field(default=0.0, ge=0.0)
+    mixup_prob: float = Field(default=1.0, ge=0.0, le=1.0)
+    mixup_switch_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
 
     @field_validator("scale")
     @classmethod

@@ -105,10 +105,13 @@ def _rows(run: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow  # two trainings each
-@pytest.mark.parametrize(("stop_after", "position"), [(9, (1, 3, 9)), (6, (0, 6, 6))])
-def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path, stop_after, position) -> None:
+@pytest.mark.parametrize(("stop_after", "position", "extra"), [
+    (9, (1, 3, 9), []), (6, (0, 6, 6), []),
+    (9, (1, 3, 9), ["data.augment.mixup=0.8", "data.augment.cutmix=1.0"]),  # timm's numpy draws resume too
+])
+def test_interrupted_mid_epoch_resumes_to_identical_weights(tmp_path, stop_after, position, extra) -> None:
     # 6 steps per epoch: stopped mid-epoch 2, or after the last step of epoch 1 before its evaluation
-    recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96"])
+    recipe = load_recipe(SMOKE, ["optim.epochs=2", "data.synthetic_train_size=96", *extra])
     launch_supernet(recipe, tmp_path / "a", device="cpu")
     flag = StopFlag()
     with pytest.raises(TrainingInterrupted, match="resume with --resume"):
@@ -253,3 +256,30 @@ def test_torchrun_kill_one_rank_fails_fast_and_the_run_resumes(tmp_path) -> None
     state = read_artifact(out / "last.pt", SupernetArtifact).require_training()
     assert (state.epoch, state.global_step) == (6, 6 * 512 // 16 // 2)  # 2 ranks x batch 16
     assert (out / "final.pt").is_file() and json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_mixup_and_cutmix_come_from_timm_and_give_soft_labels() -> None:
+    from dsctl.errors import RecipeError
+    from dsctl.train.trainer import build_mixup
+
+    class _Ctx:
+        recipe = {"data": {"augment": {"mixup": 0.8, "cutmix": 1.0}}, "supernet": {"target": "ib"}}
+        seed = 0
+
+        class data:
+            class info:
+                num_classes = 10
+
+        class dist:
+            rank = 0
+
+    mix = build_mixup(_Ctx)
+    x, y = torch.randn(8, 1, 16, 16), torch.arange(8)
+    xm, ym = mix(x.clone(), y)
+    assert ym.shape == (8, 10) and torch.allclose(ym.sum(1), torch.ones(8)) and not torch.equal(xm, x)
+    assert (ym.max(1).values < 1).any()  # mixed, not one-hot
+    _Ctx.recipe = {"data": {"augment": {}}}
+    assert build_mixup(_Ctx) is None
+    _Ctx.recipe = {"data": {"augment": {"mixup": 0.2}}, "supernet": {"target": "mvco"}}
+    with pytest.raises(RecipeError, match="mvco"):
+        build_mixup(_Ctx)

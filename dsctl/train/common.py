@@ -182,7 +182,11 @@ def evaluate(model: nn.Module, loader: Iterable, spec: SliceSpec | None, device:
 
 def get_rng_state(rng: random.Random) -> dict:
     """The trainer's spec-sampling RNG and torch's RNGs (everything a resumed run must continue)."""
-    state: dict = {"python": rng.getstate(), "torch": torch.get_rng_state()}
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # timm's Mixup draws from numpy's global RNG
+    state: dict = {"python": rng.getstate(), "torch": torch.get_rng_state(),
+                   "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -192,5 +196,10 @@ def set_rng_state(rng: random.Random, state: dict) -> None:
     py = state["python"]
     rng.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(state["torch"].cpu())  # checkpoints may be loaded onto a GPU
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -53,6 +53,8 @@ def fit_to_state_dict(module: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 class StaticTrainer(Trainer):
     """A plain network on labels (label smoothing, optional ``extra_loss(net)``) on the trainer skeleton."""
 
+    mixes = True
+
     artifact_type = StaticArtifact
 
     def __init__(self, net: nn.Module, ctx: RunContext, optim: OptimConfig, *, cut_from: Supernet, meta: StaticMeta,

@@ -128,6 +128,8 @@ def distill_alpha(step: int, total_steps: int, weight: float, ramp: float) -> fl
 class SupernetTrainer(Trainer):
     """Stage I on the trainer skeleton: sandwich members per step, EMA teacher, BN recalibration at the end."""
 
+    mixes = True
+
     artifact_type = SupernetArtifact
     ddp_options: ClassVar[dict[str, Any] | None] = {"broadcast_buffers": False}  # BN statistics stay per rank
 

@@ -137,6 +137,7 @@ class Trainer:
     eval_every: int = 1
     checkpoint_every: int = 0  # also save last.pt every N optimizer steps (0: per epoch)
     dataset: Dataset | None = None  # the training set as the loader reads it (default: the data's)
+    mixes: bool = False  # trains on Mixup/CutMix batches when the recipe turns them on (not the gate)
 
     def __init__(self, ctx: RunContext, optim: OptimConfig) -> None:
         self.ctx, self.optim = ctx, optim
@@ -145,6 +146,7 @@ class Trainer:
         self.t0 = time.monotonic()
         self.clock = PhaseClock()  # where this process's time goes (summary.json "time_s"); hooks add phases
         self.images = 0  # images trained by this process (all ranks)
+        self.mixup = build_mixup(ctx) if self.mixes else None
 
     # -- what a trainer supplies -------------------------------------------------------------------------
     def trainable(self) -> nn.Module:
@@ -248,8 +250,11 @@ class Trainer:
         """One micro-batch; after the last of an accumulation group, the optimizer step and its display values."""
         device, accum = self.ctx.device, self.optim.grad_accum
         x = tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, list | tuple) else x.to(device)
+        y = y.to(device)
+        if self.mixup is not None and x.shape[0] % 2 == 0:  # timm mixes pairs: an odd last batch stays as it is
+            x, y = self.mixup(x, y)
         micro = batch_idx % accum
-        self.pos.smooth(self.backward(x, y.to(device), first=micro == 0, last=micro == accum - 1))
+        self.pos.smooth(self.backward(x, y, first=micro == 0, last=micro == accum - 1))
         if micro != accum - 1:
             return None
         if self.ctx.dist.enabled and self.ddp_options is None:
@@ -338,6 +343,30 @@ class Trainer:
                 self._save(run.last, pos.epoch == epochs)
                 progress.finish(f"epoch {pos.epoch}/{epochs}: " + ", ".join(
                     f"{r.get('subnet', r.get('model', ''))} top1 {r['top1']:.2f}" for r in rows))
+
+
+def build_mixup(ctx: RunContext):
+    """timm's Mixup/CutMix for the recipe's ``data.augment`` (None when both are off). Labels come out as
+    mixed one-hot vectors; the trainers' cross-entropy adds the label smoothing (as timm's own would).
+
+    Raises:
+        RecipeError: Mixup/CutMix with multi-view consistency (two views of one image cannot be mixed alike).
+    """
+    aug = ((ctx.recipe.get("data") or {}).get("augment") or {})
+    if not (aug.get("mixup", 0.0) > 0 or aug.get("cutmix", 0.0) > 0):
+        return None
+    if ((ctx.recipe.get("supernet") or {}).get("target")) == "mvco":
+        from dsctl.errors import RecipeError
+
+        raise RecipeError("data.augment.mixup/cutmix cannot be combined with supernet.target=mvco (its two views "
+                          "of one image would be mixed apart); turn one off")
+    import numpy as np
+    from timm.data import Mixup
+
+    np.random.seed(ctx.seed + 1_000 * ctx.dist.rank)  # timm draws from numpy's RNG; checkpointed with the rest
+    return Mixup(mixup_alpha=aug.get("mixup", 0.0), cutmix_alpha=aug.get("cutmix", 0.0),
+                 prob=aug.get("mixup_prob", 1.0), switch_prob=aug.get("mixup_switch_prob", 0.5),
+                 mode=aug.get("mixup_mode", "batch"), label_smoothing=0.0, num_classes=ctx.data.info.num_classes)
 
 
 def _batches(loader, stop: StopFlag, clock: PhaseClock):
