@@ -92,6 +92,10 @@ class DataConfig(BaseModel):
     model_config = _FROZEN
 
     source: Literal["fashion_mnist", "mnist", "cifar10", "cifar100", "folder", "synthetic"] = "fashion_mnist"
+    # a timm model name (e.g. resnet50, deit_small_patch16_224): normalise with the mean and std of its
+    # pretrained configuration, the normalisation the weights it names were trained with (runs that start
+    # from them: --init-from, dsctl convert); None: the data set's own statistics
+    norm_from: str | None = None
     root: str | None = None
     channels: Literal[1, 3] = 3  # image folders only: 1 reads every image as grayscale, 3 as RGB
     input_size: int = Field(default=224, gt=0)

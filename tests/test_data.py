@@ -378,3 +378,16 @@ def test_train_data_shards_across_ranks() -> None:
         seen += [y for _, ys in data.val for y in ys.tolist()]
     full = [y for _, ys in build_run_data(cfg).val for y in ys.tolist()]
     assert sorted(seen) == sorted(full) and len(seen) == 7
+
+
+def test_normalisation_can_come_from_a_timm_models_pretrained_config(tmp_path: Path) -> None:
+    """Issue 24: weights trained with another normalisation (CLIP's, say) are fine-tuned with it."""
+    from dsctl.data.build import pretrained_normalization
+
+    _make_idx_dataset(tmp_path / "MNIST" / "raw", gz=False)
+    clip_mean, clip_std = pretrained_normalization("vit_base_patch16_clip_224.openai")
+    _, _, info = build_datasets(DataConfig(source="mnist", root=str(tmp_path), input_size=28, workers=0,
+                                           norm_from="vit_base_patch16_clip_224.openai"))
+    assert info.mean == pytest.approx((sum(clip_mean) / 3,)) and info.std == pytest.approx((sum(clip_std) / 3,))
+    with pytest.raises(DataError, match="norm_from='resnet9000'"):
+        build_datasets(DataConfig(source="mnist", root=str(tmp_path), input_size=28, norm_from="resnet9000"))

@@ -128,6 +128,10 @@ def build_datasets(cfg: DataConfig, *, augment_train: bool = True) -> tuple[Data
             allowed = ", ".join([*DATASET_STATS, "synthetic"])
             raise DataError(f"unknown data source {source!r}; allowed: {allowed}")
         mean, std, native, known_classes = DATASET_STATS[source]
+        if cfg.norm_from:
+            mean, std = pretrained_normalization(cfg.norm_from)
+            if source != "folder" and len(DATASET_STATS[source][0]) == 1:  # one-channel data: averaged
+                mean, std = (sum(mean) / 3,), (sum(std) / 3,)
         eval_tf = build_eval_transform(cfg.input_size, mean, std, native_size=native, crop_pct=cfg.augment.crop_pct)
         train_tf = (build_train_transform(cfg.augment, cfg.input_size, mean, std, native_size=native)
                     if augment_train else eval_tf)
@@ -160,6 +164,21 @@ def build_datasets(cfg: DataConfig, *, augment_train: bool = True) -> tuple[Data
         train_size=len(train), val_size=len(val), classes=classes,  # type: ignore[arg-type]
     )
     return train, val, info
+
+
+def pretrained_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of timm model ``name``'s pretrained configuration.
+
+    Raises:
+        DataError: timm has no pretrained configuration of that name.
+    """
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    if cfg is None or not getattr(cfg, "mean", None):
+        raise DataError(f"data.norm_from={name!r}: timm has no pretrained configuration of that name (a timm model "
+                        "name such as resnet50 or deit_small_patch16_224)")
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
 
 
 def split_holdout(cfg: DataConfig, fraction: float) -> tuple[Dataset, Dataset]:
