@@ -30,6 +30,8 @@ MEANINGS = {
     "--min-run-time": "seconds of timing per candidate and batch size",
     "--latency-batch": "the batch size latency is timed or budgeted at, besides batch 1",
     "--compile": "time under torch.compile",
+    "--tensorboard": "live scalars to <run>/tensorboard",
+    "--title": "the title of the plots (and of REPORT.md)",
 }
 # names whose syntax or default differs by command on purpose, and why
 DIFFERS_ON_PURPOSE = {
@@ -98,3 +100,15 @@ def test_json_is_the_only_thing_on_stdout_and_csv_writes_the_rows(tmp_path) -> N
     r = CliRunner().invoke(app, ["models", "--csv", str(tmp_path / "m.csv")])
     assert r.exit_code == 0
     assert {row["model"] for row in csv.DictReader(open(tmp_path / "m.csv"))} >= {"ds_resnet50", "tiny_ds_vit"}
+
+
+def test_every_commands_help_reads_whole_at_80_columns(monkeypatch) -> None:
+    """Issue 24: help at 80 columns in a non-terminal never cuts a word to an ellipsis."""
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("COLUMNS", "80")
+    for name in [None, *typer.main.get_command(app).commands]:
+        r = CliRunner().invoke(app, [name, "--help"] if name else ["--help"], env={"COLUMNS": "80"})
+        assert r.exit_code == 0, name
+        assert "…" not in r.output, f"dsctl {name} --help cuts a word at 80 columns"
+        assert max(len(line) for line in r.output.splitlines()) <= 80, name

@@ -24,8 +24,8 @@ class Split(str, Enum):
 def analyze_cmd(
     target: Annotated[Path, typer.Argument(help="Supernet run folder or checkpoint.")],
     data: DataOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/analysis, or <run>/analysis-holdout "
-                                                  "for --split holdout).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: analysis/ in the run folder, or "
+                                                  "analysis-holdout/ there for --split holdout).")] = None,
     split: Annotated[Split, typer.Option(help="val: the recipe's validation/test split; holdout: the last part of the "
                                               "training set, without augmentation.")] = Split.val,
     max_batches: Annotated[int | None, typer.Option(min=1, help="Use only the first N batches of the split.")] = None,

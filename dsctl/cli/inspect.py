@@ -70,12 +70,13 @@ def export_cmd(
                                                                  "(default: the checkpoint recipe's export.width, "
                                                                  "else largest).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output file (default: <model>_w<width>.<format>).")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export), aoti (its AOTInductor package: "
-                                                             "compiled ahead of time, needs a C++ compiler; load "
-                                                             "with torch._inductor.aoti_load_package), torchscript "
-                                                             "onnx, or safetensors (the weights alone: the full "
-                                                             "network under timm/torchvision names) (default: the checkpoint recipe's "
-                                                             "export.format, else pt2).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export), aoti (its AOTInductor package, "
+                                                             "compiled ahead of time: needs a C++ compiler; load "
+                                                             "with aoti_load_package from torch._inductor), "
+                                                             "torchscript, onnx, or safetensors (the weights alone: "
+                                                             "the full network under timm/torchvision names). "
+                                                             "Default: the checkpoint recipe's export.format, else "
+                                                             "pt2.")] = None,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size of the check (default: the run's, else "
                                                               "the model's).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Export supernet + gate (a train-gate checkpoint) with "
