@@ -59,6 +59,8 @@ class AugmentConfig(BaseModel):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     auto_augment: str | None = None  # timm string, e.g. "rand-m9-mstd0.5"
     re_prob: float = Field(default=0.0, ge=0.0, le=1.0)
+    re_mode: Literal["const", "rand", "pixel"] = "const"  # random erasing fill (timm's modes; the authors: pixel)
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # RandomResizedCrop's (timm; random: per image)
     color_jitter: float | None = Field(default=None, ge=0.0)
     crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
     simple: bool = False  # True: pad-and-random-crop + hflip (CIFAR style) instead of RandomResizedCrop

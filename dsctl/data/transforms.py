@@ -64,11 +64,12 @@ def build_train_transform(
             hflip=aug.hflip,
             auto_augment=aug.auto_augment,
             re_prob=aug.re_prob,
+            re_mode=aug.re_mode,
             color_jitter=aug.color_jitter,
             mean=tuple(mean),
             std=tuple(std),
             crop_pct=aug.crop_pct,
-            interpolation="bilinear",
+            interpolation=aug.interpolation,
         )
     except (AssertionError, KeyError, ValueError) as exc:
         raise DataError(
