@@ -42,13 +42,24 @@ from torch import Tensor, nn
 from dsctl.errors import DsctlError
 from dsctl.models.base import Supernet
 
-__all__ = ["CRITERIA", "Member", "ChannelGroup", "channel_groups", "group_importance", "order_channels",
+__all__ = ["AUTO", "CRITERIA", "resolve_criterion", "Member", "ChannelGroup", "channel_groups", "group_importance", "order_channels",
            "ConversionReport", "launch_convert", "MAX_FULL_WIDTH_DIFF"]
 
 logger = logging.getLogger(__name__)
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "none")
 """``none``: no reordering (the first-k of the weights as trained: the comparison conversion must beat)."""
+AUTO = "auto"
+"""The default, chosen by measurement (results/conversion/): ``bn_scale`` where the family has BatchNorm
+(it gave the most accurate sub-networks right after conversion, before any fine-tune), else ``l2`` (the
+next best there)."""
+
+
+def resolve_criterion(model: Supernet, criterion: str) -> str:
+    """``auto`` as :data:`AUTO` says; any other name as given (checked by :func:`order_channels`)."""
+    if criterion != AUTO:
+        return criterion
+    return "bn_scale" if getattr(model, "needs_bn_calibration", True) else "l2"
 MAX_FULL_WIDTH_DIFF = 1e-4  # reordering is exact up to float summation order
 
 
@@ -283,7 +294,7 @@ def _max_logit_diff(a: Supernet, b: Supernet, loader: Iterable, device: torch.de
     return worst
 
 
-def launch_convert(recipe, source: str | Path, out: str | Path, *, criterion: str = "l1", compare: bool = True,
+def launch_convert(recipe, source: str | Path, out: str | Path, *, criterion: str = AUTO, compare: bool = True,
                    taylor_batches: int = 8, device: str = "auto", progress=None, allow_changed: bool = False,
                    resume: bool = False) -> ConversionReport:
     """``dsctl convert``: ``source`` (see :func:`dsctl.weights.load_full_width`) into the recipe's model,
@@ -300,14 +311,15 @@ def launch_convert(recipe, source: str | Path, out: str | Path, *, criterion: st
     from dsctl.spec import width_label
     from dsctl.weights import load_full_width
 
-    if criterion not in CRITERIA:
-        raise DsctlError(f"unknown --criterion {criterion!r} (allowed: {', '.join(CRITERIA)})")
+    if criterion not in (*CRITERIA, AUTO):
+        raise DsctlError(f"unknown --criterion {criterion!r} (allowed: {', '.join((AUTO, *CRITERIA))})")
     recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"init_from": None})})
     ctx = prepare_run(recipe, out, device=device, resume=resume, allow_changed=allow_changed, progress=progress,
                       stop=None, check=lambda data: check_recipe_model_fits(recipe, data))
     model = build_supernet_for(recipe, ctx.data)
     loaded = load_full_width(model, source, ema=recipe.model.init_ema)
     logger.info("loaded %s", loaded)
+    criterion = resolve_criterion(model, criterion)
     model.to(ctx.device)
     original = copy.deepcopy(model)
     grads = None

@@ -136,3 +136,11 @@ def test_static_network_to_converted_supernet_to_fine_tune(tmp_path) -> None:
     r = run.invoke(app, ["train-supernet", str(SMOKE), "--init-from", str(conv), "--out", str(ft), "-q"])
     assert r.exit_code == 0, r.output
     assert read_artifact(ft, SupernetArtifact).completed
+
+
+def test_the_default_criterion_follows_the_measurement() -> None:
+    from dsctl.convert import AUTO, resolve_criterion
+
+    assert resolve_criterion(dsctl.build_model("tiny_ds_resnet"), AUTO) == "bn_scale"
+    assert resolve_criterion(dsctl.build_model("tiny_ds_vit"), AUTO) == "l2"  # no BatchNorm: the next best
+    assert resolve_criterion(dsctl.build_model("tiny_ds_vit"), "taylor") == "taylor"

@@ -93,6 +93,7 @@ def _init_overrides(init_from: Path | None, init_ema: bool) -> list[str]:
 
 
 class Criterion(str, Enum):
+    auto = "auto"
     l1 = "l1"
     l2 = "l2"
     bn_scale = "bn_scale"
@@ -109,7 +110,9 @@ def convert_cmd(
     init_ema: InitEmaOpt = True,
     criterion: Annotated[Criterion, typer.Option(help="Channel importance (Torch-Pruning's group criteria): l1 or "
                                                       "l2 weight magnitude, bn_scale (|gamma|), taylor (|w * grad| on "
-                                                      "training batches), none (keep the order as trained).")] = Criterion.l1,
+                                                      "training batches), none (keep the order as trained); auto: "
+                                                      "bn_scale where there is BatchNorm, else l2 (the best two "
+                                                      "measured, results/conversion/).")] = Criterion.auto,
     compare: Annotated[bool, typer.Option(help="Also evaluate every sub-network with the weights as they came "
                                                "(first k channels, same BN recalibration).")] = True,
     data: DataOpt = None,
