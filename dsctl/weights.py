@@ -141,27 +141,33 @@ def read_state_dict(path: str | Path, *, ema: bool = True) -> LoadedWeights:
 
 
 def _static_to_supernet_names(model, spec) -> dict[str, str]:
-    """``model.to_static(spec)``'s state-dict keys -> the supernet keys they were copied from.
+    """``model.to_uniform(spec)``'s state-dict keys (the network a uniform baseline trains: the static
+    sub-network for CNNs, a DeiT of that width for DS-ViT) -> the supernet keys they were copied from.
 
     Every supernet tensor is filled with its own distinct values, the static network is cut from it, and
-    each static tensor is matched to the supernet tensor it equals (at full width every copy is whole)."""
+    each static tensor is matched to the supernet tensor it equals (at full width every copy is whole, though
+    perhaps reshaped)."""
     import copy
 
     probe = copy.deepcopy(model)
     names: dict[tuple, str] = {}
+    seen: set[int] = set()  # a tensor shared by two modules (an SE's encoder and the gate's) is filled once
     with torch.no_grad():
         for i, (name, t) in enumerate(probe.state_dict(keep_vars=True).items()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
             if t.is_floating_point():
                 t.copy_(torch.arange(t.numel(), dtype=t.dtype).reshape(t.shape) * 1e-3 + i)
-                names[(tuple(t.shape), float(t.flatten()[0]))] = name
+                names[(t.numel(), float(t.flatten()[0]))] = name
             else:
                 t.fill_(i)
-                names[(tuple(t.shape), int(t.flatten()[0]) if t.numel() else -1)] = name
-        static = probe.to_static(spec)
+                names[(t.numel(), int(t.flatten()[0]) if t.numel() else -1)] = name
+        static = probe.to_uniform(spec)
         out = {}
         for key, t in static.state_dict().items():
             first = (float(t.flatten()[0]) if t.is_floating_point() else int(t.flatten()[0])) if t.numel() else -1
-            found = names.get((tuple(t.shape), first))
+            found = names.get((t.numel(), first))  # by size: a static SE holds a 1x1 conv's weight as a Linear's
             if found is not None:
                 out[key] = found
     return out
@@ -182,7 +188,8 @@ def _from_static_artifact(model, path: Path) -> str:
     missing = sorted(set(art.state_dict) - set(names))
     if missing:
         raise CheckpointError(f"{path}: static weights without a supernet twin: {', '.join(missing[:5])}")
-    _load_checked(model, {names[k]: v for k, v in art.state_dict.items()}, path)
+    own = model.state_dict()
+    _load_checked(model, {names[k]: v.reshape(own[names[k]].shape) for k, v in art.state_dict.items()}, path)
     return f"{path}: the full-width static baseline's {len(names)} tensors, mapped to the supernet's names"
 
 

@@ -89,14 +89,17 @@ def test_library_weights_load_at_full_width_and_start_the_narrow_statistics_from
     assert torch.equal(bn.stats(c)[0], bn.running_mean[:c])  # not zeros: the full width's first channels
 
 
-def test_a_full_width_static_network_maps_back_to_the_supernet_names() -> None:
-    model = dsctl.build_model("tiny_ds_resnet", base_width=16, layers=(1, 2, 2, 1), front_ratio=0.25).eval()
-    static = model.to_static(model.space.full)
+@pytest.mark.parametrize(("name", "kw"), [("tiny_ds_resnet", {"base_width": 16, "layers": (1, 2, 2, 1), "front_ratio": 0.25}),
+                                         ("tiny_ds_vit", {}), ("tiny_ds_mobilenetv1", {})])
+def test_a_full_width_uniform_network_maps_back_to_the_supernet_names(name: str, kw: dict) -> None:
+    model = dsctl.build_model(name, **kw).eval()
+    static = model.to_uniform(model.space.full).eval()  # what a full-width uniform baseline trains
     names = _static_to_supernet_names(model, model.space.full)
     assert set(names) == set(static.state_dict())
-    fresh = dsctl.build_model("tiny_ds_resnet", base_width=16, layers=(1, 2, 2, 1), front_ratio=0.25).eval()
-    fresh.load_state_dict({names[k]: v for k, v in static.state_dict().items()}, strict=False)
-    x = torch.randn(2, 1, 28, 28)
+    fresh = dsctl.build_model(name, **kw).eval()
+    own = fresh.state_dict()
+    fresh.load_state_dict({names[k]: v.reshape(own[names[k]].shape) for k, v in static.state_dict().items()}, strict=False)
+    x = torch.randn(2, model.in_chans, model.default_input_size, model.default_input_size)
     torch.testing.assert_close(fresh(x), static(x))
 
 
