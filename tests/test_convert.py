@@ -144,3 +144,14 @@ def test_the_default_criterion_follows_the_measurement() -> None:
     assert resolve_criterion(dsctl.build_model("tiny_ds_resnet"), AUTO) == "bn_scale"
     assert resolve_criterion(dsctl.build_model("tiny_ds_vit"), AUTO) == "l2"  # no BatchNorm: the next best
     assert resolve_criterion(dsctl.build_model("tiny_ds_vit"), "taylor") == "taylor"
+
+
+@pytest.mark.parametrize("name", ["ds_resnet50", "ds_mobilenetv1"])
+def test_ordering_keeps_the_imagenet_size_networks(name: str) -> None:
+    model = _pretrained(name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = model(x)
+    order_channels(model, "bn_scale")
+    with torch.no_grad():
+        assert (model(x) - full).abs().max() < 1e-4 * max(1.0, float(full.abs().max()))
