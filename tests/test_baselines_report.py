@@ -78,7 +78,7 @@ def test_report_rows_plots_and_refusal(tmp_path) -> None:
     assert all(r.latency_ms_b1 > 0 and r.latency_ms_bN > 0 for r in rows)
     paths = write_report(rows, tmp_path / "out", command="dsctl report ...", machine="test")
     assert {p.name for p in paths} == {"report.csv", "accuracy_vs_macs.png", "accuracy_vs_latency.png", "REPORT.md",
-                                       "targets.csv"}
+                                       "targets.csv", "training_curves.png", "report.html"}
     header = next(csv.reader((tmp_path / "out" / "report.csv").open()))
     for col in ("method", "model", "variant", "width", "macs", "params", "top1", "top5", "latency_ms_b1",
                 "latency_ms_bN", "throughput", "device", "commit", "ratio"):
@@ -87,6 +87,16 @@ def test_report_rows_plots_and_refusal(tmp_path) -> None:
     assert any(t["versus"] == "uniform w0.5" and "same width" in t["target"] for t in targets)  # joined on ratio
     text = (tmp_path / "out" / "REPORT.md").read_text()
     assert all(f"`{r}`: created " in text for r in map(str, runs))  # every run's provenance is named
+    # dsctl report: per-image correctness behind every accuracy target, latencies reused on a redraw
+    from dsctl.report import report_runs
+
+    rows1, _ = report_runs(runs, tmp_path / "rep", batch_n=4, min_run_time_s=0.05, command="dsctl report x")
+    assert (tmp_path / "rep" / "correctness.pt").is_file()
+    targets = list(csv.DictReader((tmp_path / "rep" / "targets.csv").open()))
+    assert all(t["verdict"] in ("met", "missed", "within noise") for t in targets)
+    assert any(t["ci95_low"] for t in targets if "own sub-networks" in t["target"])
+    rows2, _ = report_runs(runs, tmp_path / "rep", batch_n=4, min_run_time_s=0.05, command="dsctl report x")
+    assert [(r.latency_ms_b1, r.latency_ms_bN) for r in rows2] == [(r.latency_ms_b1, r.latency_ms_bN) for r in rows1]
     other = load_recipe(SMOKE, ["optim.epochs=1", "data.input_size=20"])
     launch_supernet(other, tmp_path / "other", device="cpu")
     with pytest.raises(dsctl.DsctlError, match="cannot be compared"):

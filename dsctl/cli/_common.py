@@ -155,19 +155,22 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 
 class Output:
     """What a command prints: its tables on the console, or with ``--json`` as JSON on stdout (one list of
-    rows, or an object of them by table name when there are several), and with ``--csv FILE`` its rows in
+    rows, one object for a command whose result is one row, or an object of them by table name when there
+    are several), and with ``--csv FILE`` its rows in
     a CSV file too (a ``table`` column when there are several). Notes (``wrote ...``) go to stderr under
     ``--json`` so that stdout holds the JSON alone. Use as a context manager: it emits on exit."""
 
     def __init__(self, as_json: bool = False, csv: Any = None) -> None:
         self.as_json, self.csv = as_json, csv
         self.tables: list[tuple[str, list[dict[str, Any]]]] = []
+        self.one = False
 
     def show(self, title: str, columns: list[str], rows: list[list[Any]], records: list[dict[str, Any]] | None = None,
-             name: str | None = None) -> None:
+             name: str | None = None, one: bool = False) -> None:
         """One table: ``rows`` as shown; ``records`` the same rows with their raw values (default: the shown
-        cells under the column names)."""
+        cells under the column names); ``one``: the command's result is this one row (JSON: an object)."""
         self.tables.append((name or title, records if records is not None else [dict(zip(columns, r)) for r in rows]))
+        self.one = one and len(self.tables) == 1 and len(self.tables[0][1]) == 1
         if not self.as_json:
             console.print(table(title, columns, rows))
 
@@ -184,6 +187,8 @@ class Output:
             import json
 
             body: Any = self.tables[0][1] if len(self.tables) == 1 else {n: r for n, r in self.tables}
+            if self.one:
+                body = body[0]
             typer.echo(json.dumps(body, indent=2, default=str))
         if self.csv is not None and self.tables:
             import csv as csv_module

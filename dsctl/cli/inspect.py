@@ -102,7 +102,7 @@ def export_cmd(
         how = "dsctl.export.load_dynamic, or README 'Export'" if d.format != "torchscript" else "torch.jit.load"
         with Output(as_json, csv) as o:
             o.show(f"exported {d.path} (load with {how})", ["model", "window", "max |diff|"],
-                   [[d.model, f"{lo}:{hi}", f"{d.max_abs_diff:.2e}"]], records=[asdict(d)])
+                   [[d.model, f"{lo}:{hi}", f"{d.max_abs_diff:.2e}"]], records=[asdict(d)], one=True)
             o.note(f"sidecar: {d.sidecar}")
         return
     with console.status(f"exporting {checkpoint or model_name}..."):
@@ -111,7 +111,7 @@ def export_cmd(
     with Output(as_json, csv) as o:
         o.show(f"exported {r.path}", ["model", "subnet", "width", "MACs (M)", "params (M)", "max |diff|"], [
             [r.model, r.subnet, width_label(r.width), f"{r.macs / 1e6:.2f}", f"{r.params / 1e6:.3f}",
-             f"{r.max_abs_diff:.2e}"]], records=[asdict(r)])
+             f"{r.max_abs_diff:.2e}"]], records=[asdict(r)], one=True)
         if r.names:
             o.note(f"parameter names: {r.names}")
         o.note(f"sidecar: {r.sidecar}")

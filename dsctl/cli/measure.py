@@ -43,7 +43,7 @@ def eval_cmd(
         cols.append("routes")
         row.append(" ".join(f"k{k}:{c}" for k, c in enumerate(result.histogram) if c))
     with Output(as_json, csv) as out:
-        out.show(f"eval {checkpoint} on {result.data} ({result.samples} images)", cols, [row], records=[result.to_dict()])
+        out.show(f"eval {checkpoint} on {result.data} ({result.samples} images)", cols, [row], records=[result.to_dict()], one=True)
 
 
 def _batches(text: str) -> tuple[int, ...]:

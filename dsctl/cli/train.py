@@ -239,7 +239,7 @@ def train_gate_cmd(
         out.show(f"dynamic model {result.run_dir}", ["window", "top1", "top5", "avg MACs (M)", target_h, held_h,
                                                      *extra_h, "gate target acc", "routes"], [
             [f"{lo}:{hi}", f"{f.top1:.2f}", f"{f.top5:.2f}", f"{f.avg_macs / 1e6:.3f}", target, held, *extra,
-             f"{f.gate_sgs_acc:.1f}", " ".join(str(c) for c in f.histogram[lo: hi + 1])]], records=[f.to_dict()])
+             f"{f.gate_sgs_acc:.1f}", " ".join(str(c) for c in f.histogram[lo: hi + 1])]], records=[f.to_dict()], one=True)
         _print_time(out, result.time)
 
 
@@ -297,4 +297,4 @@ def baseline_cmd(
     with Output(as_json, csv) as out:
         out.show(f"baseline {run_dir}", ["method", "variant", "MACs (M)", "params (M)", "top1", "top5"], [
             [s["method"], s["variant"], f"{s['macs'] / 1e6:.3f}", f"{s['params'] / 1e6:.3f}", f"{s['top1']:.2f}",
-             f"{s['top5']:.2f}"]], records=[{k: v for k, v in s.items() if not isinstance(v, dict)}])
+             f"{s['top5']:.2f}"]], records=[{k: v for k, v in s.items() if not isinstance(v, dict)}], one=True)
