@@ -82,7 +82,13 @@ class _OnTimmImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module) -> None:
             run(module)
-            register_with_timm()
+            try:
+                register_with_timm()
+            except Exception as err:  # never break `import timm` for a user: say so and go on
+                import warnings
+
+                warnings.warn(f"dsctl could not register its models with timm ({type(err).__name__}: {err})",
+                              stacklevel=2)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
