@@ -222,27 +222,14 @@ def order_channels(model: Supernet, criterion: str, *, grads: dict[str, Tensor] 
         orders[group.name] = perm.tolist()
         for m in group.members:
             t = state[m.key]
+            # new storage: the eval-mode slice copies (KeptSlices) see it and are re-made
             t.data = t.data.index_select(m.dim, _index(m, perm, t.shape[m.dim]).to(t.device)).contiguous()
-    _restart_narrow_bn_stats(model)
-    return orders
-
-
-@torch.no_grad()
-def _restart_narrow_bn_stats(model: nn.Module) -> None:
     from dsctl.layers.slim import SlimBatchNorm2d
 
-    for m in model.modules():
-        if isinstance(m, SlimBatchNorm2d):
-            m._slices.clear()
-            full_mean, full_var, _ = m.stats(m.num_features)
-            for c in m.choices[:-1]:
-                mean, var, n = m.stats(c)
-                mean.copy_(full_mean[:c])
-                var.copy_(full_var[:c])
-                n.zero_()
-    for m in model.modules():  # copies of the old slices kept for eval mode
-        if hasattr(m, "_slices"):
-            m._slices.clear()
+    for bn in model.modules():
+        if isinstance(bn, SlimBatchNorm2d):
+            bn.narrow_stats_from_full()
+    return orders
 
 
 def taylor_gradients(model: Supernet, loader: Iterable, device: torch.device, batches: int) -> dict[str, Tensor]:

@@ -206,23 +206,14 @@ def _load_checked(model, state: dict[str, Tensor], path: Path) -> None:
     _fill_narrow_bn_stats(model, set(state))
 
 
-@torch.no_grad()
 def _fill_narrow_bn_stats(model, loaded: set[str]) -> None:
     """Narrower widths' BN statistics not in the file start as the first channels of the full width's (a
     better start than zeros and ones; BN recalibration re-estimates them)."""
     from dsctl.layers.slim import SlimBatchNorm2d
 
     for name, m in model.named_modules():
-        if not isinstance(m, SlimBatchNorm2d):
-            continue
-        full_mean, full_var, full_n = m.stats(m.num_features)
-        for c in m.choices[:-1]:
-            mean, var, n = m.stats(c)
-            if f"{name}.running_mean_c{c}" in loaded:
-                continue
-            mean.copy_(full_mean[:c])
-            var.copy_(full_var[:c])
-            n.copy_(full_n)
+        if isinstance(m, SlimBatchNorm2d):
+            m.narrow_stats_from_full(keep=[c for c in m.choices if f"{name}.running_mean_c{c}" in loaded])
 
 
 def load_full_width(model, path: str | Path, *, ema: bool = True) -> str:

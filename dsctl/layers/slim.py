@@ -214,6 +214,18 @@ class SlimBatchNorm2d(KeptSlices, nn.Module):
             var.fill_(1.0)
             n.zero_()
 
+    @torch.no_grad()
+    def narrow_stats_from_full(self, keep: Sequence[int] = ()) -> None:
+        """Every narrower width's statistics (but those in ``keep``) set to the full width's first channels:
+        the start after full-width weights are loaded or reordered, which BN recalibration refines."""
+        full_mean, full_var, full_n = self.stats(self.num_features)
+        for c in self.choices[:-1]:
+            if c not in keep:
+                mean, var, n = self.stats(c)
+                mean.copy_(full_mean[:c])
+                var.copy_(full_var[:c])
+                n.copy_(full_n)
+
     def forward(self, x: Tensor) -> Tensor:
         c = x.shape[1]
         mean, var, n = self.stats(c)
