@@ -24,18 +24,40 @@ from dsctl.errors import DsctlError
 __all__ = ["compile_module", "package_program", "load_package"]
 
 
-def compile_module(module: nn.Module) -> nn.Module:
+_COMPILED = 0  # networks compile_module has wrapped in this process (see _allow_recompiles)
+_GRAPHS_PER_NETWORK = 4  # batch 1 and batch N specialise apart; a routed tail also meets groups of one
+
+
+def compile_module(module: nn.Module, backend: str = "inductor") -> nn.Module:
     """``module`` under ``torch.compile`` (dynamic batch dimension), compiled on its first call.
 
     A :class:`~dsctl.layers.static.RoutedNet` is rebuilt with its front and every tail compiled and the
     same grouping code, so its outputs, routes and glue are those of the eager model.
+
+    Every network compiled this way stays compiled: Dynamo keys its cache on the code it compiles, and
+    all ``nn.Sequential`` networks share one ``forward``, so by default the ninth network of a report
+    silently ran eager. :func:`_allow_recompiles` raises the limits with each network and makes hitting
+    them an error instead of a fallback.
     """
     from dsctl.layers.static import RoutedNet
 
     if isinstance(module, RoutedNet):
-        return RoutedNet(compile_module(module.front), [compile_module(t) for t in module.tails], module.num_classes,
-                         module.first_route).eval()
-    return torch.compile(module, dynamic=True)
+        return RoutedNet(compile_module(module.front, backend), [compile_module(t, backend) for t in module.tails],
+                         module.num_classes, module.first_route).eval()
+    _allow_recompiles()
+    return torch.compile(module, dynamic=True, backend=backend)
+
+
+def _allow_recompiles() -> None:
+    """Room in Dynamo's per-code cache for one more network, and an error (not eager) when it is full."""
+    global _COMPILED
+    import torch._dynamo.config as dynamo
+
+    _COMPILED += 1
+    need = 8 + _GRAPHS_PER_NETWORK * _COMPILED
+    dynamo.recompile_limit = max(dynamo.recompile_limit, need)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 2 * need)
+    dynamo.fail_on_recompile_limit_hit = True
 
 
 def package_program(program, path: str | Path) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import dsctl
 from dsctl.errors import SpecError
@@ -146,6 +147,25 @@ for n in sys.argv[2:]:
         expected, _ = dynamic_forward(model, x[:n], window)
         torch.testing.assert_close(torch.load(tmp_path / f"y{n}.pt"), expected, atol=1e-5, rtol=1e-4)
 
+
+
+def test_compile_module_keeps_every_network_compiled_past_dynamos_default_limit() -> None:
+    """All nn.Sequential networks share one forward, so Dynamo's default limit of 8 graphs per code let the
+    ninth network of a report run eager, unnoticed. Twelve networks of different shapes, each at batch 1
+    and 3: every call compiles (a frame counted by Dynamo) and none falls back."""
+    from torch._dynamo.utils import counters
+
+    from dsctl.compiled import compile_module
+
+    torch._dynamo.reset()
+    counters.clear()
+    nets = [compile_module(nn.Sequential(nn.Linear(c, c + 1), nn.ReLU()).eval(), backend="eager") for c in range(2, 14)]
+    with torch.no_grad():
+        for c, net in zip(range(2, 14), nets):
+            for n in (1, 3):
+                assert net(torch.randn(n, c)).shape == (n, c + 1)
+    assert counters["frames"]["ok"] >= 2 * len(nets)
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow  # compiles a front and three tails
