@@ -131,7 +131,7 @@ class StaticMeta:
         return "-" if self.width is None else str(self.width)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "base_spec": list(self.base_spec.widths)}
+        return {**asdict(self), "base_spec": self.base_spec.to_json()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -463,16 +463,16 @@ def _data_info(d: dict[str, Any] | None) -> DataInfo | None:
 
 
 def _subnet_row(d: dict[str, Any]) -> SubnetRow:
-    return SubnetRow(spec=SliceSpec(tuple(d["spec"])), index=d["index"], width=d["width"], macs=int(d["macs"]),
+    return SubnetRow(spec=SliceSpec.from_json(d["spec"]), index=d["index"], width=d["width"], macs=int(d["macs"]),
                      params=int(d["params"]), top1=d["top1"], top5=d["top5"], loss=d["loss"])
 
 
 def _subnet_row_dict(r: SubnetRow) -> dict[str, Any]:
-    return {**asdict(r), "spec": list(r.spec.widths)}
+    return {**asdict(r), "spec": r.spec.to_json()}
 
 
 def _static_meta(d: dict[str, Any]) -> StaticMeta:
-    return StaticMeta(method=d["method"], base_spec=SliceSpec(tuple(d["base_spec"])), variant=d.get("variant") or "",
+    return StaticMeta(method=d["method"], base_spec=SliceSpec.from_json(d["base_spec"]), variant=d.get("variant") or "",
                       width=d.get("width"), target_macs=d.get("target_macs"), pruning_ratio=d.get("pruning_ratio"))
 
 

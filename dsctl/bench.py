@@ -148,7 +148,7 @@ def bench_widths(model: Supernet, specs: Sequence[SliceSpec], settings: BenchSet
     rows: list[BenchRow] = []
     for spec in specs:
         label = model.space.label(spec)
-        width = str(width_label(model.space.width(spec)))
+        width = width_text(model.space, spec)
         static = export_subnet(model, spec).to(device)
         macs = count_macs(static, size, model.in_chans)
         meta = {"static": ("static", label, width, macs), "sliced": ("sliced", label, width, macs),
@@ -200,7 +200,7 @@ def bench_dynamic(model: Supernet, window: tuple[int, int], images: Tensor, sett
         "static_widest": widest, "dynamic": dyn, "masked": lambda x: masked_forward(model, x, window),
         "static_equal_macs": equal,
     }
-    r = lambda k: str(width_label(model.space.width(specs[k])))  # noqa: E731
+    r = lambda k: width_text(model.space, specs[k])  # noqa: E731
     meta = {"static_widest": ("static", f"k{hi}", r(hi), route_macs[hi]),
             "dynamic": ("dynamic", f"dynamic[{lo}:{hi}]", "dynamic", round(avg)),
             "masked": ("masked", f"masked[{lo}:{hi}]", "dynamic", route_macs[hi]),
@@ -290,12 +290,18 @@ def bench_settings(measure: MeasureConfig, *, batches: Sequence[int] | None = No
                          measure.warmup, min_run_time_s or measure.min_run_time_s, input_size, compiled=compiled)
 
 
+def width_text(space: SearchSpace, spec: SliceSpec) -> str:
+    """A bench row's width: the slimming ratio (or ``largest``), with the kernel size in a kernel space."""
+    return space.name(spec) if space.slices_kernels else str(width_label(space.width(spec)))
+
+
 def bench_specs(space: SearchSpace, widths: Sequence[str] | None = None) -> list[SliceSpec]:
     """The sub-networks to time: ``widths`` (``["all"]``: every indexed one and the full network); by
-    default the smallest, the one at ratio 0.5 if the space has it, and the full network."""
+    default the smallest, the first one at ratio 0.5 if the space has it (in a kernel space, at its smallest
+    kernel), and the full network."""
     if widths is None:
-        return list(dict.fromkeys([space.smallest(), *([space.resolve(0.5)] if 0.5 in space.ratios() else []),
-                                   space.full]))
+        half = [s for s in space.subnets if space.ratio(s) == 0.5][:1]
+        return list(dict.fromkeys([space.smallest(), *half, space.full]))
     if list(widths) == ["all"]:
         return list(space.all_specs())
     return [space.resolve(w) for w in widths]

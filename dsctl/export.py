@@ -49,7 +49,7 @@ class ExportReport:
     model_kwargs: dict
     subnet: str
     width: float | None
-    spec: list[int]
+    spec: list[int] | dict[str, list[int]]  # SliceSpec.to_json: the widths, with kernels in a kernel space
     channels: dict[str, int]
     source: str
     input_size: int
@@ -307,7 +307,7 @@ def export_to_file(model: Supernet, spec: SliceSpec, out: str | Path, fmt: str =
         tmp.unlink(missing_ok=True)
     report = ExportReport(
         path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs),
-        subnet=model.space.label(spec), width=model.space.width(spec), spec=list(spec.widths),
+        subnet=model.space.label(spec), width=model.space.width(spec), spec=spec.to_json(),
         channels=model.static_channels(spec), source=source, input_size=input_size, in_chans=model.in_chans,
         num_classes=model.num_classes, macs=count_macs(static, input_size, model.in_chans),
         params=count_params(static), max_abs_diff=diff, torch_version=torch.__version__,

@@ -94,7 +94,7 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
     for key, run_dir in runs.items():
         if key == "supernet" or key.startswith("gate@"):
             continue
-        method, width = key.split("@")
+        method, width = key.split("@", 1)  # a kernel space's width has its own @ (0.5@3)
         b_recipe = recipe.model_copy(update={"baseline": recipe.baseline.model_copy(update={
             "method": method, "width": width, "target_macs_m": None})})
         _stage(run_dir, key, lambda resume, r=b_recipe, d=run_dir: launch_baseline(r, d, resume=resume, **common),

@@ -48,26 +48,49 @@ def width_label(width: float | None) -> float | str:
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """Active channels per slimmable stage, stem to head."""
+    """Active channels per slimmable stage, stem to head, and, in a space that slices kernels (DS-CNN++),
+    the active kernel size per stage (0 where a stage's kernel is fixed; ``()`` in every other space)."""
 
     widths: tuple[int, ...]
+    kernels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
+
+    def kernel(self, stage: int) -> int | None:
+        """The active kernel size of stage ``stage``; None where the stage runs its stored kernel."""
+        return (self.kernels[stage] or None) if self.kernels else None
+
+    def to_json(self) -> list[int] | dict[str, list[int]]:
+        """The widths list (as files have always held it), or widths and kernels in a kernel space."""
+        return {"widths": list(self.widths), "kernels": list(self.kernels)} if self.kernels else list(self.widths)
+
+    @classmethod
+    def from_json(cls, value) -> "SliceSpec":
+        """Inverse of :meth:`to_json`."""
+        if isinstance(value, dict):
+            return cls(tuple(value["widths"]), tuple(value.get("kernels") or ()))
+        return cls(tuple(value))
 
 
 @dataclass(frozen=True)
 class StageSpace:
-    """The ascending channel choices of one slimmable stage; ``routed`` if the gate sets its width."""
+    """The ascending channel choices of one slimmable stage; ``routed`` if the gate sets its width;
+    ``kernels``: the ascending odd kernel sizes its sliceable convolutions can run at (empty: fixed)."""
 
     name: str
     choices: tuple[int, ...]
     routed: bool = False
+    kernels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "choices", tuple(int(c) for c in self.choices))
+        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
         if not self.choices or list(self.choices) != sorted(set(self.choices)):
             raise ValueError(f"stage {self.name!r}: choices must be ascending and unique, got {self.choices}")
+        if list(self.kernels) != sorted(set(self.kernels)) or any(k < 1 or k % 2 == 0 for k in self.kernels):
+            raise ValueError(f"stage {self.name!r}: kernels must be ascending, unique and odd, got {self.kernels}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,8 @@ class SearchSpace:
             self._validate(spec)
         if self.full.widths != tuple(s.choices[-1] for s in self.stages):
             raise ValueError("full must set every stage to its largest choice")
+        if self.slices_kernels and self.full.kernels != tuple(s.kernels[-1] if s.kernels else 0 for s in self.stages):
+            raise ValueError("full must run every kernel-sliced stage at its largest kernel")
 
     # -- sandwich-rule members -------------------------------------------------------------------
     def largest(self) -> SliceSpec:
@@ -127,6 +152,26 @@ class SearchSpace:
     def routed_stages(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.stages if s.routed)
 
+    @property
+    def slices_kernels(self) -> bool:
+        """True for a DS-CNN++ space: some stage's kernel size is a choice too."""
+        return any(s.kernels for s in self.stages)
+
+    def kernel_of(self, spec: SliceSpec) -> int | None:
+        """The kernel size of ``spec``'s first kernel-sliced routed stage (None outside kernel spaces)."""
+        if not spec.kernels:
+            return None
+        return next((k for s, k in zip(self.stages, spec.kernels) if s.kernels and s.routed), None)
+
+    def name(self, spec: SliceSpec) -> str:
+        """What a user types to get ``spec`` back from :meth:`resolve`: its slimming ratio (``0.5``), the ratio
+        and kernel size in a kernel space (``0.5@5``), or ``largest``."""
+        if spec == self.full and spec not in self.subnets:
+            return LARGEST
+        ratio = f"{self.ratio(spec):g}"
+        kernel = self.kernel_of(spec)
+        return ratio if kernel is None else f"{ratio}@{kernel}"
+
     def ratio(self, spec: SliceSpec) -> float:
         """Slimming ratio rho of ``spec``: channels of the first routed stage / that stage's maximum."""
         i = self.ratio_stage
@@ -155,9 +200,10 @@ class SearchSpace:
     def resolve(self, width: str | float | int) -> SliceSpec:
         """Turn a user width into a spec.
 
-        Accepts a slimming ratio (``0.5``), ``"largest"``/``"full"`` for the full-width network, or
-        ``"k=3"`` / ``"#3"`` for an indexed sub-network. No silent rounding: a ratio that is not in the
-        space raises SpecError listing the valid ratios.
+        Accepts a slimming ratio (``0.5``; in a kernel space a ratio and a kernel size, ``0.5@5``),
+        ``"largest"``/``"full"`` for the full-width network, or ``"k=3"`` / ``"#3"`` for an indexed
+        sub-network. No silent rounding: a ratio that is not in the space, or that names several
+        sub-networks of a kernel space, raises SpecError listing the valid names.
         """
         text = str(width).strip().lower()
         if text in (LARGEST, "full"):
@@ -171,19 +217,25 @@ class SearchSpace:
                 if not 0 <= k < self.num_subnets:
                     raise SpecError(f"sub-network index {k} out of range (allowed: 0..{self.num_subnets - 1})")
                 return self.subnets[k]
+        ratio_text, _, kernel_text = text.partition("@")
         try:
-            rho = float(text)
+            rho = float(ratio_text)
+            kernel = int(kernel_text) if kernel_text else None
         except ValueError:
             raise SpecError(f"width {width!r} is not a number (allowed: {self.describe_widths()})") from None
-        for spec in self.subnets:
-            if abs(self.ratio(spec) - rho) < 1e-6:
-                return spec
+        found = [s for s in self.subnets if abs(self.ratio(s) - rho) < 1e-6
+                 and (kernel is None or self.kernel_of(s) == kernel)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise SpecError(f"width {ratio_text} names {len(found)} sub-networks of different kernel sizes "
+                            f"(allowed: {self.describe_widths()})")
         shown = width if isinstance(width, (int, float)) or str(width).strip() == str(width) else repr(width)
         raise SpecError(f"width {shown} is not in the search space (allowed: {self.describe_widths()})")
 
     def describe_widths(self) -> str:
-        ratios = ", ".join(f"{r:g}" for r in self.ratios())
-        return f"{ratios}, or 'largest'"
+        names = ", ".join(self.name(s) for s in self.subnets)
+        return f"{names}, or 'largest'"
 
     def label(self, spec: SliceSpec) -> str:
         """Short name of a spec: ``k3`` for indexed sub-networks, ``largest`` for the full network."""
@@ -198,13 +250,18 @@ class SearchSpace:
 
     def to_dict(self) -> dict:
         """JSON-safe description (for checkpoints, sidecars and ``dsctl models --json``)."""
-        return {
-            "stages": [{"name": s.name, "choices": list(s.choices), "routed": s.routed} for s in self.stages],
+        out = {
+            "stages": [{"name": s.name, "choices": list(s.choices), "routed": s.routed,
+                        **({"kernels": list(s.kernels)} if s.kernels else {})} for s in self.stages],
             "subnets": [list(s.widths) for s in self.subnets],
             "full": list(self.full.widths),
             "gate_after": self.gate_after,
             "ratios": list(self.ratios()),
         }
+        if self.slices_kernels:
+            out["subnet_kernels"] = [list(s.kernels) for s in self.subnets]
+            out["names"] = [self.name(s) for s in self.subnets]
+        return out
 
     def _validate(self, spec: SliceSpec) -> None:
         if not isinstance(spec, SliceSpec):
@@ -214,3 +271,13 @@ class SearchSpace:
         for stage, w in zip(self.stages, spec.widths):
             if w not in stage.choices:
                 raise SpecError(f"stage {stage.name!r}: width {w} not allowed (allowed: {list(stage.choices)})")
+        if not self.slices_kernels:
+            if spec.kernels:
+                raise SpecError(f"spec has kernel sizes {spec.kernels}, but this space slices no kernel")
+            return
+        if len(spec.kernels) != len(self.stages):
+            raise SpecError(f"spec has {len(spec.kernels)} kernel sizes, the space has {len(self.stages)} stages")
+        for stage, k in zip(self.stages, spec.kernels):
+            if k not in (stage.kernels or (0,)):
+                allowed = list(stage.kernels) if stage.kernels else "0 (fixed kernel)"
+                raise SpecError(f"stage {stage.name!r}: kernel {k} not allowed (allowed: {allowed})")

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what a Hugging Face Hub model folder holds
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict")  # timm train.py, timm ModelEmaV3 users, dsctl
 MODEL_KEYS = ("state_dict", "model")
-_DSCTL_ONLY = re.compile(r"(^gate\.)|(_c\d+$)")  # the gate; BatchNorm statistics of the narrower widths
+_DSCTL_ONLY = re.compile(r"(^gate\.)|(_c\d+$)|(_k\d+$)")  # the gate; BN statistics of the narrower widths and kernels
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def _from_static_artifact(model, path: Path) -> str:
 
     art = read_artifact(path, StaticArtifact)
     full = model.space.full
-    if art.meta.method != "uniform" or tuple(art.meta.base_spec.widths) != tuple(full.widths):
+    if art.meta.method != "uniform" or art.meta.base_spec != full:
         raise CheckpointError(f"{path}: a {art.meta.method} baseline at {art.meta.variant}; only a full-width "
                               "uniform baseline (dsctl baseline --method uniform --width largest) holds every "
                               "channel of the supernet")

@@ -63,6 +63,21 @@ def test_quickstart_pipeline_on_generated_data(tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_quickstart_pipeline_on_a_kernel_space(tmp_path) -> None:
+    """DS-CNN++ end to end: the kernel family trains, routes, exports and reports, with a baseline named by
+    width and kernel (0.5@3, whose '@' the pipeline's stage keys must not split on)."""
+    recipe = str(ROOT / "recipes/smoke/pipeline_synthetic.yaml")
+    _ok(["quickstart", recipe, "--out", str(tmp_path / "qs"), "--device", "cpu", "--quiet", "--set",
+         "model.name=tiny_ds_mobilenetv1pp", "--set", "pipeline.baseline_methods=[uniform]", "--set",
+         "pipeline.baseline_width=0.5@3"])
+    rows = list(csv.DictReader((tmp_path / "qs" / "report" / "report.csv").open()))
+    assert [r["method"] for r in rows].count("supernet") == 19 and [r["method"] for r in rows].count("dynamic") == 2
+    assert {"uniform"} <= {r["method"] for r in rows}
+    _ok(["export", str(tmp_path / "qs" / "supernet"), "--width", "0.625@5", "--out", str(tmp_path / "k.pt2")])
+    assert json.loads((tmp_path / "k.pt2.json").read_text())["spec"]["kernels"][-1] == 5
+
+
+@pytest.mark.slow
 def test_latency_budget_from_analyze_to_the_dynamic_export(tmp_path) -> None:
     """analyze times the sub-networks; train-gate --target-latency calibrates on that table (window chosen by
     time, decision in ms); the gate, its summary and its dynamic export carry the budget."""

@@ -47,9 +47,9 @@ def test_exported_equals_sliced_supernet_for_every_subnet(name: str) -> None:
 def test_interleaved_widths_keep_their_own_bn_statistics(name: str) -> None:
     """Training other widths on other data leaves the BN statistics that only width ``a`` uses untouched.
 
-    Hooks record which (layer, channel count) pairs each width runs; layers before the gate run at one
-    width for every sub-network and legitimately share their statistics, so only the pairs ``a`` alone
-    uses are compared with ``twin``, which never saw the other widths.
+    Hooks record which (layer, channel count, kernel size) choices each width runs; layers before the gate
+    run at one width for every sub-network and legitimately share their statistics, so only the choices
+    ``a`` alone uses are compared with ``twin``, which never saw the other widths.
     """
     from dsctl.layers.slim import SlimBatchNorm2d
 
@@ -57,8 +57,8 @@ def test_interleaved_widths_keep_their_own_bn_statistics(name: str) -> None:
     norms = {n: m for n, m in model.named_modules() if isinstance(m, SlimBatchNorm2d)}
     if not norms:
         pytest.skip(f"{name} has no batch norm")
-    seen: set[tuple[str, int]] = set()
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.add((n, args[0].shape[1])))
+    seen: set[tuple[str, int, int | None]] = set()
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.add((n, args[0].shape[1], (*args, None)[1])))
              for n, m in norms.items()]
     x = image_batch(model, 4)
     specs = [*model.space.subnets, model.space.full]
@@ -74,10 +74,10 @@ def test_interleaved_widths_keep_their_own_bn_statistics(name: str) -> None:
     only_a = used_by_a - seen
     assert len(only_a) >= len(norms) // 4, "width a should own the statistics of most sliced layers"
     twin_norms = dict(twin.named_modules())
-    for n, c in only_a:
-        for mine, theirs in zip(norms[n].stats(c), twin_norms[n].stats(c), strict=True):
+    for n, c, k in only_a:
+        for mine, theirs in zip(norms[n].stats(c, k), twin_norms[n].stats(c, k), strict=True):
             torch.testing.assert_close(mine, theirs)
-    moved = [(n, c) for n, c in seen if not torch.equal(norms[n].stats(c)[0], twin_norms[n].stats(c)[0])]
+    moved = [(n, c) for n, c, k in seen if not torch.equal(norms[n].stats(c, k)[0], twin_norms[n].stats(c, k)[0])]
     assert moved  # the other widths did update their own statistics
 
 

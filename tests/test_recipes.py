@@ -55,6 +55,10 @@ EXPECTED: dict[str, dict[str, object]] = {
         "model.kwargs.base_width": 16, "model.kwargs.layers": [1, 2, 2, 1], "model.kwargs.front_ratio": 0.25,
         "data.train_subset": 20000, "data.val_subset": None, "optim.epochs": 6, "gate.window_size": 3,
         "pipeline.gate_targets": (0.45, 0.6)},
+    "results/fashion_mnist_ds_mobilenetv1_kernels.yaml": {
+        "model.name": "tiny_ds_mobilenetv1pp", "data.train_subset": 20000, "data.val_subset": None, "optim.epochs": 6,
+        "supernet.sample": "interior", "gate.sgs_target": "cheapest", "gate.class_weighting": True,
+        "gate.decision": "calibrated", "gate.holdout": 0.1},
     "results/fashion_mnist_ds_resnet_finetune.yaml": {
         "model.kwargs.front_ratio": 0.25, "data.train_subset": 20000, "optim.epochs": 2, "optim.lr": 0.05,
         "optim.warmup_epochs": 0, "supernet.distill_weight": 0.5, "supernet.distill_ramp": 0.0},

@@ -86,12 +86,14 @@ class KeptSlices(nn.Module):
 
 
 class SlimConv2d(KeptSlices, nn.Conv2d):
-    """Conv2d whose weight is sliced to ``[:out_channels, :in_channels]`` per call.
+    """Conv2d whose weight is sliced to ``[:out_channels, :in_channels]`` per call, and optionally to the
+    centre ``k x k`` of its stored ``K x K`` kernel (DS-CNN++'s kernel-size slicing).
 
     A depthwise conv (``groups == in_channels == out_channels``) is sliced to ``weight[:c]`` with
     ``groups = c``, where ``c`` is the number of input channels; its output width always equals ``c``.
-    Only ``groups == 1`` and depthwise convs are supported. A slice that cuts the input channels is kept
-    contiguous in eval mode (:class:`KeptSlices`).
+    Only ``groups == 1`` and depthwise convs are supported. A smaller kernel ``k`` (odd, like ``K``) runs
+    with its padding reduced by ``(K - k) / 2``, so the output size is the stored kernel's. A slice that
+    cuts the input channels or the kernel is kept contiguous in eval mode (:class:`KeptSlices`).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -102,43 +104,65 @@ class SlimConv2d(KeptSlices, nn.Conv2d):
         if self.groups != 1 and not self.depthwise:
             raise ValueError(f"SlimConv2d supports groups=1 or depthwise, got groups={self.groups}")
 
-    def forward(self, x: Tensor, out_channels: int | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, out_channels: int | None = None, kernel: int | None = None) -> Tensor:  # type: ignore[override]
         in_c = x.shape[1]
         if self.depthwise:
             out_c, groups = in_c, in_c
         else:
             out_c = self.out_channels if out_channels is None else out_channels
             groups = 1
-        weight, bias = self.sliced(out_c, in_c)
+        weight, bias = self.sliced(out_c, in_c, kernel)
         if self.on_vectors and x.shape[-1] == 1 and x.shape[-2] == 1:  # an SE's or the gate's pooled input
             return pointwise(x, weight, bias)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        return F.conv2d(x, weight, bias, self.stride, self.kernel_padding(kernel), self.dilation, groups)
 
-    def sliced(self, out_channels: int, in_channels: int) -> tuple[Tensor, Tensor | None]:
-        """``weight[:out_channels, :in_channels]`` (depthwise: ``weight[:out_channels]``) and
-        ``bias[:out_channels]``: the whole tensors at full width, else kept in eval mode outside autograd
-        (the weight contiguous, see :class:`KeptSlices`; views where slicing copies nothing)."""
+    def kernel_padding(self, kernel: int | None) -> tuple[int, ...]:
+        """The padding at active kernel size ``kernel`` (None: the stored one) that keeps the output size."""
+        if kernel is None or kernel == self.kernel_size[0]:
+            return self.padding
+        big = self.kernel_size[0]
+        if not (0 < kernel <= big and (big - kernel) % 2 == 0 and self.kernel_size[0] == self.kernel_size[1]):
+            raise ValueError(f"SlimConv2d with a {big}x{self.kernel_size[1]} kernel cannot run a {kernel}x{kernel} "
+                             f"centre (allowed: odd sizes up to {big} of a square kernel)")
+        return tuple(p - (big - kernel) // 2 * d for p, d in zip(self.padding, self.dilation))
+
+    def sliced(self, out_channels: int, in_channels: int,
+               kernel: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """``weight[:out_channels, :in_channels]`` (depthwise: ``weight[:out_channels]``), cropped to the centre
+        ``kernel x kernel``, and ``bias[:out_channels]``: the whole tensors at full width and kernel, else kept
+        in eval mode outside autograd (the weight contiguous, see :class:`KeptSlices`; views where slicing
+        copies nothing)."""
         in_w = 1 if self.depthwise else in_channels
-        if out_channels == self.out_channels and in_w == self.in_channels // self.groups:
-            return self.weight, self.bias
-        return self.kept((out_channels, in_w), lambda: self._first(out_channels, in_w))
+        big = self.kernel_size[0]
+        if kernel is None or kernel == big:
+            if out_channels == self.out_channels and in_w == self.in_channels // self.groups:
+                return self.weight, self.bias
+            return self.kept((out_channels, in_w), lambda: self._first(out_channels, in_w))
+        self.kernel_padding(kernel)  # checks the size
+        lo = (big - kernel) // 2
 
-    def sliced_weight(self, out_channels: int, in_channels: int) -> Tensor:
+        def make() -> tuple[Tensor, Tensor | None]:
+            w, b = self._first(out_channels, in_w)
+            return w[:, :, lo : lo + kernel, lo : lo + kernel], b
+
+        return self.kept((out_channels, in_w, kernel), make)
+
+    def sliced_weight(self, out_channels: int, in_channels: int, kernel: int | None = None) -> Tensor:
         """The weight of :meth:`sliced`."""
-        return self.sliced(out_channels, in_channels)[0]
+        return self.sliced(out_channels, in_channels, kernel)[0]
 
     @torch.no_grad()
-    def to_static(self, in_channels: int, out_channels: int | None = None) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding copies of the sliced weights."""
+    def to_static(self, in_channels: int, out_channels: int | None = None, kernel: int | None = None) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding copies of the sliced weights (at the centre ``kernel x kernel``)."""
         if self.depthwise:
             out_channels, groups = in_channels, in_channels
-            weight = self.weight[:in_channels]
         else:
             out_channels = self.out_channels if out_channels is None else out_channels
             groups = 1
-            weight = self.weight[:out_channels, :in_channels]
+        weight = self.sliced_weight(out_channels, in_channels, kernel)
+        size = self.kernel_size if kernel is None else (kernel, kernel)
         conv = nn.Conv2d(
-            in_channels, out_channels, self.kernel_size, self.stride, self.padding, self.dilation, groups,
+            in_channels, out_channels, size, self.stride, self.kernel_padding(kernel), self.dilation, groups,
             bias=self.bias is not None, device=self.weight.device, dtype=self.weight.dtype,
         )
         conv.weight.copy_(weight)
@@ -171,64 +195,77 @@ class SlimLinear(KeptSlices, nn.Linear):
 
 
 class SlimBatchNorm2d(KeptSlices, nn.Module):
-    """BatchNorm with private running statistics per width choice and one shared, sliced affine.
+    """BatchNorm with private running statistics per width choice (and per kernel size, after a kernel-sliced
+    convolution) and one shared, sliced affine.
 
-    The statistics are picked from ``x.shape[1]``. The largest choice uses the standard buffer names
-    (``running_mean``, ``running_var``, ``num_batches_tracked``) so a full-width state dict of a plain
-    network loads into it; smaller choices use ``running_mean_c{c}`` and so on.
+    The statistics are picked from ``x.shape[1]`` and the ``kernel`` argument (one of ``kernels``; None: the
+    largest). The largest width at the largest kernel uses the standard buffer names (``running_mean``,
+    ``running_var``, ``num_batches_tracked``) so a full-width state dict of a plain network loads into it;
+    smaller widths use ``running_mean_c{c}``, smaller kernels add ``_k{k}`` (``running_mean_c{c}_k{k}``, or
+    ``running_mean_k{k}`` at full width), and so on.
 
     Setting ``momentum = None`` gives a cumulative average (used by BN recalibration).
     """
 
-    def __init__(self, choices: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+    def __init__(self, choices: Sequence[int], eps: float = 1e-5, momentum: float | None = 0.1,
+                 kernels: Sequence[int] = ()) -> None:
         super().__init__()
         self.choices = tuple(sorted(set(int(c) for c in choices)))
+        self.kernels = tuple(sorted(set(int(k) for k in kernels)))
         self.num_features = self.choices[-1]
         self.eps = eps
         self.momentum = momentum
         self.sync = False  # SyncBatchNorm behaviour under torch.distributed (set by the trainer)
         self.weight = nn.Parameter(torch.ones(self.num_features))
         self.bias = nn.Parameter(torch.zeros(self.num_features))
-        self._stat_names: dict[int, tuple[str, str, str]] = {}  # width -> its three buffer names
-        for c in self.choices:
-            suffix = "" if c == self.num_features else f"_c{c}"
-            names = ("running_mean" + suffix, "running_var" + suffix, "num_batches_tracked" + suffix)
-            self._stat_names[c] = names
-            self.register_buffer(names[0], torch.zeros(c))
-            self.register_buffer(names[1], torch.ones(c))
-            self.register_buffer(names[2], torch.tensor(0, dtype=torch.long))
+        # (width, kernel or None for the largest) -> its three buffer names
+        self._stat_names: dict[tuple[int, int | None], tuple[str, str, str]] = {}
+        for k in (*self.kernels[:-1], None):
+            for c in self.choices:
+                suffix = ("" if c == self.num_features else f"_c{c}") + ("" if k is None else f"_k{k}")
+                names = ("running_mean" + suffix, "running_var" + suffix, "num_batches_tracked" + suffix)
+                self._stat_names[c, k] = names
+                self.register_buffer(names[0], torch.zeros(c))
+                self.register_buffer(names[1], torch.ones(c))
+                self.register_buffer(names[2], torch.tensor(0, dtype=torch.long))
 
-    def stats(self, c: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(running_mean, running_var, num_batches_tracked) of width ``c``."""
-        names = self._stat_names.get(c)
+    def stats(self, c: int, kernel: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(running_mean, running_var, num_batches_tracked) of width ``c`` after kernel size ``kernel``."""
+        if kernel is not None and self.kernels and kernel == self.kernels[-1]:
+            kernel = None
+        names = self._stat_names.get((c, kernel))
         if names is None:
+            if kernel is not None:
+                raise ValueError(f"SlimBatchNorm2d got kernel {kernel} (allowed: {list(self.kernels) or 'none'})")
             raise ValueError(f"SlimBatchNorm2d got {c} channels (allowed: {list(self.choices)})")
         buffers = self._buffers  # read per call: .to() and load_state_dict may replace the tensors
         return buffers[names[0]], buffers[names[1]], buffers[names[2]]
 
     @torch.no_grad()
     def reset_running_stats(self) -> None:
-        for c in self.choices:
-            mean, var, n = self.stats(c)
+        for c, k in self._stat_names:
+            mean, var, n = self.stats(c, k)
             mean.zero_()
             var.fill_(1.0)
             n.zero_()
 
     @torch.no_grad()
     def narrow_stats_from_full(self, keep: Sequence[int] = ()) -> None:
-        """Every narrower width's statistics (but those in ``keep``) set to the full width's first channels:
-        the start after full-width weights are loaded or reordered, which BN recalibration refines."""
+        """Every other choice's statistics (but the widths in ``keep`` at the largest kernel) set to the full
+        width's first channels at the largest kernel: the start after full-width weights are loaded or
+        reordered, which BN recalibration refines."""
         full_mean, full_var, full_n = self.stats(self.num_features)
-        for c in self.choices[:-1]:
-            if c not in keep:
-                mean, var, n = self.stats(c)
-                mean.copy_(full_mean[:c])
-                var.copy_(full_var[:c])
-                n.copy_(full_n)
+        for c, k in self._stat_names:
+            if (c == self.num_features or c in keep) and k is None:
+                continue
+            mean, var, n = self.stats(c, k)
+            mean.copy_(full_mean[:c])
+            var.copy_(full_var[:c])
+            n.copy_(full_n)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, kernel: int | None = None) -> Tensor:
         c = x.shape[1]
-        mean, var, n = self.stats(c)
+        mean, var, n = self.stats(c, kernel)
         if self.training and self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
             return self._forward_synced(x, mean, var, n)
         factor = 0.0
@@ -262,8 +299,8 @@ class SlimBatchNorm2d(KeptSlices, nn.Module):
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def to_static(self, channels: int) -> nn.BatchNorm2d:
-        mean, var, n = self.stats(channels)
+    def to_static(self, channels: int, kernel: int | None = None) -> nn.BatchNorm2d:
+        mean, var, n = self.stats(channels, kernel)
         bn = nn.BatchNorm2d(channels, eps=self.eps, device=self.weight.device, dtype=self.weight.dtype)
         bn.weight.copy_(self.weight[:channels])
         bn.bias.copy_(self.bias[:channels])
@@ -273,7 +310,8 @@ class SlimBatchNorm2d(KeptSlices, nn.Module):
         return bn.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"choices={list(self.choices)}, eps={self.eps}, momentum={self.momentum}"
+        kernels = f", kernels={list(self.kernels)}" if self.kernels else ""
+        return f"choices={list(self.choices)}{kernels}, eps={self.eps}, momentum={self.momentum}"
 
 
 class SlimSqueezeExcite(nn.Module):

@@ -7,6 +7,8 @@ The gate is the SE of the first block of the first routed stage: it reads that b
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,7 +20,8 @@ from dsctl.models.common import StageConfig, build_space, init_weights
 from dsctl.registry import register_model
 from dsctl.spec import SliceSpec
 
-__all__ = ["DSMobileNetV1", "SlimSeparableBlock", "ds_mobilenetv1", "tiny_ds_mobilenetv1"]
+__all__ = ["DSMobileNetV1", "SlimSeparableBlock", "ds_mobilenetv1", "tiny_ds_mobilenetv1", "ds_mobilenetv1pp",
+           "tiny_ds_mobilenetv1pp"]
 
 IMAGENET_STAGES = (
     StageConfig("stem", 1, 2, (16, 24)),
@@ -43,39 +46,46 @@ TINY_STAGES = (
 class SlimSeparableBlock(nn.Module):
     """Depthwise-separable block with SE; ``se=False`` leaves the SE to a gate placed by the model.
 
+    ``kernels`` (DS-CNN++): the depthwise kernel sizes the block can run at; its depthwise weight is stored
+    at the largest and a smaller size runs its centre, and both BatchNorms keep statistics per size (what
+    they normalise changes with it). Without ``kernels`` the depthwise kernel is 3x3.
     (DS-Net's ``DSDepthwiseSeparable``; "DS" in dsctl's model names means dynamic slimmable.)
     """
 
-    def __init__(self, in_choices: tuple[int, ...], out_choices: tuple[int, ...], stride: int, se: bool = True) -> None:
+    def __init__(self, in_choices: tuple[int, ...], out_choices: tuple[int, ...], stride: int, se: bool = True,
+                 kernels: tuple[int, ...] = ()) -> None:
         super().__init__()
         c_in, c_out = in_choices[-1], out_choices[-1]
-        self.dw = SlimConv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False)
-        self.bn1 = SlimBatchNorm2d(in_choices)
+        size = kernels[-1] if kernels else 3
+        self.dw = SlimConv2d(c_in, c_in, size, stride, size // 2, groups=c_in, bias=False)
+        self.bn1 = SlimBatchNorm2d(in_choices, kernels=kernels)
         self.se = SlimSqueezeExcite(c_in, round(0.25 * c_in)) if se else None
         self.pw = SlimConv2d(c_in, c_out, 1, bias=False)
-        self.bn2 = SlimBatchNorm2d(out_choices)
+        self.bn2 = SlimBatchNorm2d(out_choices, kernels=kernels)
 
-    def forward_dw(self, x: Tensor) -> Tensor:
-        x = F.silu(self.bn1(self.dw(x)), inplace=True)  # in place on the fresh BN output
+    def forward_dw(self, x: Tensor, kernel: int | None = None) -> Tensor:
+        x = F.silu(self.bn1(self.dw(x, kernel=kernel), kernel), inplace=True)  # in place on the fresh BN output
         return x if self.se is None else self.se(x)
 
-    def forward_pw(self, x: Tensor, out_channels: int) -> Tensor:
-        return F.silu(self.bn2(self.pw(x, out_channels)), inplace=True)
+    def forward_pw(self, x: Tensor, out_channels: int, kernel: int | None = None) -> Tensor:
+        return F.silu(self.bn2(self.pw(x, out_channels), kernel), inplace=True)
 
-    def forward(self, x: Tensor, out_channels: int) -> Tensor:
-        return self.forward_pw(self.forward_dw(x), out_channels)
+    def forward(self, x: Tensor, out_channels: int, kernel: int | None = None) -> Tensor:
+        return self.forward_pw(self.forward_dw(x, kernel), out_channels, kernel)
 
-    def static_halves(self, in_channels: int, out_channels: int,
-                      se: nn.Module | None = None) -> tuple[list[nn.Module], list[nn.Module]]:
-        """Plain-torch layers of :meth:`forward_dw` (depthwise, BN, SiLU, SE or ``se``) and of
+    def static_halves(self, in_channels: int, out_channels: int, se: nn.Module | None = None,
+                      kernel: int | None = None) -> tuple[list[nn.Module], list[nn.Module]]:
+        """Plain-torch layers of :meth:`forward_dw` (depthwise at ``kernel``, BN, SiLU, SE or ``se``) and of
         :meth:`forward_pw` (pointwise, BN, SiLU)."""
         se = se if se is not None else (self.se.to_static(in_channels) if self.se is not None else nn.Identity())
-        dw_half = [self.dw.to_static(in_channels), self.bn1.to_static(in_channels), nn.SiLU(inplace=True), se]
-        pw_half = [self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels), nn.SiLU(inplace=True)]
+        dw_half = [self.dw.to_static(in_channels, kernel=kernel), self.bn1.to_static(in_channels, kernel),
+                   nn.SiLU(inplace=True), se]
+        pw_half = [self.pw.to_static(in_channels, out_channels), self.bn2.to_static(out_channels, kernel),
+                   nn.SiLU(inplace=True)]
         return dw_half, pw_half
 
-    def to_static(self, in_channels: int, out_channels: int) -> nn.Sequential:
-        dw_half, pw_half = self.static_halves(in_channels, out_channels)
+    def to_static(self, in_channels: int, out_channels: int, kernel: int | None = None) -> nn.Sequential:
+        dw_half, pw_half = self.static_halves(in_channels, out_channels, kernel=kernel)
         return nn.Sequential(*dw_half, *pw_half)
 
 
@@ -90,7 +100,7 @@ class DSMobileNetV1(Supernet):
         self.default_input_size = default_input_size
         # stage_cfgs[0] is the stem conv; stage_cfgs[i], i >= 1, is self.stages[i - 1] (see _blocks)
         self.gate_stage = next(i for i, s in enumerate(stages) if s.routed)
-        self.space = build_space(stages, gate_after=f"{stages[self.gate_stage].name}.b0.dw")
+        self.space = build_space(stages, gate_after=f"{stages[self.gate_stage].name}.b0.dw", cost=self._routed_macs)
         stem = stages[0]
         self.stem = SlimConv2d(in_chans, stem.choices[-1], 3, stem.stride, 1, bias=False)
         self.stem_bn = SlimBatchNorm2d(stem.choices)
@@ -100,14 +110,36 @@ class DSMobileNetV1(Supernet):
             blocks = nn.ModuleList()
             for b in range(cfg.repeats):
                 in_choices = prev if b == 0 else cfg.choices
-                is_gate = i == self.gate_stage and b == 0
-                blocks.append(SlimSeparableBlock(in_choices, cfg.choices, cfg.stride if b == 0 else 1, se=not is_gate))
+                is_gate = i == self.gate_stage and b == 0  # its depthwise half runs before the gate: one kernel
+                blocks.append(SlimSeparableBlock(in_choices, cfg.choices, cfg.stride if b == 0 else 1, se=not is_gate,
+                                                 kernels=() if is_gate else cfg.kernels))
             self.stages.append(blocks)
             prev = cfg.choices
         gate_in = stages[self.gate_stage - 1].choices[-1]  # the gate reads the depthwise output: the input width
         self.gate = SlimGate(gate_in, round(0.25 * gate_in), self.space.num_subnets, attention=True)
         self.classifier = SlimLinear(prev[-1], num_classes)
         init_weights(self)
+
+    def _routed_macs(self, spec: SliceSpec) -> int:
+        """MACs of the routed part (the gate block's pointwise conv to the classifier) at the default input
+        size, counted as fvcore counts them: what orders a kernel space's sub-networks (build_space)."""
+        size = self.default_input_size
+        for cfg in self.stage_cfgs[: self.gate_stage + 1]:
+            size = -(-size // cfg.stride)
+        w, macs = spec.widths, 0
+        prev = w[self.gate_stage - 1]
+        for i in range(self.gate_stage, len(self.stage_cfgs)):
+            cfg = self.stage_cfgs[i]
+            for b in range(cfg.repeats):
+                if b == 0 and i > self.gate_stage:
+                    size = -(-size // cfg.stride)
+                kernel = spec.kernel(i) or 3
+                if not (b == 0 and i == self.gate_stage):  # the gate block's depthwise half is in the front
+                    reduce = round(0.25 * (cfg.choices[-1] if b else self.stage_cfgs[i - 1].choices[-1]))
+                    macs += prev * kernel * kernel * size * size + 2 * prev * reduce
+                macs += prev * w[i] * size * size
+                prev = w[i]
+        return macs + prev * self.num_classes
 
     def _blocks(self, i: int) -> nn.ModuleList:
         """The blocks of stage ``stage_cfgs[i]``, ``1 <= i`` (stage 0 is the stem conv, not in ``stages``)."""
@@ -151,10 +183,10 @@ class DSMobileNetV1(Supernet):
         w = spec.widths
         h = self.gate_block.forward_pw(h, w[self.gate_stage])
         for block in list(self._blocks(self.gate_stage))[1:]:  # a ModuleList slice is a new ModuleList
-            h = block(h, w[self.gate_stage])
+            h = block(h, w[self.gate_stage], spec.kernel(self.gate_stage))
         for i in range(self.gate_stage + 1, len(self.stage_cfgs)):
             for block in self._blocks(i):
-                h = block(h, w[i])
+                h = block(h, w[i], spec.kernel(i))
         h = h.mean((2, 3))
         if self.training and self.drop_rate > 0 and spec == self.space.full:
             h = F.dropout(h, self.drop_rate, training=True)
@@ -182,7 +214,7 @@ class DSMobileNetV1(Supernet):
                     pre.extend(dw_half if attention else dw_half[:-1])
                     post.extend(pw_half)
                 else:
-                    (pre if i < self.gate_stage else post).append(block.to_static(prev, w[i]))
+                    (pre if i < self.gate_stage else post).append(block.to_static(prev, w[i], spec.kernel(i)))
                 prev = w[i]
         post.append(ClassifierHead(self.classifier.to_static(prev)))
         return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
@@ -198,3 +230,22 @@ def ds_mobilenetv1(num_classes: int = 1000, in_chans: int = 3, drop_rate: float 
 def tiny_ds_mobilenetv1(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0) -> DSMobileNetV1:
     """CPU-sized DS-MobileNetV1 for 28-32 px inputs (stride-1 stem): 6 sub-networks, rho 0.375..1.0."""
     return DSMobileNetV1(TINY_STAGES, num_classes, in_chans, drop_rate, default_input_size=28)
+
+
+def _with_kernels(stages: tuple[StageConfig, ...], kernels: tuple[int, ...]) -> tuple[StageConfig, ...]:
+    return tuple(dataclasses.replace(s, kernels=kernels) if s.routed else s for s in stages)
+
+
+@register_model
+def ds_mobilenetv1pp(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2) -> DSMobileNetV1:
+    """DS-MobileNetV1 with kernel-size slicing (DS-CNN++): the routed stages' depthwise convs at 3x3, 5x5 or
+    7x7 (the centre of one stored 7x7 kernel) for every width: 42 sub-networks ordered by MACs, 224 px."""
+    return DSMobileNetV1(_with_kernels(IMAGENET_STAGES, (3, 5, 7)), num_classes, in_chans, drop_rate,
+                         default_input_size=224)
+
+
+@register_model
+def tiny_ds_mobilenetv1pp(num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0) -> DSMobileNetV1:
+    """CPU-sized DS-MobileNetV1 with kernel-size slicing (3/5/7 depthwise kernels in the routed stages) for
+    28-32 px inputs: 18 sub-networks ordered by MACs."""
+    return DSMobileNetV1(_with_kernels(TINY_STAGES, (3, 5, 7)), num_classes, in_chans, drop_rate, default_input_size=28)
