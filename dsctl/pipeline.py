@@ -67,8 +67,12 @@ def run_pipeline(recipe: Recipe, out: str | Path, *, device: str = "auto", progr
 
     out = Path(out)
     p = recipe.pipeline
-    # a baseline the family cannot have fails now, not after the supernet and gates have trained
-    check_baseline_methods(build_model(recipe.model.name, **recipe.model.kwargs), p.baseline_methods)
+    # a baseline the family cannot have, or a width its space does not have, fails now, not after the
+    # supernet and gates have trained
+    model = build_model(recipe.model.name, **recipe.model.kwargs)
+    check_baseline_methods(model, p.baseline_methods)
+    for w in (p.baseline_width, *p.uniform_widths):
+        model.space.resolve(w)
     runs = stage_runs(recipe, out)
     data = build_run_data(recipe.data)  # the data identity every stage's record is compared with
     common = {"device": device, "progress": progress, "stop": stop, "allow_changed": allow_changed,

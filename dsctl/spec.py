@@ -48,45 +48,66 @@ def width_label(width: float | None) -> float | str:
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """Active channels per slimmable stage, stem to head, and, in a space that slices kernels (DS-CNN++),
-    the active kernel size per stage (0 where a stage's kernel is fixed; ``()`` in every other space)."""
+    """Active channels per slimmable stage, stem to head; in a space that slices kernels (DS-CNN++), the
+    active kernel size per stage (0 where a stage's kernel is fixed); in a space that routes a transformer's
+    MLP apart from its heads, the MLP hidden units per stage (0 where the MLP follows the width). Both are
+    ``()`` in every other space."""
 
     widths: tuple[int, ...]
     kernels: tuple[int, ...] = ()
+    hidden: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
     def kernel(self, stage: int) -> int | None:
         """The active kernel size of stage ``stage``; None where the stage runs its stored kernel."""
         return (self.kernels[stage] or None) if self.kernels else None
 
+    def mlp_hidden(self, stage: int) -> int | None:
+        """The MLP hidden units of stage ``stage``; None where they follow the width."""
+        return (self.hidden[stage] or None) if self.hidden else None
+
     def to_json(self) -> list[int] | dict[str, list[int]]:
-        """The widths list (as files have always held it), or widths and kernels in a kernel space."""
-        return {"widths": list(self.widths), "kernels": list(self.kernels)} if self.kernels else list(self.widths)
+        """The widths list (as files have always held it), or a dict with the kernels and/or hidden units."""
+        if not (self.kernels or self.hidden):
+            return list(self.widths)
+        out = {"widths": list(self.widths)}
+        if self.kernels:
+            out["kernels"] = list(self.kernels)
+        if self.hidden:
+            out["hidden"] = list(self.hidden)
+        return out
 
     @classmethod
     def from_json(cls, value) -> "SliceSpec":
         """Inverse of :meth:`to_json`."""
         if isinstance(value, dict):
-            return cls(tuple(value["widths"]), tuple(value.get("kernels") or ()))
+            return cls(tuple(value["widths"]), tuple(value.get("kernels") or ()), tuple(value.get("hidden") or ()))
         return cls(tuple(value))
 
 
 @dataclass(frozen=True)
 class StageSpace:
     """The ascending channel choices of one slimmable stage; ``routed`` if the gate sets its width;
-    ``kernels``: the ascending odd kernel sizes its sliceable convolutions can run at (empty: fixed)."""
+    ``kernels``: the ascending odd kernel sizes its sliceable convolutions can run at (empty: fixed);
+    ``mlp_ratios``: the ascending MLP hidden-width ratios its transformer blocks can run at, hidden units =
+    ``int(width * ratio)`` (empty: the MLP follows the width)."""
 
     name: str
     choices: tuple[int, ...]
     routed: bool = False
     kernels: tuple[int, ...] = ()
+    mlp_ratios: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "choices", tuple(int(c) for c in self.choices))
         object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
+        object.__setattr__(self, "mlp_ratios", tuple(float(r) for r in self.mlp_ratios))
+        if list(self.mlp_ratios) != sorted(set(self.mlp_ratios)) or any(r <= 0 for r in self.mlp_ratios):
+            raise ValueError(f"stage {self.name!r}: mlp_ratios must be ascending, unique and > 0, got {self.mlp_ratios}")
         if not self.choices or list(self.choices) != sorted(set(self.choices)):
             raise ValueError(f"stage {self.name!r}: choices must be ascending and unique, got {self.choices}")
         if list(self.kernels) != sorted(set(self.kernels)) or any(k < 1 or k % 2 == 0 for k in self.kernels):
@@ -119,6 +140,9 @@ class SearchSpace:
             raise ValueError("full must set every stage to its largest choice")
         if self.slices_kernels and self.full.kernels != tuple(s.kernels[-1] if s.kernels else 0 for s in self.stages):
             raise ValueError("full must run every kernel-sliced stage at its largest kernel")
+        if self.routes_mlp and self.full.hidden != tuple(int(s.choices[-1] * s.mlp_ratios[-1]) if s.mlp_ratios else 0
+                                                         for s in self.stages):
+            raise ValueError("full must run every MLP-routed stage at its largest MLP ratio")
 
     # -- sandwich-rule members -------------------------------------------------------------------
     def largest(self) -> SliceSpec:
@@ -157,6 +181,17 @@ class SearchSpace:
         """True for a DS-CNN++ space: some stage's kernel size is a choice too."""
         return any(s.kernels for s in self.stages)
 
+    @property
+    def routes_mlp(self) -> bool:
+        """True for a transformer space whose MLP hidden width is routed apart from its heads."""
+        return any(s.mlp_ratios for s in self.stages)
+
+    def mlp_ratio_of(self, spec: SliceSpec) -> float | None:
+        """The MLP ratio (hidden units / width) of ``spec``'s first MLP-routed stage (None elsewhere)."""
+        if not spec.hidden:
+            return None
+        return next((h / w for s, w, h in zip(self.stages, spec.widths, spec.hidden) if s.mlp_ratios), None)
+
     def kernel_of(self, spec: SliceSpec) -> int | None:
         """The kernel size of ``spec``'s first kernel-sliced routed stage (None outside kernel spaces)."""
         if not spec.kernels:
@@ -164,13 +199,18 @@ class SearchSpace:
         return next((k for s, k in zip(self.stages, spec.kernels) if s.kernels and s.routed), None)
 
     def name(self, spec: SliceSpec) -> str:
-        """What a user types to get ``spec`` back from :meth:`resolve`: its slimming ratio (``0.5``), the ratio
-        and kernel size in a kernel space (``0.5@5``), or ``largest``."""
+        """What a user types to get ``spec`` back from :meth:`resolve`: its slimming ratio (``0.5``), with the
+        kernel size in a kernel space (``0.5@5``) or the MLP ratio where the MLP is routed apart
+        (``0.75@mlp2``), or ``largest``."""
         if spec == self.full and spec not in self.subnets:
             return LARGEST
-        ratio = f"{self.ratio(spec):g}"
-        kernel = self.kernel_of(spec)
-        return ratio if kernel is None else f"{ratio}@{kernel}"
+        out = f"{self.ratio(spec):g}"
+        kernel, mlp = self.kernel_of(spec), self.mlp_ratio_of(spec)
+        if kernel is not None:
+            out += f"@{kernel}"
+        if mlp is not None:
+            out += f"@mlp{mlp:g}"
+        return out
 
     def ratio(self, spec: SliceSpec) -> float:
         """Slimming ratio rho of ``spec``: channels of the first routed stage / that stage's maximum."""
@@ -217,18 +257,25 @@ class SearchSpace:
                 if not 0 <= k < self.num_subnets:
                     raise SpecError(f"sub-network index {k} out of range (allowed: 0..{self.num_subnets - 1})")
                 return self.subnets[k]
-        ratio_text, _, kernel_text = text.partition("@")
+        ratio_text, *suffixes = text.split("@")
+        kernel = mlp = None
         try:
             rho = float(ratio_text)
-            kernel = int(kernel_text) if kernel_text else None
+            for suffix in suffixes:
+                if suffix.startswith("mlp"):
+                    mlp = float(suffix[3:])
+                else:
+                    kernel = int(suffix)
         except ValueError:
             raise SpecError(f"width {width!r} is not a number (allowed: {self.describe_widths()})") from None
         found = [s for s in self.subnets if abs(self.ratio(s) - rho) < 1e-6
-                 and (kernel is None or self.kernel_of(s) == kernel)]
+                 and (kernel is None or self.kernel_of(s) == kernel)
+                 and (mlp is None or abs((self.mlp_ratio_of(s) or -1.0) - mlp) < 1e-6)]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
-            raise SpecError(f"width {ratio_text} names {len(found)} sub-networks of different kernel sizes "
+            what = "kernel sizes" if self.slices_kernels else "MLP ratios"
+            raise SpecError(f"width {ratio_text} names {len(found)} sub-networks of different {what} "
                             f"(allowed: {self.describe_widths()})")
         shown = width if isinstance(width, (int, float)) or str(width).strip() == str(width) else repr(width)
         raise SpecError(f"width {shown} is not in the search space (allowed: {self.describe_widths()})")
@@ -252,7 +299,8 @@ class SearchSpace:
         """JSON-safe description (for checkpoints, sidecars and ``dsctl models --json``)."""
         out = {
             "stages": [{"name": s.name, "choices": list(s.choices), "routed": s.routed,
-                        **({"kernels": list(s.kernels)} if s.kernels else {})} for s in self.stages],
+                        **({"kernels": list(s.kernels)} if s.kernels else {}),
+                        **({"mlp_ratios": list(s.mlp_ratios)} if s.mlp_ratios else {})} for s in self.stages],
             "subnets": [list(s.widths) for s in self.subnets],
             "full": list(self.full.widths),
             "gate_after": self.gate_after,
@@ -260,6 +308,9 @@ class SearchSpace:
         }
         if self.slices_kernels:
             out["subnet_kernels"] = [list(s.kernels) for s in self.subnets]
+        if self.routes_mlp:
+            out["subnet_hidden"] = [list(s.hidden) for s in self.subnets]
+        if self.slices_kernels or self.routes_mlp:
             out["names"] = [self.name(s) for s in self.subnets]
         return out
 
@@ -271,6 +322,7 @@ class SearchSpace:
         for stage, w in zip(self.stages, spec.widths):
             if w not in stage.choices:
                 raise SpecError(f"stage {stage.name!r}: width {w} not allowed (allowed: {list(stage.choices)})")
+        self._validate_hidden(spec)
         if not self.slices_kernels:
             if spec.kernels:
                 raise SpecError(f"spec has kernel sizes {spec.kernels}, but this space slices no kernel")
@@ -281,3 +333,16 @@ class SearchSpace:
             if k not in (stage.kernels or (0,)):
                 allowed = list(stage.kernels) if stage.kernels else "0 (fixed kernel)"
                 raise SpecError(f"stage {stage.name!r}: kernel {k} not allowed (allowed: {allowed})")
+
+    def _validate_hidden(self, spec: SliceSpec) -> None:
+        if not self.routes_mlp:
+            if spec.hidden:
+                raise SpecError(f"spec has MLP hidden widths {spec.hidden}, but this space routes no MLP apart")
+            return
+        if len(spec.hidden) != len(self.stages):
+            raise SpecError(f"spec has {len(spec.hidden)} MLP hidden widths, the space has {len(self.stages)} stages")
+        for stage, w, h in zip(self.stages, spec.widths, spec.hidden):
+            allowed = [int(w * r) for r in stage.mlp_ratios] or [0]
+            if h not in allowed:
+                raise SpecError(f"stage {stage.name!r}: MLP hidden width {h} not allowed at width {w} "
+                                f"(allowed: {allowed})")

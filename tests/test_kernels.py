@@ -90,3 +90,35 @@ def test_kernel_subnets_export_with_cropped_kernels_and_route_like_their_statics
         h, routes = routed.front(x)
         for i, tail in enumerate(routed.tails):
             torch.testing.assert_close(tail(h), model.forward_post(h, space.subnets[6 + i]), atol=1e-5, rtol=1e-4)
+
+
+def test_vit_mlp_routed_apart_orders_by_fvcore_macs_exports_and_masks_exactly() -> None:
+    """DS-ViT with mlp_ratios: every head count at every MLP ratio, ordered by MACs (a narrower MLP can come
+    before fewer heads), each exported exactly, and the masked reference equal to each route's output."""
+    from dsctl.flops import count_subnet
+
+    model = dsctl.build_model("tiny_ds_vit", mlp_ratios=[1, 2, 4]).eval()
+    space = model.space
+    assert space.routes_mlp and space.num_subnets == 9
+    macs = [count_subnet(model, s).macs for s in space.subnets]
+    assert macs == sorted(macs) and len(set(macs)) == len(macs)
+    names = [space.name(s) for s in space.subnets]
+    assert names.index("1@mlp1") < names.index("0.75@mlp4")  # the MLP shrinks before the heads do
+    assert space.full == SliceSpec((64, 64, 64), (), (0, 0, 256))
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        for spec in space.subnets[::2]:
+            torch.testing.assert_close(model.to_static(spec)(x), model(x, spec), atol=1e-5, rtol=1e-4)
+        h = model.forward_pre(x, space.subnets[0]).features
+        routes = torch.tensor([0, 3, 5, 8, 2, 7])
+        masked = model.forward_post_masked(h, routes, space.subnets[-1])
+        for i, r in enumerate(routes.tolist()):
+            torch.testing.assert_close(masked[i], model.forward_post(h[i:i + 1], space.subnets[r])[0],
+                                       atol=1e-5, rtol=1e-4)
+    assert space.resolve("0.75@mlp2") == SliceSpec((64, 32, 48), (), (0, 0, 96))
+    with pytest.raises(SpecError, match="names 3 sub-networks of different MLP ratios"):
+        space.resolve("0.75")
+    with pytest.raises(SpecError, match="MLP hidden width 100 not allowed"):
+        space.check(SliceSpec((64, 32, 48), (), (0, 0, 100)))
+    with pytest.raises(ValueError, match="end at mlp_ratio 4"):
+        dsctl.build_model("tiny_ds_vit", mlp_ratios=[1, 2])

@@ -120,7 +120,8 @@ class SlimAttention(nn.Module):
 
 
 class SlimMlp(nn.Module):
-    """fc1 (d -> ratio * d) -> GELU -> fc2 (-> d): the hidden width follows the input width."""
+    """fc1 (d -> ratio * d) -> GELU -> fc2 (-> d): the hidden width follows the input width, unless the
+    caller routes it apart (``hidden``: the first hidden units, any count up to the stored ones)."""
 
     def __init__(self, dim: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -131,15 +132,16 @@ class SlimMlp(nn.Module):
     def hidden(self, width: int) -> int:
         return int(width * self.mlp_ratio)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hidden: int | None = None) -> Tensor:
         d = x.shape[-1]
-        return self.fc2(F.gelu(self.fc1(x, self.hidden(d))), d)
+        return self.fc2(F.gelu(self.fc1(x, self.hidden(d) if hidden is None else hidden)), d)
 
-    def forward_masked(self, x: Tensor, keep: Tensor, keep_hidden: Tensor) -> Tensor:
-        """``keep_hidden`` (N, 1, hidden): each sample's hidden units (``hidden`` of its own width)."""
+    def forward_masked(self, x: Tensor, keep: Tensor, keep_hidden: Tensor, hidden: int | None = None) -> Tensor:
+        """``keep_hidden`` (N, 1, hidden): each sample's hidden units (``hidden`` of its own width, or its own
+        routed count) out of the ``hidden`` computed (None: the width's)."""
         d = x.shape[-1]
-        return self.fc2(F.gelu(self.fc1(x, self.hidden(d))) * keep_hidden, d) * keep
+        return self.fc2(F.gelu(self.fc1(x, self.hidden(d) if hidden is None else hidden)) * keep_hidden, d) * keep
 
-    def to_static(self, width: int) -> Mlp:
-        hidden = self.hidden(width)
+    def to_static(self, width: int, hidden: int | None = None) -> Mlp:
+        hidden = self.hidden(width) if hidden is None else hidden
         return Mlp(self.fc1.to_static(width, hidden), self.fc2.to_static(hidden, width))

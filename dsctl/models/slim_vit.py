@@ -23,6 +23,8 @@ patch, and another size raises ValueError rather than silently resampling it.
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +50,9 @@ class ViTConfig:
 
     ``min_heads``: heads of the narrowest width (the blocks before the gate in every indexed
     sub-network, and the first routed choice). ``gate_after``: blocks before the gate (1 .. depth - 1).
+    ``mlp_ratios``: MLP hidden-width ratios the routed blocks can run at apart from their heads (every
+    head count at every ratio, ordered by MACs; the largest must be ``mlp_ratio``); empty: the MLP follows
+    the width (``mlp_ratio`` x d), one coupled width as in DS-Net++.
     """
 
     img_size: int
@@ -58,8 +63,13 @@ class ViTConfig:
     min_heads: int
     gate_after: int
     mlp_ratio: float = 4.0
+    mlp_ratios: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mlp_ratios", tuple(sorted(set(float(r) for r in self.mlp_ratios))))
+        if self.mlp_ratios and (self.mlp_ratios[-1] != self.mlp_ratio or self.mlp_ratios[0] <= 0):
+            raise ValueError(f"mlp_ratios {list(self.mlp_ratios)} must be positive and end at mlp_ratio "
+                             f"{self.mlp_ratio:g} (the full network's MLP)")
         if self.embed_dim % self.head_dim:
             raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of head_dim {self.head_dim}")
         if not 1 <= self.min_heads <= self.num_heads:
@@ -88,8 +98,17 @@ class ViTConfig:
         return (
             StageConfig("embed", 1, self.patch_size, (full,)),
             StageConfig(_blocks_name(0, g), g, 1, tuple(sorted({d_min, full}))),
-            StageConfig(_blocks_name(g, self.depth), self.depth - g, 1, self.widths, routed=True),
+            StageConfig(_blocks_name(g, self.depth), self.depth - g, 1, self.widths, routed=True,
+                        mlp_ratios=self.mlp_ratios),
         )
+
+    def routed_macs(self, spec: SliceSpec) -> int:
+        """MACs of the routed blocks (per image, as fvcore counts them: q/k/v, the two attention matmuls,
+        proj, fc1, fc2 at the active width and hidden units): what orders a space whose MLP is routed apart."""
+        d = spec.widths[2]
+        hidden = spec.mlp_hidden(2) or int(d * self.mlp_ratio)
+        tokens = self.grid_size**2 + 1
+        return (self.depth - self.gate_after) * tokens * (4 * d * d + 2 * tokens * d + 2 * d * hidden)
 
 
 def _blocks_name(start: int, stop: int) -> str:
@@ -110,12 +129,13 @@ def _with_idle(active: Tensor, x: Tensor) -> Tensor:
     return active if d == x.shape[-1] else torch.cat([active, x[..., d:]], -1)
 
 
-def _run_blocks(blocks, x: Tensor, width: int) -> Tensor:
-    """``blocks`` in turn at one ``width``: the idle channels are split off once and joined once, not per
-    block (the same values as calling each block, without a slice and a concatenation per block)."""
+def _run_blocks(blocks, x: Tensor, width: int, hidden: int | None = None) -> Tensor:
+    """``blocks`` in turn at one ``width`` (and MLP ``hidden`` units, None: the width's): the idle channels are
+    split off once and joined once, not per block (the same values as calling each block, without a slice
+    and a concatenation per block)."""
     h = x[..., :width]
     for block in blocks:
-        h = block.forward_active(h)
+        h = block.forward_active(h, hidden)
     return _with_idle(h, x)
 
 
@@ -130,30 +150,35 @@ class SlimViTBlock(nn.Module):
         self.mlp = SlimMlp(dim, mlp_ratio)
         self.drop_path = drop_path
 
-    def forward(self, x: Tensor, width: int) -> Tensor:
+    def forward(self, x: Tensor, width: int, hidden: int | None = None) -> Tensor:
         """x: (N, T, D) -> (N, T, D); only channels [:width] change."""
-        return _run_blocks((self,), x, width)
+        return _run_blocks((self,), x, width, hidden)
 
-    def forward_active(self, h: Tensor) -> Tensor:
-        """The block on its active channels alone: h (N, T, d) -> (N, T, d), d = the block's width."""
+    def forward_active(self, h: Tensor, hidden: int | None = None) -> Tensor:
+        """The block on its active channels alone: h (N, T, d) -> (N, T, d), d = the block's width; the MLP
+        at ``hidden`` units (None: ``mlp_ratio`` x d)."""
         h = h + _drop_path(self.attn(self.norm1(h)), self.drop_path, self.training)
-        return h + _drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training)
+        return h + _drop_path(self.mlp(self.norm2(h), hidden), self.drop_path, self.training)
 
-    def forward_masked(self, x: Tensor, width: int, widths: Tensor) -> Tensor:
-        """The block at ``width`` for the whole batch, sample i masked to its own width ``widths[i]`` (<= width):
-        equal to ``forward(x[i:i+1], widths[i])`` at the cost of ``width`` (evaluation only: no drop path)."""
+    def forward_masked(self, x: Tensor, width: int, widths: Tensor, hidden: int | None = None,
+                       hiddens: Tensor | None = None) -> Tensor:
+        """The block at ``width`` (MLP at ``hidden`` units) for the whole batch, sample i masked to its own width
+        ``widths[i]`` <= width (and MLP units ``hiddens[i]``, default its width's): equal to
+        ``forward(x[i:i+1], widths[i], hiddens[i])`` at the cost of ``width`` (evaluation only: no drop path)."""
         h = x[..., :width]
         keep = (torch.arange(width, device=x.device) < widths[:, None]).to(x.dtype)[:, None, :]  # (N, 1, width)
-        hidden = torch.arange(self.mlp.hidden(width), device=x.device)
-        keep_hidden = (hidden < (widths.to(torch.float64) * self.mlp.mlp_ratio).long()[:, None]).to(x.dtype)[:, None, :]
+        units = torch.arange(self.mlp.hidden(width) if hidden is None else hidden, device=x.device)
+        if hiddens is None:
+            hiddens = (widths.to(torch.float64) * self.mlp.mlp_ratio).long()
+        keep_hidden = (units < hiddens[:, None]).to(x.dtype)[:, None, :]
         h = h + self.attn.forward_masked(self.norm1.forward_masked(h, keep), keep)
-        h = h + self.mlp.forward_masked(self.norm2.forward_masked(h, keep), keep, keep_hidden)
+        h = h + self.mlp.forward_masked(self.norm2.forward_masked(h, keep), keep, keep_hidden, hidden)
         return _with_idle(h, x)
 
-    def to_static(self, width: int) -> TransformerBlock:
+    def to_static(self, width: int, hidden: int | None = None) -> TransformerBlock:
         """The block as an ordinary width-``width`` transformer block (idle channels: see IdleSliced)."""
         return TransformerBlock(self.norm1.to_static(width), self.attn.to_static(width),
-                                self.norm2.to_static(width), self.mlp.to_static(width))
+                                self.norm2.to_static(width), self.mlp.to_static(width, hidden))
 
 
 class _PatchEmbed(nn.Module):
@@ -178,7 +203,7 @@ class DSViT(Supernet):
         super().__init__()
         self.cfg = cfg
         self.num_classes, self.in_chans, self.default_input_size = num_classes, in_chans, cfg.img_size
-        self.space = build_space(cfg.stages(), gate_after=f"blocks.{cfg.gate_after - 1}")
+        self.space = build_space(cfg.stages(), gate_after=f"blocks.{cfg.gate_after - 1}", cost=cfg.routed_macs)
         dim = cfg.embed_dim
         self.patch_embed = _PatchEmbed(in_chans, dim, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -239,7 +264,7 @@ class DSViT(Supernet):
         return GatePoint(_with_idle(self.gate.attend(active, e), x), e)
 
     def forward_post(self, h: Tensor, spec: SliceSpec) -> Tensor:
-        h = _run_blocks(self._blocks(routed=True), h, spec.widths[2])
+        h = _run_blocks(self._blocks(routed=True), h, spec.widths[2], spec.mlp_hidden(2))
         return self.head(self.norm(h[:, 0]))  # LayerNorm is per token: norm(h)[:, 0] == norm(h[:, 0])
 
     @torch.no_grad()
@@ -250,7 +275,7 @@ class DSViT(Supernet):
         points: dict[str, Tensor] = {}
         for i, block in enumerate(self.blocks[:-1]):
             width = w[1] if i < self.cfg.gate_after else w[2]
-            x = block(x, width)
+            x = block(x, width, None if i < self.cfg.gate_after else spec.mlp_hidden(2))
             points[f"blocks.{i}"] = x[:, 0, :width]
         return points
 
@@ -296,10 +321,15 @@ class DSViT(Supernet):
         """Every routed block at ``spec``'s width, each sample masked inside the block (LayerNorm statistics,
         heads, MLP units, residual) to its route's width: exactly the routed sub-networks' outputs, at the
         widest one's cost."""
-        width = spec.widths[2]
-        widths = torch.tensor([s.widths[2] for s in self.space.subnets], device=h.device)[routes]  # (N,)
+        width, hidden = spec.widths[2], spec.mlp_hidden(2)
+        subnets = self.space.subnets
+        widths = torch.tensor([s.widths[2] for s in subnets], device=h.device)[routes]  # (N,)
+        hiddens = None
+        if self.space.routes_mlp:  # each route's own MLP units, out of the widest spec's
+            hiddens = torch.tensor([s.mlp_hidden(2) for s in subnets], device=h.device)[routes]
+            hidden = max(hidden, int(hiddens.max()))
         for block in self._blocks(routed=True):
-            h = block.forward_masked(h, width, widths)
+            h = block.forward_masked(h, width, widths, hidden, hiddens)
         return self.head(self.norm(h[:, 0]))
 
     def to_static_parts(self, spec: SliceSpec, *, attention: bool = True) -> tuple[nn.Sequential, nn.Sequential]:
@@ -312,7 +342,8 @@ class DSViT(Supernet):
                                                   pre_w, dim)]
         if attention and self.gate.attention:
             pre.append(self.gate.static_attention(pre_w))
-        post = [IdleSliced(nn.Sequential(*(b.to_static(post_w) for b in self._blocks(True))), post_w, dim),
+        hidden = spec.mlp_hidden(2)
+        post = [IdleSliced(nn.Sequential(*(b.to_static(post_w, hidden) for b in self._blocks(True))), post_w, dim),
                 TokenHead(copy.deepcopy(self.norm), copy.deepcopy(self.head))]
         return nn.Sequential(*pre).eval(), nn.Sequential(*post).eval()
 
@@ -326,6 +357,7 @@ class DSViT(Supernet):
         counted as built.
         """
         d = self.space.check(spec).widths[2]
+        hidden = spec.mlp_hidden(2)
         src = self.patch_embed.proj
         proj = nn.Conv2d(src.in_channels, d, src.kernel_size, src.stride, device=src.weight.device, dtype=src.weight.dtype)
         proj.weight.copy_(src.weight[:d])
@@ -337,17 +369,22 @@ class DSViT(Supernet):
         head = nn.Linear(d, self.num_classes, device=src.weight.device, dtype=src.weight.dtype)
         head.weight.copy_(self.head.weight[:, :d])
         head.bias.copy_(self.head.bias)
-        blocks = nn.Sequential(*(b.to_static(d) for b in self.blocks))
+        g = self.cfg.gate_after  # the routed blocks' MLP as the spec routes it; the others at d's ratio
+        blocks = nn.Sequential(*(b.to_static(d, hidden if i >= g else None) for i, b in enumerate(self.blocks)))
         return nn.Sequential(embed, blocks, TokenHead(norm, head)).eval()
 
 
-def _build(cfg: ViTConfig, num_classes: int, in_chans: int, gate_attention: bool, drop_path_rate: float) -> DSViT:
+def _build(cfg: ViTConfig, num_classes: int, in_chans: int, gate_attention: bool, drop_path_rate: float,
+           mlp_ratios: Sequence[float] | None = None) -> DSViT:
+    if mlp_ratios:
+        cfg = dataclasses.replace(cfg, mlp_ratios=tuple(mlp_ratios))
     return DSViT(cfg, num_classes, in_chans, gate_attention=gate_attention, drop_path_rate=drop_path_rate)
 
 
 @register_model
 def ds_deit_tiny(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, gate_after: int = 4,
-                 min_heads: int = 1, gate_attention: bool = False, drop_path_rate: float = 0.0) -> DSViT:
+                 min_heads: int = 1, gate_attention: bool = False, drop_path_rate: float = 0.0,
+                 mlp_ratios: Sequence[float] | None = None) -> DSViT:
     """DS-DeiT-Ti: D = 192, 3 heads of 64, 12 blocks, patch 16; routed widths 64, 128, 192 (1-3 heads).
 
     Args:
@@ -355,28 +392,32 @@ def ds_deit_tiny(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224
         min_heads: heads of the narrowest width.
         gate_attention: give the gate an attention head on the tokens (the full network is then not DeiT).
         drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks, as timm).
+        mlp_ratios: route the MLP hidden width apart from the heads, at these ratios of the width (ending
+            at 4, e.g. [2, 3, 4]): every head count at every ratio, ordered by MACs (ViTConfig.mlp_ratios).
     """
     cfg = ViTConfig(img_size, 16, 192, 12, 64, min_heads, gate_after)
-    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate)
+    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate, mlp_ratios)
 
 
 @register_model
 def ds_deit_small(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, gate_after: int = 4,
-                  min_heads: int = 3, gate_attention: bool = False, drop_path_rate: float = 0.0) -> DSViT:
+                  min_heads: int = 3, gate_attention: bool = False, drop_path_rate: float = 0.0,
+                  mlp_ratios: Sequence[float] | None = None) -> DSViT:
     """DS-DeiT-S: D = 384, 6 heads of 64, 12 blocks, patch 16; routed widths 192, 256, 320, 384 (3-6 heads).
 
     Options as in :func:`ds_deit_tiny`.
     """
     cfg = ViTConfig(img_size, 16, 384, 12, 64, min_heads, gate_after)
-    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate)
+    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate, mlp_ratios)
 
 
 @register_model
 def tiny_ds_vit(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, patch_size: int = 4,
                 embed_dim: int = 64, depth: int = 4, head_dim: int = 16, min_heads: int = 2, gate_after: int = 1,
-                gate_attention: bool = False, drop_path_rate: float = 0.0) -> DSViT:
+                gate_attention: bool = False, drop_path_rate: float = 0.0,
+                mlp_ratios: Sequence[float] | None = None) -> DSViT:
     """CPU-sized DS-ViT for 28-32 px inputs: patch 4 (7 x 7 + 1 tokens at 28 px), D = 64, 4 heads of 16,
     4 blocks, gate after the first; routed widths 32, 48, 64 (2-4 heads). Options as in :func:`ds_deit_tiny`.
     """
     cfg = ViTConfig(img_size, patch_size, embed_dim, depth, head_dim, min_heads, gate_after)
-    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate)
+    return _build(cfg, num_classes, in_chans, gate_attention, drop_path_rate, mlp_ratios)
