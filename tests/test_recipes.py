@@ -59,6 +59,11 @@ EXPECTED: dict[str, dict[str, object]] = {
         "model.name": "tiny_ds_mobilenetv1pp", "data.train_subset": 20000, "data.val_subset": None, "optim.epochs": 6,
         "supernet.sample": "interior", "gate.sgs_target": "cheapest", "gate.class_weighting": True,
         "gate.decision": "calibrated", "gate.holdout": 0.1},
+    "results/fashion_mnist_ds_vit_mlp.yaml": {
+        "model.name": "tiny_ds_vit", "model.kwargs.mlp_ratios": [2, 3, 4], "data.train_subset": 40000,
+        "data.val_subset": None, "optim.epochs": 3, "supernet.target": "mvco", "supernet.sample": "interior",
+        "gate.sgs_target": "cheapest", "gate.class_weighting": True, "gate.decision": "calibrated",
+        "gate.holdout": 0.1},
     "results/fashion_mnist_ds_resnet_finetune.yaml": {
         "model.kwargs.front_ratio": 0.25, "data.train_subset": 20000, "optim.epochs": 2, "optim.lr": 0.05,
         "optim.warmup_epochs": 0, "supernet.distill_weight": 0.5, "supernet.distill_ramp": 0.0},

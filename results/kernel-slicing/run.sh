@@ -2,7 +2,7 @@
 # Issue 22's kernel-size slicing experiment behind results/kernel-slicing/: one recipe trained twice, as
 # DS-MobileNetV1 routing over width alone (tiny_ds_mobilenetv1, 6 sub-networks) and over width and kernel
 # size (tiny_ds_mobilenetv1pp, 18 sub-networks), gates at the same MACs targets, one report over all of
-# them (every model timed in the same interleaved run), then collect.py compares the gates at equal MACs
+# them (every model timed in the same interleaved run), then results/compare_gates.py compares the gates at equal MACs
 # with paired intervals. Finished stages are skipped.
 # Usage: results/kernel-slicing/run.sh [OUT_DIR] (default runs/kernel-slicing).
 set -euo pipefail
@@ -21,7 +21,7 @@ for t in 1.2 1.6; do   # MACs targets in millions, inside both spaces' ranges (0
   # width alone: the three widths around the target; width and kernel: the same three widths at every kernel
   # size (window of 9), and the default window of three (which then spans one width at three kernel sizes)
   done_ "width-gate-$t" || dsctl train-gate "$recipe" --supernet "$out/width" --target-macs "$t" \
-    "${gate_set[@]}" --out "$out/width-gate-$t" -q
+    "${gate_set[@]}" --set model.name=tiny_ds_mobilenetv1 --out "$out/width-gate-$t" -q
   done_ "kernel-gate-$t-w9" || dsctl train-gate "$recipe" --supernet "$out/kernel" --target-macs "$t" \
     "${gate_set[@]}" --set gate.window_size=9 --out "$out/kernel-gate-$t-w9" -q
   done_ "kernel-gate-$t-w3" || dsctl train-gate "$recipe" --supernet "$out/kernel" --target-macs "$t" \
@@ -30,4 +30,4 @@ for t in 1.2 1.6; do   # MACs targets in millions, inside both spaces' ranges (0
 done
 dsctl report "${runs[@]}" --out results/kernel-slicing --latency-batch 32 --threads 2 --min-run-time 1 \
   --device cpu --title "DS-MobileNetV1: width alone vs width and kernel size, Fashion-MNIST"
-python results/kernel-slicing/collect.py results/kernel-slicing
+python results/compare_gates.py results/kernel-slicing width kernel
