@@ -60,7 +60,7 @@ EXPECTED: dict[str, dict[str, object]] = {
         "supernet.sample": "interior", "gate.sgs_target": "cheapest", "gate.class_weighting": True,
         "gate.decision": "calibrated", "gate.holdout": 0.1},
     "results/fashion_mnist_ds_vit_mlp.yaml": {
-        "model.name": "tiny_ds_vit", "model.kwargs.mlp_ratios": [2, 3, 4], "data.train_subset": 40000,
+        "model.name": "tiny_ds_vit", "model.kwargs.mlp_ratios": (2, 3, 4), "data.train_subset": 40000,
         "data.val_subset": None, "optim.epochs": 3, "supernet.target": "mvco", "supernet.sample": "interior",
         "gate.sgs_target": "cheapest", "gate.class_weighting": True, "gate.decision": "calibrated",
         "gate.holdout": 0.1},
