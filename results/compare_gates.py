@@ -22,7 +22,7 @@ import torch
 from dsctl.stats import paired_diff, verdict
 
 
-def main(report_dir: Path, base: str, other_prefix: str) -> None:
+def main(report_dir: Path, base_prefix: str, other_prefix: str) -> None:
     with open(report_dir / "report.csv") as f:
         rows = list(csv.DictReader(f))
     correct = torch.load(report_dir / "correctness.pt", weights_only=True)["correct"]
@@ -35,7 +35,7 @@ def main(report_dir: Path, base: str, other_prefix: str) -> None:
     gates = {Path(r["run"]).name: r for r in rows if r["method"] == "dynamic"}
     out = []
     for name, base in sorted(gates.items()):
-        m = re.fullmatch(rf"{re.escape(base)}-gate-([\d.]+)", name)
+        m = re.fullmatch(rf"{re.escape(base_prefix)}-gate-([\d.]+)", name)
         if not m:
             continue
         for other, row in sorted(gates.items()):
@@ -55,7 +55,7 @@ def main(report_dir: Path, base: str, other_prefix: str) -> None:
                 "batch_n": row["batch_n"],
             })
     if not out:
-        raise SystemExit(f"no {base}-gate-* / {other_prefix}-gate-* pairs in {report_dir / 'report.csv'}")
+        raise SystemExit(f"no {base_prefix}-gate-* / {other_prefix}-gate-* pairs in {report_dir / 'report.csv'}")
     path = report_dir / "comparison.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(out[0]))
