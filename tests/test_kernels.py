@@ -122,3 +122,17 @@ def test_vit_mlp_routed_apart_orders_by_fvcore_macs_exports_and_masks_exactly() 
         space.check(SliceSpec((64, 32, 48), (), (0, 0, 100)))
     with pytest.raises(ValueError, match="end at mlp_ratio 4"):
         dsctl.build_model("tiny_ds_vit", mlp_ratios=[1, 2])
+
+
+def test_quickstart_refuses_an_ambiguous_baseline_width_before_training(tmp_path) -> None:
+    """A bare ratio names three sub-networks of a kernel space: the pipeline says so before any stage runs."""
+    from pathlib import Path
+
+    from dsctl.config import load_recipe
+    from dsctl.pipeline import run_pipeline
+
+    smoke = Path(__file__).resolve().parents[1] / "recipes/smoke/pipeline_synthetic.yaml"
+    recipe = load_recipe(smoke, ["model.name=tiny_ds_mobilenetv1pp", "pipeline.baseline_width='0.5'"])
+    with pytest.raises(SpecError, match="width 0.5 names 3 sub-networks"):
+        run_pipeline(recipe, tmp_path / "qs", device="cpu")
+    assert not (tmp_path / "qs").exists()
