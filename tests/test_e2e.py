@@ -86,8 +86,10 @@ def test_latency_budget_from_analyze_to_the_dynamic_export(tmp_path) -> None:
     out = _ok(["analyze", str(sup), "--device", "cpu", "--quiet", "--latency-batch", "4", "--min-run-time", "0.05"])
     assert "costs" in out and "k0's time" in out
     rows = list(csv.DictReader((sup / "analysis" / "latency.csv").open()))
-    ms4 = [float(r["subnet_ms"]) for r in rows if r["batch"] == "4"]
-    target = (min(ms4) + max(ms4)) / 2
+    ms4 = [float(r["subnet_ms"]) for r in rows if r["batch"] == "4"]  # sub-networks k0, k1, ... in order
+    # what routing can spend runs from k0's time to the costliest (a narrower one may time below k0: on
+    # this tiny model the span is within the timing noise), so the target is halfway between those two
+    target = (ms4[0] + max(ms4)) / 2
     _ok(["train-gate", SMOKE, "--supernet", str(sup), "--target-latency", f"{target:.4f}", "--latency-batch", "4",
          "--latency-table", str(sup / "analysis" / "latency.csv"), "--out", str(gate), "--device", "cpu", "--quiet",
          "--set", "optim.epochs=1"])
