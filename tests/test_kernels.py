@@ -136,3 +136,15 @@ def test_quickstart_refuses_an_ambiguous_baseline_width_before_training(tmp_path
     with pytest.raises(SpecError, match="width 0.5 names 3 sub-networks"):
         run_pipeline(recipe, tmp_path / "qs", device="cpu")
     assert not (tmp_path / "qs").exists()
+
+
+def test_models_table_names_the_kernel_and_mlp_choices() -> None:
+    """dsctl models' ratio cell: the width range, and what every width also runs at."""
+    from dsctl.cli.inspect import _ratio_range
+    from dsctl.registry import describe_models
+
+    rows = {r["model"]: r for r in describe_models()}
+    assert _ratio_range(rows["tiny_ds_mobilenetv1pp"]) == "0.375 .. 1 x kernel 3/5/7"
+    assert _ratio_range(rows["tiny_ds_mobilenetv1"]) == "0.375 .. 1"
+    vit = {**rows["tiny_ds_vit"], "space": dsctl.build_model("tiny_ds_vit", mlp_ratios=[2, 4]).space.to_dict()}
+    assert _ratio_range(vit) == "0.5 .. 1 x mlp 2/4"

@@ -27,8 +27,19 @@ def models_cmd(
     rows = describe_models()
     with Output(as_json, csv) as out:
         out.show("dsctl models", ["model", "subnets", "ratios", "routed stages", "gate after", "input", "params (M)"], [
-            [r["model"], r["subnets"], f"{r['ratios'][0]:g} .. {r['ratios'][-1]:g}", ", ".join(r["routed_stages"]),
+            [r["model"], r["subnets"], _ratio_range(r), ", ".join(r["routed_stages"]),
              r["gate_after"], r["input_size"], r["params_m"]] for r in rows], records=rows)
+
+
+def _ratio_range(row: dict) -> str:
+    """``0.375 .. 1``, and the kernel sizes or MLP ratios every width runs at (``x kernel 3/5/7``)."""
+    text = f"{row['ratios'][0]:g} .. {row['ratios'][-1]:g}"
+    routed = [s for s in row["space"]["stages"] if s["routed"]]
+    if routed and routed[0].get("kernels"):
+        text += " x kernel " + "/".join(f"{k:g}" for k in routed[0]["kernels"])
+    if routed and routed[0].get("mlp_ratios"):
+        text += " x mlp " + "/".join(f"{r:g}" for r in routed[0]["mlp_ratios"])
+    return text
 
 
 @app.command("flops")
