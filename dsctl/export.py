@@ -346,6 +346,16 @@ def export_target(target: str, *, width: str | None = None, out: str | Path | No
     return export_to_file(model, spec, out, fmt, source=t.source, input_size=input_size or t.input_size)
 
 
+def _route_info(model: Supernet, k: int) -> dict:
+    """What a dynamic sidecar says about route ``k``: its width, channels per stage and, in a kernel or MLP
+    space, its name (``0.5@5``) and spec."""
+    space, spec = model.space, model.space.subnets[k]
+    info = {"width": space.ratio(spec), "channels": model.static_channels(spec)}
+    if spec.kernels or spec.hidden:
+        info.update(name=space.name(spec), spec=spec.to_json())
+    return info
+
+
 def export_routed(model: Supernet, window: tuple[int, int]) -> nn.Module:
     """The supernet + gate over ``window`` as one plain-torch module (:meth:`Supernet.to_static_routed`)."""
     return model.to_static_routed(window)
@@ -486,9 +496,7 @@ def export_dynamic_to_file(model: Supernet, window: tuple[int, int], out: str | 
         raise DsctlError(f"dynamic export check failed: max |exported - supernet| = {diff:.3g} >= {MAX_ABS_DIFF:g}")
     report = DynamicExportReport(
         path=str(out), format=fmt, model=model.model_name, model_kwargs=dict(model.model_kwargs),
-        kind="dynamic", window=(lo, hi), routes={f"k{k}": {"width": model.space.ratio(model.space.subnets[k]),
-                                                           "channels": model.static_channels(model.space.subnets[k])}
-                                                 for k in range(lo, hi + 1)},
+        kind="dynamic", window=(lo, hi), routes={f"k{k}": _route_info(model, k) for k in range(lo, hi + 1)},
         source=source, input_size=input_size, in_chans=model.in_chans, num_classes=model.num_classes,
         route_macs=list(route_macs[lo : hi + 1]) if route_macs else None, gate_macs=gate_macs,
         max_abs_diff=diff, check_routes=torch.bincount(routes - lo, minlength=hi - lo + 1).tolist(),

@@ -75,6 +75,9 @@ def test_quickstart_pipeline_on_a_kernel_space(tmp_path) -> None:
     assert {"uniform"} <= {r["method"] for r in rows}
     _ok(["export", str(tmp_path / "qs" / "supernet"), "--width", "0.625@5", "--out", str(tmp_path / "k.pt2")])
     assert json.loads((tmp_path / "k.pt2.json").read_text())["spec"]["kernels"][-1] == 5
+    _ok(["export", str(tmp_path / "qs" / "gate-0.45"), "--dynamic", "--out", str(tmp_path / "dyn")])
+    routes = json.loads((tmp_path / "dyn" / "dynamic.json").read_text())["routes"]
+    assert all("@" in r["name"] and r["spec"]["kernels"] for r in routes.values())
 
 
 @pytest.mark.slow
