@@ -2,7 +2,7 @@
 # Bootstrapping comparison behind results/bootstrap/: every stage-I target mode on two real data sets,
 # plus the same widths trained alone. Usage: [SEED=N] results/bootstrap/run.sh DATASET OUT_DIR
 #   DATASET: digits (needs DIGITS_DIR, made by make_digits_idx.py) or fashion_mnist
-#   SEED: overrides the recipes' seed (0) for every run (the second seed of issue 22's item 4)
+#   SEED: overrides the recipes' seed (1) for every run
 set -euo pipefail
 ds=$1; out=$2
 seed=(); [ -n "${SEED:-}" ] && seed=(--seed "$SEED")
