@@ -115,6 +115,13 @@ def test_vit_mlp_routed_apart_orders_by_fvcore_macs_exports_and_masks_exactly() 
         for i, r in enumerate(routes.tolist()):
             torch.testing.assert_close(masked[i], model.forward_post(h[i:i + 1], space.subnets[r])[0],
                                        atol=1e-5, rtol=1e-4)
+        # a window's last member by MACs (0.75@mlp4) has fewer heads than the one before it (1@mlp1)
+        lo, hi = names.index("1@mlp1"), names.index("0.75@mlp4")
+        routes = torch.tensor([lo, hi, lo, hi, hi, lo])
+        masked = model.forward_post_masked(h, routes, space.subnets[hi])
+        for i, r in enumerate(routes.tolist()):
+            torch.testing.assert_close(masked[i], model.forward_post(h[i:i + 1], space.subnets[r])[0],
+                                       atol=1e-5, rtol=1e-4)
     assert space.resolve("0.75@mlp2") == SliceSpec((64, 32, 48), (), (0, 0, 96))
     with pytest.raises(SpecError, match="names 3 sub-networks of different MLP ratios"):
         space.resolve("0.75")

@@ -325,9 +325,9 @@ class DSViT(Supernet):
         subnets = self.space.subnets
         widths = torch.tensor([s.widths[2] for s in subnets], device=h.device)[routes]  # (N,)
         hiddens = None
-        if self.space.routes_mlp:  # each route's own MLP units, out of the widest spec's
+        if self.space.routes_mlp:  # ordered by MACs, a window's last member need not have the most heads or units
             hiddens = torch.tensor([s.mlp_hidden(2) for s in subnets], device=h.device)[routes]
-            hidden = max(hidden, int(hiddens.max()))
+            width, hidden = max(width, int(widths.max())), max(hidden, int(hiddens.max()))
         for block in self._blocks(routed=True):
             h = block.forward_masked(h, width, widths, hidden, hiddens)
         return self.head(self.norm(h[:, 0]))
