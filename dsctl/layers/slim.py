@@ -138,10 +138,10 @@ class SlimConv2d(KeptSlices, nn.Conv2d):
             if out_channels == self.out_channels and in_w == self.in_channels // self.groups:
                 return self.weight, self.bias
             return self.kept((out_channels, in_w), lambda: self._first(out_channels, in_w))
-        self.kernel_padding(kernel)  # checks the size
         lo = (big - kernel) // 2
 
         def make() -> tuple[Tensor, Tensor | None]:
+            self.kernel_padding(kernel)  # checks the size (once per kept slice in eval mode)
             w, b = self._first(out_channels, in_w)
             return w[:, :, lo : lo + kernel, lo : lo + kernel], b
 
