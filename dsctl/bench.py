@@ -291,8 +291,9 @@ def bench_settings(measure: MeasureConfig, *, batches: Sequence[int] | None = No
 
 
 def width_text(space: SearchSpace, spec: SliceSpec) -> str:
-    """A bench row's width: the slimming ratio (or ``largest``), with the kernel size in a kernel space."""
-    return space.name(spec) if space.slices_kernels else str(width_label(space.width(spec)))
+    """A bench row's width: the slimming ratio (or ``largest``), with the kernel size or MLP ratio where the
+    space routes them (``0.5@5``, ``0.75@mlp2``)."""
+    return space.name(spec) if space.routes_more_than_width else str(width_label(space.width(spec)))
 
 
 def bench_specs(space: SearchSpace, widths: Sequence[str] | None = None) -> list[SliceSpec]:

@@ -351,7 +351,7 @@ def _route_info(model: Supernet, k: int) -> dict:
     space, its name (``0.5@5``) and spec."""
     space, spec = model.space, model.space.subnets[k]
     info = {"width": space.ratio(spec), "channels": model.static_channels(spec)}
-    if spec.kernels or spec.hidden:
+    if space.routes_more_than_width:
         info.update(name=space.name(spec), spec=spec.to_json())
     return info
 

@@ -186,6 +186,11 @@ class SearchSpace:
         """True for a transformer space whose MLP hidden width is routed apart from its heads."""
         return any(s.mlp_ratios for s in self.stages)
 
+    @property
+    def routes_more_than_width(self) -> bool:
+        """A kernel or MLP space: several sub-networks share a ratio, so names carry ``@kernel`` / ``@mlpR``."""
+        return self.slices_kernels or self.routes_mlp
+
     def mlp_ratio_of(self, spec: SliceSpec) -> float | None:
         """The MLP ratio (hidden units / width) of ``spec``'s first MLP-routed stage (None elsewhere)."""
         if not spec.hidden:
@@ -310,7 +315,7 @@ class SearchSpace:
             out["subnet_kernels"] = [list(s.kernels) for s in self.subnets]
         if self.routes_mlp:
             out["subnet_hidden"] = [list(s.hidden) for s in self.subnets]
-        if self.slices_kernels or self.routes_mlp:
+        if self.routes_more_than_width:
             out["names"] = [self.name(s) for s in self.subnets]
         return out
 
@@ -322,27 +327,22 @@ class SearchSpace:
         for stage, w in zip(self.stages, spec.widths):
             if w not in stage.choices:
                 raise SpecError(f"stage {stage.name!r}: width {w} not allowed (allowed: {list(stage.choices)})")
-        self._validate_hidden(spec)
-        if not self.slices_kernels:
-            if spec.kernels:
-                raise SpecError(f"spec has kernel sizes {spec.kernels}, but this space slices no kernel")
-            return
-        if len(spec.kernels) != len(self.stages):
-            raise SpecError(f"spec has {len(spec.kernels)} kernel sizes, the space has {len(self.stages)} stages")
-        for stage, k in zip(self.stages, spec.kernels):
-            if k not in (stage.kernels or (0,)):
-                allowed = list(stage.kernels) if stage.kernels else "0 (fixed kernel)"
-                raise SpecError(f"stage {stage.name!r}: kernel {k} not allowed (allowed: {allowed})")
+        kernels = [list(st.kernels) or [0] for st in self.stages]
+        hidden = [[int(w * r) for r in st.mlp_ratios] or [0] for st, w in zip(self.stages, spec.widths)]
+        self._validate_axis(spec.kernels, kernels, "kernel sizes", "kernel", self.slices_kernels, "slices no kernel")
+        self._validate_axis(spec.hidden, hidden, "MLP hidden widths", "MLP hidden width", self.routes_mlp,
+                            "routes no MLP apart")
 
-    def _validate_hidden(self, spec: SliceSpec) -> None:
-        if not self.routes_mlp:
-            if spec.hidden:
-                raise SpecError(f"spec has MLP hidden widths {spec.hidden}, but this space routes no MLP apart")
+    def _validate_axis(self, values: tuple[int, ...], allowed: list[list[int]], plural: str, one: str,
+                       routed: bool, none: str) -> None:
+        """``spec.kernels`` or ``spec.hidden``: empty where the space has no such choice, else one allowed
+        value per stage (0 where the stage has none)."""
+        if not routed:
+            if values:
+                raise SpecError(f"spec has {plural} {values}, but this space {none}")
             return
-        if len(spec.hidden) != len(self.stages):
-            raise SpecError(f"spec has {len(spec.hidden)} MLP hidden widths, the space has {len(self.stages)} stages")
-        for stage, w, h in zip(self.stages, spec.widths, spec.hidden):
-            allowed = [int(w * r) for r in stage.mlp_ratios] or [0]
-            if h not in allowed:
-                raise SpecError(f"stage {stage.name!r}: MLP hidden width {h} not allowed at width {w} "
-                                f"(allowed: {allowed})")
+        if len(values) != len(self.stages):
+            raise SpecError(f"spec has {len(values)} {plural}, the space has {len(self.stages)} stages")
+        for stage, v, ok in zip(self.stages, values, allowed):
+            if v not in ok:
+                raise SpecError(f"stage {stage.name!r}: {one} {v} not allowed (allowed: {ok})")
